@@ -1,0 +1,223 @@
+"""Shared plumbing: folders, device and dtype, distributed setup, printing, wandb.
+
+torch is imported inside the functions that need it so that `nanochat --help` stays instant.
+"""
+import argparse
+import os
+import sys
+
+
+class UserError(Exception):
+    """Bad input from the user. The CLI prints the message (no traceback) and exits with 1."""
+
+
+# ---------------------------------------------------------------------------
+# Where files live (DESIGN.md: "Where things live")
+
+def get_base_dir() -> str:
+    """$NANOCHAT_BASE_DIR, default ~/.cache/nanochat; created on first use."""
+    base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    os.makedirs(base, exist_ok=True)
+    return base
+
+
+def get_data_dir() -> str:
+    """$NANOCHAT_DATA, default $NANOCHAT_BASE_DIR/data. Laid out like ../shared/data. Not created here:
+    a read-only data root (e.g. the shared offline copy) must stay untouched."""
+    return os.environ.get("NANOCHAT_DATA") or os.path.join(get_base_dir(), "data")
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write to a temporary name beside `path`, fsync, then rename: readers never see half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+# ---------------------------------------------------------------------------
+# Printing
+
+def get_dist_info():
+    """(is_distributed, rank, local_rank, world_size) from torchrun's environment variables."""
+    if all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
+        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only, flushed (logs under torchrun and pipes arrive in time)."""
+    if get_dist_info()[1] == 0:
+        kwargs.setdefault("flush", True)
+        print(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Device, dtype, distributed
+
+def autodetect_device_type() -> str:
+    import torch
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_device_type(device_type: str | None) -> str:
+    """'' / None / 'auto' -> autodetect; otherwise check the request is possible."""
+    import torch
+    if not device_type or device_type == "auto":
+        return autodetect_device_type()
+    if device_type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device-type must be cpu, cuda or mps, not '{device_type}'")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device-type cuda was asked for but torch sees no CUDA device")
+    if device_type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device-type mps was asked for but MPS is not available")
+    return device_type
+
+
+_DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "fp32": "float32",
+           "float16": "float16", "fp16": "float16"}
+
+
+def get_compute_dtype(device_type: str):
+    """bf16 on CUDA with compute capability >= 8.0, fp32 everywhere else (CPUs here do bf16
+    matmuls ~100x slower than fp32). NANOCHAT_DTYPE=bfloat16|float32|float16 overrides."""
+    import torch
+    env = os.environ.get("NANOCHAT_DTYPE")
+    if env:
+        if env.lower() not in _DTYPES:
+            raise UserError(f"NANOCHAT_DTYPE must be one of {sorted(set(_DTYPES))}, not '{env}'")
+        return getattr(torch, _DTYPES[env.lower()])
+    if device_type == "cuda" and torch.cuda.get_device_capability()[0] >= 8:
+        return torch.bfloat16
+    return torch.float32
+
+
+def compute_init(device_type: str | None = None, seed: int = 42):
+    """Set up the device (and the process group under torchrun).
+    Returns (is_distributed, rank, local_rank, world_size, device)."""
+    import torch
+    import torch.distributed as dist
+    device_type = resolve_device_type(device_type)
+    is_dist, rank, local_rank, world_size = get_dist_info()
+    torch.manual_seed(seed)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device(device_type)
+    if is_dist and not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if device_type == "cuda":
+            dist.init_process_group(backend=backend, device_id=device)
+        else:
+            dist.init_process_group(backend=backend)
+        dist.barrier()
+    return is_dist, rank, local_rank, world_size, device
+
+
+def compute_cleanup():
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def synchronize(device):
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def get_peak_flops(device) -> float | None:
+    """Peak dense bf16 FLOP/s of one accelerator, for MFU. None when unknown (CPU, unlisted GPU)."""
+    import torch
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device).lower()
+    for key, flops in GPU_PEAK_BF16_FLOPS:
+        if key in name:
+            return flops
+    return None
+
+
+# Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets. First match wins,
+# so the more specific names come first.
+GPU_PEAK_BF16_FLOPS = [
+    ("gb200", 2.5e15),
+    ("b200", 2.25e15),
+    ("b100", 1.75e15),
+    ("h200", 989e12),
+    ("h100 pcie", 756e12),
+    ("h100", 989e12),   # SXM / HBM3
+    ("h800", 989e12),
+    ("gh200", 989e12),
+    ("h20", 148e12),
+    ("a100", 312e12),
+    ("a800", 312e12),
+    ("a10g", 70e12),    # AWS A10G is slower than the A10
+    ("a10", 125e12),
+    ("a6000", 155e12),  # RTX A6000
+    ("l40s", 362e12),
+    ("l40", 181e12),
+    ("l4", 121e12),
+    ("rtx 6000 ada", 364e12),
+    ("5090", 209e12),
+    ("4090", 165e12),
+    ("3090", 71e12),
+    ("v100", 125e12),   # fp16 tensor cores (V100 has no bf16)
+    ("t4", 65e12),
+    ("mi300x", 1307e12),
+    ("mi250x", 383e12),
+]
+
+
+# ---------------------------------------------------------------------------
+# Flags that mean the same in every stage (DESIGN.md)
+
+def add_common_flags(parser: argparse.ArgumentParser, model: bool = True) -> None:
+    parser.add_argument("--device-type", default="", choices=["", "cpu", "cuda", "mps"],
+                        help="cpu|cuda|mps (default: autodetect)")
+    parser.add_argument("--run", default="dummy", help="wandb run name ('dummy' = wandb off)")
+    if model:
+        parser.add_argument("--model-tag", default=None, help="checkpoint folder name (default: d<depth>)")
+        parser.add_argument("--step", type=int, default=None, help="checkpoint step to load (default: latest)")
+
+
+class DummyWandb:
+    def log(self, *args, **kwargs):
+        pass
+
+    def finish(self):
+        pass
+
+
+def init_wandb(run: str, project: str, config: dict, master: bool = True):
+    """wandb when --run names a run and wandb is installed, else a no-op logger."""
+    if run == "dummy" or not master:
+        return DummyWandb()
+    try:
+        import wandb
+    except ImportError:
+        print0("wandb is not installed (pip install wandb); logging only to metrics.jsonl")
+        return DummyWandb()
+    return wandb.init(project=project, name=run, config=config)
+
+
+def fatal(msg: str, code: int = 1):
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
