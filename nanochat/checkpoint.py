@@ -1,0 +1,348 @@
+"""Checkpoints: save / load / exact resume, written so that a crash never leaves a torn step.
+
+Folder: $NANOCHAT_BASE_DIR/checkpoints/<base|mid|sft|rl>/<model_tag>/
+    model_<step:06d>.pt            model weights (fp32, CPU tensors, no torch.compile prefixes)
+    optim_<step:06d>_rank<r>.pt    each rank's optimizer shard + its RNG states (+ extra state)
+    meta_<step:06d>.json           model_config, user_config, step, dataloader state, ...
+    metrics.jsonl                  one JSON object per logged step
+
+Every file is written to a temporary name, fsynced and renamed. The meta file is written last,
+after every rank has renamed its shard, so a step "exists" exactly when its meta file does: a
+save killed half-way leaves the previous step as the latest loadable one.
+"""
+import glob
+import json
+import os
+import random
+import re
+
+import numpy as np
+import torch
+
+from nanochat.common import UserError, get_base_dir
+
+SOURCES = ("base", "mid", "sft", "rl")
+COMPILE_PREFIX = "_orig_mod."
+
+
+# ---------------------------------------------------------------------------
+# Paths
+
+def checkpoints_root() -> str:
+    return os.path.join(get_base_dir(), "checkpoints")
+
+
+def checkpoint_dir(source: str, model_tag: str) -> str:
+    """$NANOCHAT_BASE_DIR/checkpoints/<source>/<model_tag> (not created here)."""
+    return os.path.join(checkpoints_root(), source, model_tag)
+
+
+def _model_path(d, step):
+    return os.path.join(d, f"model_{step:06d}.pt")
+
+
+def _meta_path(d, step):
+    return os.path.join(d, f"meta_{step:06d}.json")
+
+
+def _optim_path(d, step, rank):
+    return os.path.join(d, f"optim_{step:06d}_rank{rank}.pt")
+
+
+# ---------------------------------------------------------------------------
+# Atomic writes
+
+def _fsync_dir(d):
+    # the rename itself is only durable once the directory entry is on disk
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_save(obj, path, writer):
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            writer(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    _fsync_dir(os.path.dirname(path))
+
+
+def _torch_writer(obj, f):
+    torch.save(obj, f)
+
+
+def _json_writer(obj, f):
+    f.write(json.dumps(obj, indent=2).encode("utf-8"))
+
+
+# ---------------------------------------------------------------------------
+# State helpers
+
+def clean_state_dict(state: dict) -> dict:
+    """Strip torch.compile's `_orig_mod.` prefixes and move tensors to the CPU in fp32 (floating
+    tensors only), so that a GPU (bf16 or compiled) run's checkpoint loads anywhere."""
+    out = {}
+    for k, v in state.items():
+        k = k.replace(COMPILE_PREFIX, "")
+        if torch.is_tensor(v):
+            v = v.detach().to("cpu")
+            if v.is_floating_point() and v.dtype != torch.float32:
+                v = v.float()
+        out[k] = v
+    return out
+
+
+def get_rng_state() -> dict:
+    """Every random number generator a training step may touch, for exact resume."""
+    state = {
+        "torch_cpu": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["torch_cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch_cpu"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "torch_cuda" in state and torch.cuda.is_available():
+        cuda_states = state["torch_cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+# ---------------------------------------------------------------------------
+# Save
+
+def save_checkpoint(ckpt_dir, step, model_state, optim_state, meta, rank=0, extra=None):
+    """Save one step. Call it on EVERY rank (under torchrun): rank 0 writes the model and the
+    meta file, every rank writes its optimizer shard with its RNG states (and `extra`, e.g. a
+    per-rank dataloader state). The meta file comes last, after a barrier, so the step only
+    becomes visible once all of its files are complete."""
+    import torch.distributed as dist
+    distributed = dist.is_available() and dist.is_initialized()
+    os.makedirs(ckpt_dir, exist_ok=True)
+    if rank == 0 and os.path.exists(_meta_path(ckpt_dir, step)):
+        # re-saving a step (e.g. after a resume): un-publish it first, so that a crash while its
+        # files are being replaced can never pair an old meta with new weights
+        os.remove(_meta_path(ckpt_dir, step))
+        _fsync_dir(ckpt_dir)
+    if distributed:
+        dist.barrier()  # nobody replaces a shard of this step before it is un-published
+    if rank == 0 and model_state is not None:
+        _atomic_save(clean_state_dict(model_state), _model_path(ckpt_dir, step), _torch_writer)
+    shard = {"optimizer": optim_state, "rng": get_rng_state(), "extra": extra}
+    _atomic_save(shard, _optim_path(ckpt_dir, step, rank), _torch_writer)
+    if distributed:
+        dist.barrier()  # every shard is on disk before the step is published
+    if rank == 0:
+        meta = dict(meta)
+        meta["step"] = step
+        meta.setdefault("world_size", dist.get_world_size() if distributed else 1)
+        _atomic_save(meta, _meta_path(ckpt_dir, step), _json_writer)
+    if distributed:
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------
+# Find
+
+def complete_steps(ckpt_dir) -> list[int]:
+    """Sorted steps whose meta and model files both exist (the meta is written last)."""
+    steps = []
+    for path in glob.glob(os.path.join(ckpt_dir, "meta_*.json")):
+        m = re.fullmatch(r"meta_(\d+)\.json", os.path.basename(path))
+        if m and os.path.exists(_model_path(ckpt_dir, int(m.group(1)))):
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def find_last_step(ckpt_dir) -> int:
+    steps = complete_steps(ckpt_dir)
+    if not steps:
+        raise UserError(f"no complete checkpoint in {ckpt_dir}")
+    return steps[-1]
+
+
+def list_model_tags(stage_dir) -> list[str]:
+    """Tags (sub-folders) of a stage folder that hold at least one complete step."""
+    if not os.path.isdir(stage_dir):
+        return []
+    return sorted(t for t in os.listdir(stage_dir)
+                  if os.path.isdir(os.path.join(stage_dir, t)) and complete_steps(os.path.join(stage_dir, t)))
+
+
+def find_largest_model(stage_dir) -> str:
+    """The tag with the biggest depth (tags named d<N>, or n_layer in its meta), ties and
+    unknown depths broken by the newest checkpoint."""
+    tags = list_model_tags(stage_dir)
+    if not tags:
+        raise UserError(f"no checkpoints in {stage_dir}")
+
+    def key(tag):
+        d = os.path.join(stage_dir, tag)
+        last = complete_steps(d)[-1]
+        m = re.fullmatch(r"d(\d+)", tag)
+        depth = int(m.group(1)) if m else None
+        if depth is None:
+            try:
+                with open(_meta_path(d, last)) as f:
+                    depth = json.load(f).get("model_config", {}).get("n_layer")
+            except (OSError, ValueError):
+                depth = None
+        return (depth if depth is not None else -1, os.path.getmtime(_meta_path(d, last)))
+    return max(tags, key=key)
+
+
+# ---------------------------------------------------------------------------
+# Load
+
+def load_meta(ckpt_dir, step) -> dict:
+    with open(_meta_path(ckpt_dir, step), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def load_checkpoint(ckpt_dir, step, device="cpu", load_optimizer=False, rank=0):
+    """Return (model_state, shard, meta). `shard` is None unless load_optimizer; it is a dict
+    with "optimizer" (this rank's optimizer state), "rng" and "extra" as saved."""
+    if step not in complete_steps(ckpt_dir):
+        raise UserError(f"no complete checkpoint for step {step} in {ckpt_dir} "
+                        f"(complete steps: {complete_steps(ckpt_dir) or 'none'})")
+    meta = load_meta(ckpt_dir, step)
+    model_state = torch.load(_model_path(ckpt_dir, step), map_location=device, weights_only=True)
+    model_state = {k.replace(COMPILE_PREFIX, ""): v for k, v in model_state.items()}
+    shard = None
+    if load_optimizer:
+        path = _optim_path(ckpt_dir, step, rank)
+        if not os.path.exists(path):
+            raise UserError(f"{path} is missing: the checkpoint was saved with {meta.get('world_size', '?')} "
+                            f"process(es); resume with the same number")
+        # RNG states hold numpy/python objects, so this file needs the full unpickler; it is one
+        # we wrote ourselves
+        shard = torch.load(path, map_location=device, weights_only=False)
+    return model_state, shard, meta
+
+
+def build_model(ckpt_dir, step, device, phase="eval"):
+    """(model, tokenizer, meta) from a saved step: the model is built on the meta device,
+    materialized on `device`, loaded (fp32 master weights) and put in train or eval mode."""
+    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.tokenizer import get_tokenizer
+    if phase not in ("train", "eval"):
+        raise ValueError(f"phase must be 'train' or 'eval', not {phase!r}")
+    device = torch.device(device)
+    model_state, _, meta = load_checkpoint(ckpt_dir, step, device)
+    config = GPTConfig(**meta["model_config"])
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()  # fills buffers that are not in the state dict (e.g. rotary tables)
+    model.load_state_dict(model_state, strict=True)
+    model.train() if phase == "train" else model.eval()
+    tokenizer = get_tokenizer()
+    if tokenizer.get_vocab_size() > config.vocab_size:
+        raise UserError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model in {ckpt_dir} "
+                        f"was trained with vocab_size {config.vocab_size}: wrong tokenizer in "
+                        f"$NANOCHAT_BASE_DIR/tokenizer?")
+    return model, tokenizer, meta
+
+
+def _describe_existing() -> str:
+    root = checkpoints_root()
+    found = []
+    for src in SOURCES:
+        for tag in list_model_tags(os.path.join(root, src)):
+            steps = complete_steps(os.path.join(root, src, tag))
+            found.append(f"{src}/{tag} (steps {', '.join(str(s) for s in steps)})")
+    return "; ".join(found) if found else "none"
+
+
+def resolve_checkpoint(source, model_tag=None, step=None):
+    """(ckpt_dir, model_tag, step) for a source, picking the largest tag and last step by
+    default; UserError naming what exists when the request cannot be met."""
+    if source not in SOURCES:
+        raise UserError(f"checkpoint source must be one of {', '.join(SOURCES)}, not '{source}'")
+    stage_dir = os.path.join(checkpoints_root(), source)
+    tags = list_model_tags(stage_dir)
+    if not tags:
+        raise UserError(f"no {source} checkpoints in {stage_dir} (run `nanochat train {source}` first); "
+                        f"existing checkpoints: {_describe_existing()}")
+    if model_tag is None:
+        model_tag = find_largest_model(stage_dir)
+    elif model_tag not in tags:
+        raise UserError(f"no {source} checkpoint with model tag '{model_tag}' in {stage_dir}; "
+                        f"existing checkpoints: {_describe_existing()}")
+    ckpt_dir = os.path.join(stage_dir, model_tag)
+    steps = complete_steps(ckpt_dir)
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise UserError(f"no step {step} in {ckpt_dir}; complete steps: {', '.join(map(str, steps))}")
+    return ckpt_dir, model_tag, step
+
+
+def load_model(source, device, phase="eval", model_tag=None, step=None):
+    """Load a base/mid/sft/rl model: (model, tokenizer, meta). Defaults: the largest model tag
+    and its latest complete step."""
+    ckpt_dir, _, step = resolve_checkpoint(source, model_tag, step)
+    return build_model(ckpt_dir, step, device, phase)
+
+
+# ---------------------------------------------------------------------------
+# metrics.jsonl
+
+def metrics_path(ckpt_dir) -> str:
+    return os.path.join(ckpt_dir, "metrics.jsonl")
+
+
+def append_metrics(ckpt_dir, record: dict) -> None:
+    """Append one JSON line (rank 0 only: the caller checks). Flushed at once so a crash loses
+    at most the line being written."""
+    os.makedirs(ckpt_dir, exist_ok=True)
+    with open(metrics_path(ckpt_dir), "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+def read_metrics(ckpt_dir) -> list[dict]:
+    path = metrics_path(ckpt_dir)
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass  # a torn last line from a killed run
+    return out
+
+
+def trim_metrics(ckpt_dir, last_step: int) -> None:
+    """On resume from `last_step`: drop the lines of steps after it (logged by the interrupted
+    run after its last checkpoint), which the resumed run will log again."""
+    path = metrics_path(ckpt_dir)
+    if not os.path.exists(path):
+        return
+    kept = [r for r in read_metrics(ckpt_dir) if r.get("step", -1) <= last_step]
+    text = "".join(json.dumps(r) + "\n" for r in kept)
+    _atomic_save(text.encode("utf-8"), path, lambda data, f: f.write(data))
