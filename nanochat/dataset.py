@@ -1,9 +1,34 @@
-"""Pretraining shards: parquet files with one `text` column; the last shard is the validation split."""
-import os
+"""Pretraining shards: parquet files with one `text` column; the last shard is the validation split.
 
+Shards are named `shard_NNNNN.parquet` (5-digit, zero-padded). The folder listing is sorted by
+name, so the validation shard must carry the largest number: the hub datasets put it at their
+last index (e.g. shard_06542 for ClimbMix), `nanochat data build` writes it right after the
+training shards. Downloading more training shards later never moves it from the end.
+"""
+import os
+import time
+
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nanochat.common import UserError, get_data_dir
+
+# ---------------------------------------------------------------------------
+# The public hub datasets (Hugging Face, karpathy/*). Shards 0..MAX-1 are training data, shard MAX
+# is the validation shard (the same convention upstream nanochat uses). Each shard holds about
+# 250 M characters (~90-100 MB of zstd parquet).
+HUB_DATASETS = {
+    # NVIDIA ClimbMix-400B, shuffled and re-sharded: the current nanochat pretraining mix
+    "climbmix": ("https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main", 6542),
+    # FineWeb-Edu 100B tokens, shuffled: the original nanochat pretraining mix
+    "fineweb-edu": ("https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main", 1822),
+}
+DEFAULT_DATASET = "climbmix"
+ROW_GROUP_SIZE = 1024  # rows per row group, as in the hub shards and ../shared/data
+
+
+def shard_name(index: int) -> str:
+    return f"shard_{index:05d}.parquet"
 
 
 def pretrain_dir(data_dir=None) -> str:
@@ -13,12 +38,34 @@ def pretrain_dir(data_dir=None) -> str:
 def list_shards(data_dir=None, folder=None) -> list[str]:
     """Sorted shard paths (last = validation). `folder` points straight at a folder of shards."""
     folder = folder or pretrain_dir(data_dir)
+    # temporary files of an unfinished download or build end in .tmp.*, so they never match
     paths = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".parquet")) \
         if os.path.isdir(folder) else []
     if not paths:
         raise UserError(f"no pretraining shards (*.parquet) in {folder}: run `nanochat data download` "
                         f"or `nanochat data build YOUR_FILES`, or point NANOCHAT_DATA at a data root")
     return paths
+
+
+def split_shards(split: str, data_dir=None, folder=None) -> list[str]:
+    """The shards of one split: train = all but the last, val = the last one. With a single shard,
+    both splits are that shard (tiny setups only; `data build` always writes two or more)."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', not {split!r}")
+    paths = list_shards(data_dir, folder)
+    if split == "val":
+        return paths[-1:]
+    return paths[:-1] if len(paths) > 1 else paths
+
+
+def num_row_groups(path: str) -> int:
+    try:
+        f = pq.ParquetFile(path)
+        if "text" not in f.schema_arrow.names:
+            raise ValueError(f"no 'text' column (columns: {f.schema_arrow.names})")
+        return f.num_row_groups
+    except Exception as e:  # a truncated or corrupt file: say which one
+        raise UserError(f"cannot read shard {path}: {e}") from e
 
 
 def read_row_group_texts(path: str, row_group: int) -> list[str]:
@@ -30,17 +77,75 @@ def read_row_group_texts(path: str, row_group: int) -> list[str]:
 
 def iter_texts(split="train", data_dir=None, folder=None):
     """Yield document strings of the train split (all shards but the last) or the val split."""
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', not {split!r}")
-    paths = list_shards(data_dir, folder)
-    if split == "val":
-        paths = paths[-1:]
-    else:
-        paths = paths[:-1] if len(paths) > 1 else paths
-    for path in paths:
-        try:
-            n = pq.ParquetFile(path).num_row_groups
-        except Exception as e:
-            raise UserError(f"cannot read shard {path}: {e}") from e
-        for rg in range(n):
+    for path in split_shards(split, data_dir, folder):
+        for rg in range(num_row_groups(path)):
             yield from read_row_group_texts(path, rg)
+
+
+def is_valid_shard(path: str) -> bool:
+    """True when `path` opens as parquet with a `text` column and every row group's metadata is
+    readable. A truncated download loses the footer, so it fails here."""
+    try:
+        f = pq.ParquetFile(path)
+        return "text" in f.schema_arrow.names and f.metadata.num_rows >= 0
+    except Exception:
+        return False
+
+
+def write_shard(path: str, texts: list[str], row_group_size: int = ROW_GROUP_SIZE) -> None:
+    """Write one shard atomically (temporary name, then rename), in the hub's layout."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    table = pa.table({"text": pa.array(texts, type=pa.string())})
+    try:
+        pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ---------------------------------------------------------------------------
+# Downloading one shard from the hub (the `nanochat data download` stage drives this)
+
+class DownloadError(Exception):
+    pass
+
+
+def download_file(url: str, path: str, timeout: float = 30.0, retries: int = 5, backoff: float = 2.0) -> None:
+    """Fetch `url` into `path`: stream into `path.tmp.<pid>`, check it opens as a parquet shard,
+    then rename. Retries network errors, 5xx/429 answers, truncated bodies and invalid files with
+    exponential backoff (backoff * 2**attempt seconds); other 4xx answers fail at once.
+    Raises DownloadError with the last reason."""
+    import requests
+    tmp = f"{path}.tmp.{os.getpid()}"
+    reason = "no attempt"
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(backoff * 2 ** (attempt - 1))
+        got = 0
+        try:
+            with requests.get(url, stream=True, timeout=timeout) as r:
+                if r.status_code != 200:
+                    reason = f"HTTP {r.status_code}"
+                    if 400 <= r.status_code < 500 and r.status_code not in (408, 429):
+                        break  # not found / forbidden: retrying will not help
+                    continue
+                expected = r.headers.get("Content-Length")
+                with open(tmp, "wb") as f:
+                    for chunk in r.iter_content(chunk_size=1 << 20):
+                        f.write(chunk)
+                        got += len(chunk)
+            if expected is not None and got != int(expected):
+                reason = f"truncated: got {got} of {expected} bytes"
+                continue
+            if not is_valid_shard(tmp):
+                reason = f"not a valid parquet shard with a 'text' column ({got} bytes)"
+                continue
+            os.replace(tmp, path)
+            return
+        except (requests.RequestException, OSError) as e:
+            reason = f"{type(e).__name__}: {e}"
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    raise DownloadError(reason)

@@ -1,0 +1,84 @@
+"""nanochat data download: fetch pretraining shards from the hub into $NANOCHAT_DATA/pretrain.
+
+Downloads the first N training shards plus the validation shard (the dataset's last shard, so
+it sorts last in the folder). Shards already present and valid are skipped, so re-running
+resumes an interrupted download; a shard that still fails after all retries is named at the end
+and the command exits non-zero.
+"""
+import argparse
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor, as_completed
+
+from nanochat.common import UserError
+from nanochat.dataset import (DEFAULT_DATASET, HUB_DATASETS, DownloadError, download_file, is_valid_shard,
+                              pretrain_dir, shard_name)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="nanochat data download", description=__doc__.split("\n")[0])
+    parser.add_argument("-n", "--num-shards", type=int, default=-1,
+                        help="training shards to fetch, from the first (default -1: all of them)")
+    parser.add_argument("-w", "--workers", type=int, default=4, help="parallel downloads (default 4)")
+    parser.add_argument("--dataset", default=DEFAULT_DATASET, choices=sorted(HUB_DATASETS),
+                        help=f"which hub dataset (default {DEFAULT_DATASET})")
+    parser.add_argument("--base-url", default=os.environ.get("NANOCHAT_HUB_URL") or None,
+                        help="fetch shard_NNNNN.parquet from this URL instead of the dataset's hub URL "
+                             "(default: $NANOCHAT_HUB_URL if set)")
+    parser.add_argument("--out", default=None, help="target folder (default $NANOCHAT_DATA/pretrain)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request without data (default 60)")
+    parser.add_argument("--retries", type=int, default=5, help="retries per shard after the first try (default 5)")
+    parser.add_argument("--backoff", type=float, default=2.0,
+                        help="seconds before the first retry, doubling after each (default 2)")
+    args = parser.parse_args(argv)
+
+    hub_url, max_shard = HUB_DATASETS[args.dataset]
+    base_url = (args.base_url or hub_url).rstrip("/")
+    num_train = max_shard if args.num_shards < 0 else min(args.num_shards, max_shard)
+    if args.workers < 1:
+        raise UserError("--workers must be at least 1")
+    indices = list(range(num_train)) + [max_shard]  # training shards, then the validation shard
+
+    out = args.out or pretrain_dir()
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {out}: {e}") from e
+    if not os.access(out, os.W_OK):
+        raise UserError(f"{out} is not writable (a read-only data root?): set NANOCHAT_DATA to a folder "
+                        f"you own, or pass --out")
+
+    todo = [i for i in indices if not is_valid_shard(os.path.join(out, shard_name(i)))]
+    print(f"{args.dataset}: {len(indices)} shards wanted ({num_train} train + 1 validation = "
+          f"{shard_name(max_shard)}), {len(indices) - len(todo)} already present, "
+          f"{len(todo)} to fetch from {base_url} into {out}", flush=True)
+    if not todo:
+        return 0
+
+    from tqdm import tqdm
+    failed = {}
+
+    def fetch(i):
+        download_file(f"{base_url}/{shard_name(i)}", os.path.join(out, shard_name(i)),
+                      timeout=args.timeout, retries=args.retries, backoff=args.backoff)
+
+    with ThreadPoolExecutor(max_workers=args.workers) as pool, tqdm(total=len(todo), unit="shard") as bar:
+        futures = {pool.submit(fetch, i): i for i in todo}
+        for fut in as_completed(futures):
+            try:
+                fut.result()
+            except DownloadError as e:
+                failed[futures[fut]] = str(e)
+                bar.write(f"failed: {shard_name(futures[fut])}: {e}")
+            bar.update(1)
+    if failed:
+        names = ", ".join(shard_name(i) for i in sorted(failed))
+        print(f"error: {len(failed)} of {len(todo)} shards failed after {args.retries} retries: {names}. "
+              f"Run the command again to retry them.", file=sys.stderr, flush=True)
+        return 1
+    print(f"done: {len(todo)} shards written to {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
