@@ -1,0 +1,165 @@
+"""The Task base class, mixtures of tasks, and small helpers shared by the task files.
+
+A task is a list of conversations `{"messages": [{"role", "content"}, ...]}` plus a way to score
+a model's answer. `Task(start, stop, step)` views a slice of the underlying examples, so
+`ARC(...)` is the whole split and `ARC(..., stop=100)` its first hundred items.
+"""
+import random
+import re
+
+
+class Task:
+    """Subclasses implement `num_examples()`, `get_example(index)` (raw index into the dataset),
+    `eval_type` and `evaluate(conversation, assistant_response)`."""
+
+    def __init__(self, start=0, stop=None, step=1):
+        if start < 0 or (stop is not None and stop < start) or step < 1:
+            raise ValueError(f"bad task slice start={start} stop={stop} step={step}")
+        self.start, self.stop, self.step = start, stop, step
+
+    @property
+    def eval_type(self) -> str:
+        """'categorical' (pick one of the conversation's "letters") or 'generative' (sample text)."""
+        raise NotImplementedError
+
+    def num_examples(self) -> int:
+        raise NotImplementedError
+
+    def get_example(self, index: int) -> dict:
+        raise NotImplementedError
+
+    def evaluate(self, conversation: dict, assistant_response: str):
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        stop = self.num_examples() if self.stop is None else min(self.stop, self.num_examples())
+        return max(0, (stop - self.start + self.step - 1) // self.step)
+
+    def __getitem__(self, i: int) -> dict:
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"{type(self).__name__} index {i} out of range (len {n})")
+        return self.get_example(self.start + i * self.step)
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+
+class TaskSequence(Task):
+    """The examples of several tasks one after the other (e.g. a curriculum)."""
+
+    def __init__(self, tasks, **kwargs):
+        super().__init__(**kwargs)
+        self.tasks = list(tasks)
+        self.offsets = []
+        total = 0
+        for t in self.tasks:
+            self.offsets.append(total)
+            total += len(t)
+        self.total = total
+
+    @property
+    def eval_type(self):
+        return "generative"
+
+    def num_examples(self):
+        return self.total
+
+    def get_example(self, index):
+        for t, off in zip(reversed(self.tasks), reversed(self.offsets)):
+            if index >= off:
+                return t[index - off]
+        raise IndexError(index)
+
+
+class TaskMixture(Task):
+    """Every example of every task, in one deterministic shuffled order. List a task twice to
+    see its examples twice per pass (oversampling a small task such as identity)."""
+
+    def __init__(self, tasks, seed=42, **kwargs):
+        super().__init__(**kwargs)
+        self.tasks = list(tasks)
+        self.index_map = [(ti, ei) for ti, t in enumerate(self.tasks) for ei in range(len(t))]
+        random.Random(seed).shuffle(self.index_map)
+
+    @property
+    def eval_type(self):
+        return "generative"
+
+    def num_examples(self):
+        return len(self.index_map)
+
+    def get_example(self, index):
+        ti, ei = self.index_map[index]
+        return self.tasks[ti][ei]
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+
+LETTERS = "ABCDEFGHIJ"
+
+
+def render_mc(question: str, letters, choices) -> str:
+    """A multiple-choice prompt: the question, the lettered choices, and the request to answer with
+    a single letter. The letter is then the whole assistant reply, so that `eval chat` can score
+    the task from the logits of the letter tokens alone."""
+    lines = [question.strip(), ""]
+    lines += [f"{letter}. {str(choice).strip()}" for letter, choice in zip(letters, choices)]
+    lines += ["", f"Answer with the letter of the correct choice ({', '.join(letters)})."]
+    return "\n".join(lines)
+
+
+_LETTER_RE = re.compile(r"^\W*([A-Z])(?![A-Za-z])")
+
+
+def evaluate_letter(conversation: dict, assistant_response: str) -> bool:
+    """Categorical scoring: the response's leading letter ("B", "B.", "(B) ...") must be the gold one."""
+    m = _LETTER_RE.match(assistant_response.strip())
+    return bool(m) and m.group(1) == conversation["messages"][-1]["content"]
+
+
+def content_text(content) -> str:
+    """The text of a message content, whether a string or a list of parts."""
+    if isinstance(content, str):
+        return content
+    return "".join(part["text"] for part in content)
+
+
+def merge_system(messages: list) -> list:
+    """Fold a leading system message into the first user message: our chat format has only user
+    and assistant turns."""
+    if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system" \
+            and isinstance(messages[0].get("content"), str):
+        system, rest = messages[0], messages[1:]
+        if rest and isinstance(rest[0], dict) and rest[0].get("role") == "user" and isinstance(rest[0].get("content"), str):
+            first = dict(rest[0], content=system["content"].strip() + "\n\n" + rest[0]["content"])
+            return [first] + rest[1:]
+        return rest
+    return messages
+
+
+def check_conversation(messages) -> str | None:
+    """None when `messages` is a valid conversation, else what is wrong with it."""
+    if not isinstance(messages, list) or len(messages) < 2:
+        return "a conversation needs at least one user and one assistant message"
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+            return f"message {i} must be an object with 'role' and 'content'"
+        want = "user" if i % 2 == 0 else "assistant"
+        if msg["role"] != want:
+            return f"message {i} has role {msg['role']!r}, expected {want!r} (roles must alternate, starting with user)"
+        content = msg["content"]
+        if isinstance(content, list) and want == "assistant":
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") not in ("text", "python", "python_output") \
+                        or not isinstance(part.get("text"), str):
+                    return f"message {i} has a bad part {part!r} (want {{'type': text|python|python_output, 'text': str}})"
+        elif not isinstance(content, str):
+            return f"message {i} content must be a string"
+    if messages[-1]["role"] != "assistant":
+        return "a conversation must end with an assistant message"
+    return None
