@@ -92,6 +92,18 @@ def is_valid_shard(path: str) -> bool:
         return False
 
 
+def check_writable(folder: str) -> None:
+    """Create `folder` if needed; UserError if it is read-only. A folder without any write bit counts
+    as read-only even for root, who could write there anyway: a shared data root is marked that way."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {folder}: {e}") from e
+    if not os.access(folder, os.W_OK) or not os.stat(folder).st_mode & 0o222:
+        raise UserError(f"{folder} is read-only (a shared data root?): set NANOCHAT_DATA to a folder you own, "
+                        f"or pass --out")
+
+
 def write_shard(path: str, texts: list[str], row_group_size: int = ROW_GROUP_SIZE) -> None:
     """Write one shard atomically (temporary name, then rename), in the hub's layout."""
     tmp = f"{path}.tmp.{os.getpid()}"

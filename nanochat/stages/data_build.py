@@ -17,7 +17,7 @@ import random
 import re
 
 from nanochat.common import UserError
-from nanochat.dataset import pretrain_dir, shard_name, write_shard
+from nanochat.dataset import check_writable, pretrain_dir, shard_name, write_shard
 
 TEXT_EXTS = (".txt", ".md")
 ALL_EXTS = (".txt", ".md", ".jsonl", ".parquet", ".txt.gz", ".md.gz", ".jsonl.gz")
@@ -175,12 +175,7 @@ def main(argv=None):
     if cur:
         shards.append(cur)
 
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create {out}: {e}") from e
-    if not os.access(out, os.W_OK):
-        raise UserError(f"{out} is not writable (a read-only data root?): pass --out or set NANOCHAT_DATA")
+    check_writable(out)
     for f in existing:  # --force: only our own shard files, and only now that the new data is ready
         os.remove(os.path.join(out, f))
     for i, shard in enumerate(shards):

@@ -11,8 +11,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from nanochat.common import UserError
-from nanochat.dataset import (DEFAULT_DATASET, HUB_DATASETS, DownloadError, download_file, is_valid_shard,
-                              pretrain_dir, shard_name)
+from nanochat.dataset import (DEFAULT_DATASET, HUB_DATASETS, DownloadError, check_writable, download_file,
+                              is_valid_shard, pretrain_dir, shard_name)
 
 
 def main(argv=None):
@@ -40,20 +40,13 @@ def main(argv=None):
     indices = list(range(num_train)) + [max_shard]  # training shards, then the validation shard
 
     out = args.out or pretrain_dir()
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create {out}: {e}") from e
-    if not os.access(out, os.W_OK):
-        raise UserError(f"{out} is not writable (a read-only data root?): set NANOCHAT_DATA to a folder "
-                        f"you own, or pass --out")
-
     todo = [i for i in indices if not is_valid_shard(os.path.join(out, shard_name(i)))]
     print(f"{args.dataset}: {len(indices)} shards wanted ({num_train} train + 1 validation = "
           f"{shard_name(max_shard)}), {len(indices) - len(todo)} already present, "
           f"{len(todo)} to fetch from {base_url} into {out}", flush=True)
     if not todo:
         return 0
+    check_writable(out)
 
     from tqdm import tqdm
     failed = {}
