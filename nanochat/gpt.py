@@ -1,0 +1,488 @@
+"""The GPT model (docs/model.md has the details and the reasons).
+
+- token embedding followed by a parameter-free RMSNorm; pre-norm blocks (parameter-free RMSNorm)
+- rotary position embeddings (base 100,000), computed on the fly from positions (no buffers)
+- QK-norm, grouped-query attention (n_kv_head divides n_head)
+- causal attention with a per-layer window pattern ("SSSL": short, short, short, long, tiled
+  over the layers; the last layer always sees the full context)
+- ReLU^2 MLP (4x), no biases, untied embedding and lm_head, logits soft-capped at 15 in fp32
+- value embeddings mixed into the values of alternating layers through a learned per-head gate
+- per-layer learned residual scalars and x0 (input embedding) scalars
+- KVCache: a preallocated cache whose rows may hold sequences of different lengths
+"""
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+SOFTCAP = 15.0
+ROPE_BASE = 100_000
+VE_GATE_CHANNELS = 32        # the value-embedding gate looks at the first 32 channels of x
+LOSS_CHUNK_ELEMENTS = 2**27  # at most this many fp32 logits live at once in the chunked loss
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 2048
+    vocab_size: int = 32768
+    n_layer: int = 12
+    n_head: int = 6
+    n_kv_head: int = 6
+    n_embd: int = 768
+    window_pattern: str = "SSSL"  # "S" = short window, "L" = full context; tiled over the layers
+    short_window: int = 0         # tokens a short-window query sees (itself included); 0 = sequence_len // 4
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd={self.n_embd} must be a multiple of n_head={self.n_head}")
+        if not (1 <= self.n_kv_head <= self.n_head and self.n_head % self.n_kv_head == 0):
+            raise ValueError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
+        if (self.n_embd // self.n_head) % 2 != 0:
+            raise ValueError("head_dim (n_embd // n_head) must be even for rotary embeddings")
+        if not self.window_pattern or set(self.window_pattern.upper()) - {"S", "L"}:
+            raise ValueError(f"window_pattern must be made of 'S' and 'L', not '{self.window_pattern}'")
+        if self.short_window <= 0:
+            self.short_window = max(1, self.sequence_len // 4)
+
+    def layer_windows(self):
+        """Per layer: how many tokens a query may see (itself included); None = full context."""
+        pattern = self.window_pattern.upper()
+        windows = [self.short_window if pattern[i % len(pattern)] == "S" else None for i in range(self.n_layer)]
+        windows[-1] = None  # the last layer always sees everything
+        return windows
+
+
+def has_value_embedding(layer_idx, n_layer):
+    """Alternating layers, always including the last one."""
+    return layer_idx % 2 == (n_layer - 1) % 2
+
+
+def norm(x):
+    # parameter-free RMSNorm
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def rotary_cos_sin(pos, head_dim):
+    """pos: integer positions of any shape (...). Returns cos, sin of shape (..., head_dim // 2), fp32."""
+    inv_freq = 1.0 / (ROPE_BASE ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim))
+    angles = pos.to(torch.float32)[..., None] * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    """x: (B, T, H, D); cos/sin broadcastable to (B, T, 1, D/2). Rotates the pairs (x[i], x[i + D/2])."""
+    d = x.size(-1) // 2
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+# ---------------------------------------------------------------------------
+# Attention kernels. Everything device-specific lives here.
+#
+# A "mask" below is one of:
+#   None                   causal over Tq == Tk tokens (SDPA is_causal: flash kernels everywhere)
+#   bool tensor            True = may attend, broadcastable to (B, H, Tq, Tk) (SDPA, any device)
+#   FlexAttention BlockMask  sliding window on CUDA (only FlexAttention makes windows cheaper)
+
+USE_FLEX_ATTENTION = os.environ.get("NANOCHAT_FLEX_ATTENTION", "1") != "0"
+_flex_fn = None
+_block_masks = {}
+
+
+def _flex_attention():
+    """The compiled FlexAttention kernel, or None when it cannot be imported."""
+    global _flex_fn
+    if _flex_fn is None:
+        try:
+            from torch.nn.attention.flex_attention import flex_attention
+        except ImportError:
+            _flex_fn = False
+        else:
+            # uncompiled flex_attention is a slow reference implementation; compiled it is a Triton kernel
+            _flex_fn = torch.compile(flex_attention, dynamic=False)
+    return _flex_fn or None
+
+
+def use_flex(device):
+    return device.type == "cuda" and USE_FLEX_ATTENTION and _flex_attention() is not None
+
+
+def sliding_window_block_mask(T, window, device):
+    """FlexAttention block mask: query i sees keys j with i - window < j <= i. Cached per (T, window)."""
+    key = (T, window, str(device))
+    if key not in _block_masks:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def sliding_causal(b, h, q_idx, kv_idx):
+            return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
+        _block_masks[key] = create_block_mask(sliding_causal, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
+    return _block_masks[key]
+
+
+def attention(q, k, v, mask):
+    """q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D), all in one dtype. Returns (B, H, Tq, D)."""
+    gqa = k.size(1) != q.size(1)
+    if gqa and q.device.type == "mps":
+        # MPS SDPA may not take enable_gqa: repeat the kv heads instead
+        rep = q.size(1) // k.size(1)
+        k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), False
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if isinstance(mask, torch.Tensor):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    return _flex_attention()(q, k, v, block_mask=mask, enable_gqa=gqa)
+
+
+def window_mask(window, T, device):
+    """Training/no-cache mask for `window` over T tokens (None = plain causal)."""
+    if window is None or window >= T:
+        return None
+    if use_flex(device):
+        return sliding_window_block_mask(T, window, device)
+    i = torch.arange(T, device=device)
+    diff = i[:, None] - i[None, :]
+    return (diff >= 0) & (diff < window)
+
+
+def cache_mask(window, q_pos, kv_len):
+    """KV-cache mask (B, 1, T, kv_len): row b's query at absolute position p sees keys j <= p
+    (and p - j < window). Keys beyond a row's own length are never seen since j <= p."""
+    j = torch.arange(kv_len, device=q_pos.device)
+    diff = q_pos[:, :, None] - j
+    allowed = diff >= 0
+    if window is not None:
+        allowed = allowed & (diff < window)
+    return allowed[:, None]
+
+
+# ---------------------------------------------------------------------------
+# KV cache
+
+class KVCache:
+    """Preallocated keys/values: k, v of shape (batch, layers, n_kv_head, max_len, head_dim) in the
+    compute dtype, and `lengths` (batch,) = tokens stored per row. A model forward with this cache
+    writes the T new tokens of row b at positions lengths[b] .. lengths[b]+T-1 (that is also their
+    rotary position), attends to row b's stored keys only, and advances lengths by T at the end.
+    Stored entries beyond a row's length are garbage and never read."""
+
+    def __init__(self, batch_size, num_layers, num_kv_heads, head_dim, max_len, device, dtype):
+        shape = (batch_size, num_layers, num_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    @property
+    def batch_size(self):
+        return self.k.size(0)
+
+    @property
+    def max_len(self):
+        return self.k.size(3)
+
+    def narrow(self, start, n):
+        """A KVCache over rows start .. start+n-1 sharing this one's storage (writes go through)."""
+        view = KVCache.__new__(KVCache)
+        view.k = self.k.narrow(0, start, n)
+        view.v = self.v.narrow(0, start, n)
+        view.lengths = self.lengths.narrow(0, start, n)
+        return view
+
+    def copy_row(self, src, dst):
+        self.k[dst].copy_(self.k[src])
+        self.v[dst].copy_(self.v[src])
+        self.lengths[dst] = self.lengths[src]
+
+    def fork(self, src, dsts):
+        """Copy row src into each row of dsts (prefill a prompt once, sample K continuations)."""
+        for dst in dsts:
+            if dst != src:
+                self.copy_row(src, dst)
+
+    def reset(self):
+        """Empty every row of this cache (or of this view)."""
+        self.lengths.zero_()
+
+    def store(self, layer, k, v, q_pos, kv_len):
+        """Write k, v (B, Hkv, T, D) at positions q_pos (B, T) of `layer`; return this layer's
+        keys and values (B, Hkv, kv_len, D) for attention."""
+        rows = torch.arange(k.size(0), device=k.device)[:, None]
+        # (B, max_len, Hkv, D) views of the layer: index (row, position) pairs, write through
+        self.k[:, layer].transpose(1, 2)[rows, q_pos] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[:, layer].transpose(1, 2)[rows, q_pos] = v.transpose(1, 2).to(self.v.dtype)
+        return self.k[:, layer, :, :kv_len], self.v[:, layer, :, :kv_len]
+
+
+# ---------------------------------------------------------------------------
+# The model
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        C, D = config.n_embd, self.head_dim
+        self.c_q = nn.Linear(C, self.n_head * D, bias=False)
+        self.c_k = nn.Linear(C, self.n_kv_head * D, bias=False)
+        self.c_v = nn.Linear(C, self.n_kv_head * D, bias=False)
+        self.c_proj = nn.Linear(self.n_head * D, C, bias=False)
+        self.ve_gate_channels = min(VE_GATE_CHANNELS, C)
+        self.ve_gate = (nn.Linear(self.ve_gate_channels, self.n_kv_head, bias=False)
+                        if has_value_embedding(layer_idx, config.n_layer) else None)
+
+    def forward(self, x, ve, cos, sin, mask, cache):
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        q = self.c_q(x).view(B, T, H, D)
+        k = self.c_k(x).view(B, T, Hkv, D)
+        v = self.c_v(x).view(B, T, Hkv, D)
+        if ve is not None:
+            # per-head gate in (0, 2), 1 at init (zero weights)
+            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, Hkv, D)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # QK-norm; .to(v.dtype) keeps q, k, v in the compute dtype whatever rms_norm does under autocast
+        q, k = norm(q).to(v.dtype), norm(k).to(v.dtype)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:
+            kv_cache, q_pos, kv_len = cache
+            k, v = kv_cache.store(self.layer_idx, k, v, q_pos, kv_len)
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        y = attention(q, k, v, mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, H * D)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, ve, cos, sin, mask, cache):
+        x = x + self.attn(norm(x), ve, cos, sin, mask, cache)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        C, V = config.n_embd, config.vocab_size
+        kv_dim = config.n_kv_head * (C // config.n_head)
+        self.wte = nn.Embedding(V, C)
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, kv_dim) for i in range(config.n_layer)
+                                           if has_value_embedding(i, config.n_layer)})
+        self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        self.lm_head = nn.Linear(C, V, bias=False)
+        self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
+        self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
+        self.windows = config.layer_windows()
+        self.checkpoint_activations = False  # torch.utils.checkpoint around each block when training
+        # rows of the (B*T, vocab) logits computed at once by the chunked loss
+        self.loss_chunk_rows = max(1, LOSS_CHUNK_ELEMENTS // V)
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Explicit init (the model is usually built on the meta device, then to_empty)."""
+        C = self.config.n_embd
+        s = math.sqrt(3.0 / C)  # uniform(-s, s) has std 1/sqrt(C): unit-variance outputs for unit-RMS inputs
+        nn.init.normal_(self.wte.weight, mean=0.0, std=1.0)  # RMS-normalized right after anyway
+        for emb in self.value_embeds.values():
+            nn.init.uniform_(emb.weight, -s, s)
+        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        for block in self.blocks:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                nn.init.uniform_(lin.weight, -s, s)
+            # output projections start at zero: every block starts as the identity
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+            if block.attn.ve_gate is not None:
+                nn.init.zeros_(block.attn.ve_gate.weight)  # gate = 2*sigmoid(0) = 1
+        self.resid_lambdas.fill_(1.0)
+        self.x0_lambdas.fill_(0.1)
+
+    def get_device(self):
+        return self.wte.weight.device
+
+    def new_kv_cache(self, batch_size, max_len, dtype=None):
+        """A KVCache sized for this model (dtype: default the compute dtype of the device)."""
+        from nanochat.common import get_compute_dtype
+        device = self.get_device()
+        c = self.config
+        dtype = dtype or get_compute_dtype(device.type)
+        return KVCache(batch_size, c.n_layer, c.n_kv_head, c.n_embd // c.n_head, max_len, device, dtype)
+
+    # ---- forward
+
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+        B, T = idx.shape
+        device = idx.device
+        D = self.config.n_embd // self.config.n_head
+        if kv_cache is None:
+            pos = torch.arange(T, device=device)
+            cos, sin = rotary_cos_sin(pos, D)                 # (T, D/2)
+            cos, sin = cos[None, :, None], sin[None, :, None]  # (1, T, 1, D/2)
+            masks = {w: window_mask(w, T, device) for w in set(self.windows)}
+            cache = None
+        else:
+            if kv_cache.batch_size != B:
+                raise ValueError(f"kv_cache has {kv_cache.batch_size} rows but the batch has {B}")
+            q_pos = kv_cache.lengths[:, None] + torch.arange(T, device=device)  # (B, T) per-row positions
+            kv_len = int(kv_cache.lengths.max()) + T  # one host sync per forward
+            if kv_len > kv_cache.max_len:
+                raise ValueError(f"kv_cache overflow: {kv_len} tokens > max_len {kv_cache.max_len}")
+            cos, sin = rotary_cos_sin(q_pos, D)               # (B, T, D/2)
+            cos, sin = cos[:, :, None], sin[:, :, None]       # (B, T, 1, D/2)
+            masks = {w: cache_mask(w, q_pos, kv_len) for w in set(self.windows)}
+            cache = (kv_cache, q_pos, kv_len)
+
+        x = norm(self.wte(idx))
+        x0 = x
+        ckpt = self.checkpoint_activations and torch.is_grad_enabled() and kv_cache is None
+        for i, block in enumerate(self.blocks):
+            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            args = (x, ve, cos, sin, masks[self.windows[i]], cache)
+            x = checkpoint(block, *args, use_reentrant=False) if ckpt else block(*args)
+        if kv_cache is not None:
+            kv_cache.lengths += T
+        x = norm(x)
+
+        if targets is None:
+            return self._logits(x)
+        return self._loss(x, targets, loss_reduction)
+
+    def _logits(self, x):
+        logits = self.lm_head(x).float()
+        return SOFTCAP * torch.tanh(logits / SOFTCAP)
+
+    def _chunk_loss(self, x, targets):
+        return F.cross_entropy(self._logits(x), targets, ignore_index=-1, reduction="none")
+
+    def _loss(self, x, targets, reduction):
+        """lm_head + softcap + cross-entropy over chunks of rows, so the fp32 logits of the whole
+        batch never exist at once. With grads, each chunk is checkpointed: only its input rows are
+        kept and its logits are recomputed in the backward pass (one extra lm_head matmul)."""
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"loss_reduction must be mean, sum or none, not '{reduction}'")
+        B, T, C = x.shape
+        xf, tf = x.reshape(B * T, C), targets.reshape(B * T)
+        n = self.loss_chunk_rows
+        if B * T <= n:
+            losses = self._chunk_loss(xf, tf)
+        else:
+            grad = torch.is_grad_enabled() and xf.requires_grad
+            parts = []
+            for s in range(0, B * T, n):
+                xc, tc = xf[s:s + n], tf[s:s + n]
+                parts.append(checkpoint(self._chunk_loss, xc, tc, use_reentrant=False) if grad
+                             else self._chunk_loss(xc, tc))
+            losses = torch.cat(parts)
+        if reduction == "none":
+            return losses.view(B, T)
+        if reduction == "sum":
+            return losses.sum()
+        return losses.sum() / (tf != -1).sum()  # like F.cross_entropy: nan if every target is ignored
+
+    # ---- accounting
+
+    def num_params_by_category(self):
+        wte = self.wte.weight.numel()
+        value_embeds = sum(p.numel() for p in self.value_embeds.parameters())
+        lm_head = self.lm_head.weight.numel()
+        gates = sum(b.attn.ve_gate.weight.numel() for b in self.blocks if b.attn.ve_gate is not None)
+        scalars = self.resid_lambdas.numel() + self.x0_lambdas.numel() + gates
+        total = sum(p.numel() for p in self.parameters())
+        matrices = total - wte - value_embeds - lm_head - scalars
+        return dict(wte=wte, value_embeds=value_embeds, lm_head=lm_head,
+                    transformer_matrices=matrices, scalars=scalars, total=total)
+
+    def estimate_flops(self):
+        """Training FLOPs per token: 6 x (params except the embedding tables, which are lookups)
+        + 12 x head_dim x n_head x (context a query sees) summed over layers; the context is
+        sequence_len for full layers and min(short_window, sequence_len) for windowed ones."""
+        c = self.config
+        counts = self.num_params_by_category()
+        n = counts["total"] - counts["wte"] - counts["value_embeds"]
+        head_dim = c.n_embd // c.n_head
+        attn = sum(12 * head_dim * c.n_head * (c.sequence_len if w is None else min(w, c.sequence_len))
+                   for w in self.windows)
+        return 6 * n + attn
+
+    # ---- optimizer
+
+    def optimizer_groups(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, scalar_lr=0.5,
+                         weight_decay=0.0, adam_betas=(0.8, 0.95)):
+        """The parameter groups of setup_optimizer (every parameter in exactly one group)."""
+        scale = (self.config.n_embd / 768) ** -0.5  # AdamW lrs were tuned at width 768
+
+        def adamw(params, lr):
+            return dict(kind="adamw", params=params, lr=lr * scale, betas=adam_betas, eps=1e-10, weight_decay=0.0)
+        gates = [b.attn.ve_gate.weight for b in self.blocks if b.attn.ve_gate is not None]
+        groups = [
+            adamw([self.lm_head.weight], unembedding_lr),
+            adamw([self.wte.weight] + list(self.value_embeds.parameters()), embedding_lr),
+            adamw([self.resid_lambdas, self.x0_lambdas] + gates, scalar_lr),
+        ]
+        matrices = {}
+        for b in self.blocks:
+            for lin in (b.attn.c_q, b.attn.c_k, b.attn.c_v, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj):
+                matrices.setdefault(tuple(lin.weight.shape), []).append(lin.weight)
+        for shape in sorted(matrices):
+            groups.append(dict(kind="muon", params=matrices[shape], lr=matrix_lr, momentum=0.95,
+                               weight_decay=weight_decay))
+        for g in groups:
+            g["initial_lr"] = g["lr"]
+        assert sum(len(g["params"]) for g in groups) == len(list(self.parameters()))
+        return groups
+
+    def setup_optimizer(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, scalar_lr=0.5,
+                        weight_decay=0.0, adam_betas=(0.8, 0.95)):
+        from nanochat.optim import MuonAdamW
+        return MuonAdamW(self.optimizer_groups(unembedding_lr, embedding_lr, matrix_lr, scalar_lr,
+                                               weight_decay, adam_betas))
+
+    # ---- reference sampling
+
+    @torch.inference_mode()
+    def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
+        """Sample max_tokens ids after the prompt `tokens` (a list of ints), yielding each id.
+        No KV cache: every step runs the full sequence (the reference for nanochat.engine).
+        temperature 0 = greedy. Sampling: logits of the last position, keep the top_k largest
+        (ties at the k-th value kept), divide by temperature, softmax, torch.multinomial with a
+        torch.Generator on the model's device seeded with `seed`."""
+        device = self.get_device()
+        rng = None
+        if temperature > 0:
+            rng = torch.Generator(device=device)
+            rng.manual_seed(seed)
+        ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)
+        for _ in range(max_tokens):
+            logits = self.forward(ids)[:, -1, :]
+            if top_k is not None and top_k < logits.size(-1):
+                kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            if temperature > 0:
+                probs = F.softmax(logits / temperature, dim=-1)
+                next_id = torch.multinomial(probs, num_samples=1, generator=rng)
+            else:
+                next_id = torch.argmax(logits, dim=-1, keepdim=True)
+            ids = torch.cat([ids, next_id], dim=1)
+            yield next_id.item()
