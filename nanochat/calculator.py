@@ -18,6 +18,7 @@ import ast
 import math
 import re
 import time
+import warnings
 
 MAX_EXPRESSION_CHARS = 1000   # longer tool calls are refused before parsing
 MAX_DEPTH = 40                # nesting depth of the syntax tree
@@ -40,6 +41,13 @@ _FUNCTIONS = {"abs", "round", "min", "max", "sqrt", "len", "int", "float", "str"
 # "1,000" and "12,345,678" in a purely numeric expression are thousands separators
 _THOUSANDS = re.compile(r"(?<![\d.,])\d{1,3}(?:,\d{3})+(?![\d,])")
 _NUMERIC_CHARS = re.compile(r"[0-9.,+\-*/%() eE_]*")
+
+
+# ast.parse warns (SyntaxWarning/DeprecationWarning) on model text like "5x" or "\\d"; those
+# would spam a server's stderr. The filter matches only code parsed under our own filename
+# (warnings.catch_warnings would be simpler but is not thread-safe).
+_FILENAME = "<calculator>"
+warnings.filterwarnings("ignore", module=re.escape(_FILENAME) + r"\Z")
 
 
 class _Refuse(Exception):
@@ -290,7 +298,7 @@ def calculate(expression):
         expr = _normalize(expression)
         if not expr:
             return None
-        tree = ast.parse(expr, mode="eval")
+        tree = ast.parse(expr, filename=_FILENAME, mode="eval")
         value = _Walker(deadline).eval(tree.body)
         return format_result(value)
     except Exception:  # _Refuse, SyntaxError, ZeroDivisionError, OverflowError, ValueError, RecursionError, ...
