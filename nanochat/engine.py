@@ -1,0 +1,347 @@
+"""Fast generation: a preallocated KV cache, batched prefill and decoding, sampling, tool use.
+
+Three layers, each usable on its own:
+- `sample(logits, ...)`: temperature / top-k / top-p sampling, with per-row settings.
+- `Sequence`: one sequence being generated: its settings, its output so far, and the calculator
+  tool's state machine (tokens between <|python_start|> and <|python_end|> are handed to
+  `calculate`; a result is forced into the stream as <|output_start|> result <|output_end|>,
+  with mask 0 so that training code can leave those tokens out of the loss).
+- `BatchDecoder`: a static KV cache of `batch_size` rows that sequences join (their prompts are
+  prefilled together, right-padded, in one forward) and leave (the last row is copied into the
+  freed one, so the active rows stay 0..n-1). Each `step()` decodes one token for every active
+  row in one forward. The server's continuous batching and the `Engine` below both run on it.
+
+`Engine(model, tokenizer)` is the user-facing API: `generate` streams (token_column,
+mask_column) for K samples of one prompt (prefilled once, then forked into K rows),
+`generate_batch` returns them whole, and `generate_many` runs many different prompts.
+"""
+from collections import deque
+
+import torch
+import torch.nn.functional as F
+
+from nanochat.calculator import calculate
+
+# Upper bound on (rows x padded prompt length) prefilled in one forward: the model returns fp32
+# logits for every position, so this bounds that tensor (4096 x vocab x 4 bytes).
+PREFILL_TOKEN_BUDGET = 4096
+
+
+# ---------------------------------------------------------------------------
+# Sampling
+
+def sample(logits, temperature, top_k=None, top_p=None, generator=None):
+    """Next ids (B,) from logits (B, V). temperature, top_k, top_p are numbers (same for every
+    row) or lists with one entry per row (None entries = no filtering; temperature 0 = greedy).
+    Top-k keeps the k largest logits (ties with the k-th kept); top-p then keeps the smallest set
+    of likeliest tokens whose probability reaches p. One torch.multinomial call for all rows, so
+    for a single row this consumes the generator exactly like GPT.generate does."""
+    B, V = logits.shape
+    device = logits.device
+    per_row = lambda x: list(x) if isinstance(x, (list, tuple)) else [x] * B
+    temperature, top_k, top_p = per_row(temperature), per_row(top_k), per_row(top_p)
+    greedy = [t is None or t <= 0 for t in temperature]
+    if all(greedy):
+        return logits.argmax(dim=-1)
+    ks = [k if (k is not None and 0 < k < V) else None for k in top_k]
+    if any(k is not None for k in ks):
+        kmax = max(k for k in ks if k is not None)
+        vals = torch.topk(logits, kmax, dim=-1).values                       # (B, kmax), descending
+        idx = torch.tensor([(k or 1) - 1 for k in ks], device=device)[:, None]
+        kth = vals.gather(1, idx)
+        kth = torch.where(torch.tensor([k is not None for k in ks], device=device)[:, None], kth,
+                          torch.full_like(kth, float("-inf")))
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    temps = torch.tensor([1.0 if g else t for g, t in zip(greedy, temperature)], device=device, dtype=logits.dtype)
+    probs = F.softmax(logits / temps[:, None], dim=-1)
+    ps = [p if (p is not None and p < 1.0) else None for p in top_p]
+    if any(p is not None for p in ps):
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs                   # mass of the likelier tokens
+        limit = torch.tensor([p if p is not None else 2.0 for p in ps], device=device, dtype=probs.dtype)
+        keep_sorted = before < limit[:, None]                                 # the first token is always kept
+        keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
+        probs = probs * keep
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    ids = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+    if any(greedy):
+        ids = torch.where(torch.tensor(greedy, device=device), logits.argmax(dim=-1), ids)
+    return ids
+
+
+# ---------------------------------------------------------------------------
+# One sequence and its tool-use state machine
+
+class Sequence:
+    """A prompt being continued. `out`/`masks`: the generated tokens (without the final stop
+    token) and their masks (1 = sampled, 0 = forced by the tool). `done` with `finish_reason`
+    "stop" (<|assistant_end|> or <|bos|> sampled) or "length" (max_tokens or the cache is full).
+    `owner`: anything the caller wants to find again (the server's request)."""
+
+    def __init__(self, prompt, max_tokens=None, temperature=1.0, top_k=None, top_p=None, owner=None):
+        if not prompt:
+            raise ValueError("the prompt must hold at least one token")
+        self.prompt = [int(t) for t in prompt]
+        self.max_tokens = max_tokens
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.owner = owner
+        self.out, self.masks = [], []
+        self.forced = deque()
+        self.done, self.finish_reason = False, None
+        self.limit = None      # set by BatchDecoder: max_tokens capped by the room left in the cache
+        self.specials = None   # set by BatchDecoder.add
+        self.in_python, self.expr = False, []
+
+    def _init_tools(self, specials):
+        """A prompt may end inside a python block (<|python_start|> without its <|python_end|>):
+        pick up the state machine from there."""
+        self.specials = specials
+        start, end = specials["python_start"], specials["python_end"]
+        for i in range(len(self.prompt) - 1, -1, -1):
+            if self.prompt[i] == end:
+                break
+            if self.prompt[i] == start:
+                self.in_python, self.expr = True, self.prompt[i + 1:]
+                break
+
+    def choose(self, sampled):
+        """(token, mask) to emit next: a pending forced tool token, else the sampled one."""
+        if self.forced:
+            return self.forced.popleft(), 0
+        return sampled, 1
+
+    def accept(self, token, mask, tokenizer):
+        """Record the emitted token and advance the tool state machine."""
+        s = self.specials
+        if token in s["stop"]:
+            self.done, self.finish_reason = True, "stop"
+            return
+        self.out.append(token)
+        self.masks.append(mask)
+        if token == s["python_start"]:
+            self.in_python, self.expr = True, []
+        elif token == s["python_end"] and self.in_python:
+            self.in_python = False
+            result = calculate(tokenizer.decode(self.expr))
+            if result is not None:
+                self.forced.extend([s["output_start"]] + tokenizer.encode(str(result)) + [s["output_end"]])
+            self.expr = []
+        elif self.in_python:
+            self.expr.append(token)
+        if len(self.out) >= self.limit:
+            self.done, self.finish_reason = True, "length"
+
+
+# ---------------------------------------------------------------------------
+# Continuous batching over a static KV cache
+
+class BatchDecoder:
+    """Active sequences live in cache rows 0..n-1 (row i holds self.seqs[i]). Nothing is
+    allocated per step except what the model's forward allocates itself: the cache and the
+    input-token buffer are created once."""
+
+    def __init__(self, model, tokenizer, batch_size, max_len=None, seed=42):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.max_len = max_len or model.config.sequence_len
+        self.device = model.get_device()
+        self.cache = model.new_kv_cache(batch_size, self.max_len)
+        self.inputs = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+        enc = tokenizer.encode_special
+        self.specials = {
+            "stop": {enc("<|assistant_end|>"), enc("<|bos|>")},
+            "python_start": enc("<|python_start|>"), "python_end": enc("<|python_end|>"),
+            "output_start": enc("<|output_start|>"), "output_end": enc("<|output_end|>"),
+        }
+        self.seqs = []
+
+    def free(self):
+        return self.batch_size - len(self.seqs)
+
+    def _settings(self, seqs):
+        return ([s.temperature for s in seqs], [s.top_k for s in seqs], [s.top_p for s in seqs])
+
+    def _advance(self, seqs, logits):
+        """Sample one token per sequence from logits (len(seqs), V), apply forced tool tokens,
+        update the sequences. Returns [(seq, token, mask)]."""
+        t, k, p = self._settings(seqs)
+        sampled = sample(logits, t, k, p, generator=self.generator).tolist()
+        produced = []
+        for seq, s in zip(seqs, sampled):
+            token, mask = seq.choose(s)
+            seq.accept(token, mask, self.tokenizer)
+            produced.append((seq, token, mask))
+        return produced
+
+    @torch.inference_mode()
+    def add(self, new):
+        """Prefill new sequences into free rows and sample their first tokens. Identical prompts
+        are prefilled once and the row is forked; different prompts are right-padded and
+        prefilled together (a row's padding lies beyond its length, so it is never attended to
+        and is overwritten by the next tokens). Returns [(seq, token, mask)] of the first tokens."""
+        if len(new) > self.free():
+            raise ValueError(f"{len(new)} sequences do not fit in {self.free()} free rows")
+        for seq in new:
+            if len(seq.prompt) >= self.max_len:
+                raise ValueError(f"prompt of {len(seq.prompt)} tokens does not fit the cache ({self.max_len})")
+            room = self.max_len - len(seq.prompt)
+            seq.limit = room if seq.max_tokens is None else min(seq.max_tokens, room)
+            seq._init_tools(self.specials)
+        # unique prompts first, shortest first (so padded groups waste little), then their copies
+        groups = {}
+        for seq in new:
+            groups.setdefault(tuple(seq.prompt), []).append(seq)
+        uniques = sorted(groups, key=len)
+        first_row = len(self.seqs)
+        order = [groups[u][0] for u in uniques] + [s for u in uniques for s in groups[u][1:]]
+        self.seqs.extend(order)
+        last_logits = {}
+        i = 0
+        while i < len(uniques):
+            # grow the group while its padded size stays within the budget (always at least one)
+            j = i + 1
+            while j < len(uniques) and (j + 1 - i) * len(uniques[j]) <= PREFILL_TOKEN_BUDGET:
+                j += 1
+            group = uniques[i:j]
+            T = len(group[-1])
+            ids = torch.zeros(len(group), T, dtype=torch.long)
+            for r, u in enumerate(group):
+                ids[r, :len(u)] = torch.tensor(u)
+            view = self.cache.narrow(first_row + i, len(group))
+            view.reset()
+            logits = self.model(ids.to(self.device), kv_cache=view)
+            lengths = torch.tensor([len(u) for u in group], device=self.device)
+            view.lengths.copy_(lengths)  # undo the padding
+            picked = logits[torch.arange(len(group), device=self.device), lengths - 1]
+            for r, u in enumerate(group):
+                last_logits[u] = picked[r]
+            i = j
+        # copies of a prompt: fork its prefilled row
+        row_of = {tuple(s.prompt): first_row + n for n, s in enumerate(order[:len(uniques)])}
+        for n, seq in enumerate(order[len(uniques):], start=first_row + len(uniques)):
+            self.cache.copy_row(row_of[tuple(seq.prompt)], n)
+        logits = torch.stack([last_logits[tuple(s.prompt)] for s in order])
+        produced = self._advance(order, logits)
+        for n, (seq, token, _) in enumerate(produced, start=first_row):
+            self.inputs[n, 0] = token
+        return produced
+
+    @torch.inference_mode()
+    def step(self):
+        """Decode one token for every active sequence (finished ones should be removed first)."""
+        n = len(self.seqs)
+        if n == 0:
+            return []
+        logits = self.model(self.inputs[:n], kv_cache=self.cache.narrow(0, n))[:, -1, :]
+        produced = self._advance(self.seqs, logits)
+        self.inputs[:n, 0].copy_(torch.tensor([tok for _, tok, _ in produced]), non_blocking=True)
+        return produced
+
+    def remove(self, seq):
+        """Free a sequence's row: the last active row moves into it (rows stay contiguous)."""
+        i = self.seqs.index(seq)
+        last = len(self.seqs) - 1
+        if i != last:
+            self.cache.copy_row(last, i)
+            self.inputs[i].copy_(self.inputs[last])
+            self.seqs[i] = self.seqs[last]
+        self.seqs.pop()
+
+    def remove_done(self):
+        for seq in [s for s in self.seqs if s.done]:
+            self.remove(seq)
+
+
+# ---------------------------------------------------------------------------
+# The user-facing API
+
+class Engine:
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+
+    def _max_len(self, prompt_len, max_tokens):
+        # the cache only needs room for this request (the last sampled token is never fed back)
+        if max_tokens is None:
+            return self.model.config.sequence_len
+        return prompt_len + max_tokens
+
+    @torch.inference_mode()
+    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None, seed=42):
+        """Yield (token_column, mask_column), lists of num_samples entries, once per step. The
+        prompt is prefilled once and forked into num_samples rows. A row's stop token
+        (<|assistant_end|> or <|bos|>) is yielded once; after that the row's entries are
+        <|bos|> with mask 0 (padding) until every row is done or max_tokens is reached.
+        max_tokens None = until the model's context (config.sequence_len) is full."""
+        tokens = list(tokens)
+        dec = BatchDecoder(self.model, self.tokenizer, num_samples,
+                           max_len=self._max_len(len(tokens), max_tokens), seed=seed)
+        seqs = [Sequence(tokens, max_tokens, temperature, top_k, top_p, owner=i) for i in range(num_samples)]
+        pad = self.tokenizer.get_bos_token_id()
+        produced = dec.add(seqs)
+        while True:
+            col, masks = [pad] * num_samples, [0] * num_samples
+            for seq, token, mask in produced:
+                col[seq.owner], masks[seq.owner] = token, mask
+            yield col, masks
+            dec.remove_done()  # finished rows leave, the others keep decoding in fewer rows
+            if not dec.seqs:
+                return
+            produced = dec.step()
+
+    def generate_batch(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None, seed=42):
+        """(results, masks): num_samples token lists, each the prompt followed by the generated
+        tokens without the stop token; masks are 0 on the prompt and on forced tool tokens."""
+        tokens = list(tokens)
+        results = [list(tokens) for _ in range(num_samples)]
+        masks = [[0] * len(tokens) for _ in range(num_samples)]
+        done = [False] * num_samples
+        stop = {self.tokenizer.encode_special("<|assistant_end|>"), self.tokenizer.get_bos_token_id()}
+        for col, mcol in self.generate(tokens, num_samples, max_tokens, temperature, top_k, top_p, seed):
+            for i, (tok, m) in enumerate(zip(col, mcol)):
+                if done[i]:
+                    continue
+                if tok in stop:
+                    done[i] = True
+                else:
+                    results[i].append(tok)
+                    masks[i].append(m)
+            if all(done):
+                break
+        return results, masks
+
+    @torch.inference_mode()
+    def generate_many(self, prompts, max_tokens=None, temperature=1.0, top_k=None, top_p=None, seed=42,
+                      batch_size=32, callback=None):
+        """Continue many different prompts (of any lengths) with continuous batching: up to
+        batch_size rows decode together and a finished row is refilled with the next waiting
+        prompt. Returns (results, masks) in the order of `prompts`, like generate_batch (one
+        sample each). callback(index, token, mask), if given, sees every emitted token."""
+        prompts = [list(p) for p in prompts]
+        if not prompts:
+            return [], []
+        longest = max(len(p) for p in prompts)
+        max_len = self.model.config.sequence_len if max_tokens is None else longest + max_tokens
+        dec = BatchDecoder(self.model, self.tokenizer, min(batch_size, len(prompts)), max_len=max_len, seed=seed)
+        waiting = deque(Sequence(p, max_tokens, temperature, top_k, top_p, owner=i) for i, p in enumerate(prompts))
+        finished = []
+        while waiting or dec.seqs:
+            produced = []
+            if waiting and dec.free():
+                produced += dec.add([waiting.popleft() for _ in range(min(dec.free(), len(waiting)))])
+                finished += [s for s in dec.seqs if s.done]
+                dec.remove_done()  # a row must not be stepped after its sequence ended
+            if dec.seqs:
+                produced += dec.step()
+                finished += [s for s in dec.seqs if s.done]
+                dec.remove_done()
+            if callback is not None:
+                for seq, token, mask in produced:
+                    callback(seq.owner, token, mask)
+        finished.sort(key=lambda s: s.owner)
+        results = [s.prompt + s.out for s in finished]
+        masks = [[0] * len(s.prompt) + s.masks for s in finished]
+        return results, masks

@@ -1,0 +1,234 @@
+"""nanochat.engine against the no-cache reference GPT.generate, plus sampling, seeds, stop tokens
+and the calculator tool's state machine."""
+import pytest
+import torch
+
+from nanochat.engine import BatchDecoder, Engine, Sequence, sample
+from nanochat.gpt import GPT, GPTConfig
+
+
+def make_model(vocab_size, seed=0, sequence_len=128):
+    """A tiny GPT with large random weights: its logits are far apart, so greedy decoding is not
+    decided by rounding noise (a freshly initialised GPT has near-equal logits)."""
+    torch.manual_seed(seed)
+    cfg = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=2, n_head=4, n_kv_head=2,
+                    n_embd=64, window_pattern="SL", short_window=8)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.4)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return make_model(tokenizer.get_vocab_size())
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer):
+    texts = ["Hello there", "The quick brown fox jumps over the lazy dog and", "a", "What is 12*13? Let me think",
+             "Once upon a time, in a land far away, there lived a"]
+    out = [tokenizer.encode(t, prepend="<|bos|>") for t in texts]
+    out.append(tokenizer.render_for_completion({"messages": [{"role": "user", "content": "Hi!"}]}))
+    return out
+
+
+def stop_ids(tokenizer):
+    return {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+
+
+def check_against_reference(model, tokenizer, prompt, result, max_tokens):
+    """result = prompt + generated (stop token dropped): equal to the reference's first tokens,
+    and if it ended early, the reference's next token is a stop token."""
+    ref = list(model.generate(prompt, max_tokens, temperature=0))
+    gen = result[len(prompt):]
+    assert result[:len(prompt)] == prompt
+    assert gen == ref[:len(gen)]
+    if len(gen) < max_tokens:
+        assert ref[len(gen)] in stop_ids(tokenizer)
+
+
+def test_greedy_equals_reference(model, tokenizer, prompts):
+    engine = Engine(model, tokenizer)
+    for prompt in prompts:
+        results, masks = engine.generate_batch(prompt, num_samples=1, max_tokens=24, temperature=0)
+        check_against_reference(model, tokenizer, prompt, results[0], 24)
+        assert all(m == 1 for m in masks[0][len(prompt):])
+
+
+def test_fork_greedy_samples_identical(model, tokenizer, prompts):
+    engine = Engine(model, tokenizer)
+    results, _ = engine.generate_batch(prompts[1], num_samples=3, max_tokens=16, temperature=0)
+    assert results[0] == results[1] == results[2]
+    check_against_reference(model, tokenizer, prompts[1], results[0], 16)
+
+
+def test_many_prompts_of_different_lengths(model, tokenizer, prompts):
+    """Batched right-padded prefill + continuous batching (3 rows for 6 prompts) still gives the
+    reference's greedy output for every prompt."""
+    engine = Engine(model, tokenizer)
+    seen = []
+    results, masks = engine.generate_many(prompts, max_tokens=20, temperature=0, batch_size=3,
+                                          callback=lambda i, t, m: seen.append(i))
+    assert len(results) == len(prompts)
+    for prompt, result, mask in zip(prompts, results, masks):
+        check_against_reference(model, tokenizer, prompt, result, 20)
+        assert len(mask) == len(result)
+    assert set(seen) == set(range(len(prompts)))
+
+
+def test_mixed_settings_in_one_batch(model, tokenizer, prompts):
+    """Greedy rows stay exact while sampled rows share their forward passes."""
+    dec = BatchDecoder(model, tokenizer, batch_size=4, seed=3)
+    seqs = [Sequence(prompts[0], 12, temperature=0), Sequence(prompts[1], 12, temperature=1.0, top_k=5),
+            Sequence(prompts[3], 12, temperature=0), Sequence(prompts[4], 12, temperature=0.7, top_p=0.9)]
+    dec.add(seqs)
+    while True:
+        dec.remove_done()
+        if not dec.seqs:
+            break
+        dec.step()
+    for seq in (seqs[0], seqs[2]):
+        check_against_reference(model, tokenizer, seq.prompt, seq.prompt + seq.out, 12)
+
+
+def test_seeds(model, tokenizer, prompts):
+    engine = Engine(model, tokenizer)
+    a, _ = engine.generate_batch(prompts[0], num_samples=2, max_tokens=30, temperature=1.0, seed=1)
+    b, _ = engine.generate_batch(prompts[0], num_samples=2, max_tokens=30, temperature=1.0, seed=1)
+    c, _ = engine.generate_batch(prompts[0], num_samples=2, max_tokens=30, temperature=1.0, seed=2)
+    assert a == b
+    assert a != c
+    assert a[0] != a[1]  # forked rows draw different samples
+
+
+def test_sampling_matches_reference_with_same_seed(model, tokenizer, prompts):
+    """One sample consumes the generator exactly like GPT.generate (same top-k and temperature)."""
+    engine = Engine(model, tokenizer)
+    prompt = prompts[2]
+    ref = list(model.generate(prompt, 15, temperature=0.9, top_k=20, seed=7))
+    results, _ = engine.generate_batch(prompt, max_tokens=15, temperature=0.9, top_k=20, seed=7)
+    gen = results[0][len(prompt):]
+    assert gen == ref[:len(gen)]
+
+
+def test_top_k_and_top_p():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 50, generator=g).repeat(2000, 1)
+    top5 = set(torch.topk(logits[0], 5).indices.tolist())
+    ids = sample(logits, 1.0, top_k=5, generator=g)
+    assert set(ids.tolist()) == top5  # only the top 5, and (2000 draws) all of them
+    # top-p: probabilities 0.5, 0.3, 0.15, 0.05 -> p=0.7 keeps the first two only
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().repeat(2000, 1)
+    ids = sample(logits, 1.0, top_p=0.7, generator=g)
+    assert set(ids.tolist()) == {0, 1}
+    assert set(sample(logits, 1.0, generator=g).tolist()) == {0, 1, 2, 3}
+    # temperature 0 and top_k=1 are greedy; per-row settings mix
+    logits = torch.randn(4, 30, generator=g)
+    assert sample(logits, 0.0).tolist() == logits.argmax(-1).tolist()
+    assert sample(logits, 1.0, top_k=1, generator=g).tolist() == logits.argmax(-1).tolist()
+    mixed = sample(logits, [0.0, 1.0, 0.0, 1.0], top_k=[None, 1, None, None], generator=g)
+    assert mixed[:3].tolist() == logits.argmax(-1)[:3].tolist()
+
+
+# ---------------------------------------------------------------------------
+# Tool use and stop tokens, with a scripted model. The real GPT runs underneath (so the KV cache
+# is exercised), but its logits are overridden so that generated position i is script[i]: this
+# tests the engine's state machine, not the model.
+
+class Scripted(torch.nn.Module):
+    def __init__(self, model, prompt_len, script):
+        super().__init__()
+        self.inner = model
+        self.config = model.config
+        self.prompt_len = prompt_len
+        self.script = script
+
+    def get_device(self):
+        return self.inner.get_device()
+
+    def new_kv_cache(self, *args, **kwargs):
+        return self.inner.new_kv_cache(*args, **kwargs)
+
+    def forward(self, idx, kv_cache=None):
+        before = kv_cache.lengths.clone()
+        logits = self.inner(idx, kv_cache=kv_cache)
+        T = idx.size(1)
+        logits = torch.zeros_like(logits)
+        for b in range(idx.size(0)):
+            g = int(before[b]) + T - self.prompt_len  # index of the token these logits predict
+            logits[b, -1, self.script[min(g, len(self.script) - 1)]] = 100.0
+        return logits
+
+
+def run_script(model, tokenizer, prompt, script, max_tokens=40):
+    engine = Engine(Scripted(model, len(prompt), script), tokenizer)
+    cols = list(engine.generate(prompt, max_tokens=max_tokens, temperature=0))
+    results, masks = engine.generate_batch(prompt, max_tokens=max_tokens, temperature=0)
+    return cols, results[0][len(prompt):], masks[0][len(prompt):]
+
+
+def test_calculator_output_is_forced_with_mask_zero(model, tokenizer):
+    sp = tokenizer.encode_special
+    prompt = tokenizer.render_for_completion({"messages": [{"role": "user", "content": "1+2?"}]})
+    call = [sp("<|python_start|>")] + tokenizer.encode("1+2") + [sp("<|python_end|>")]
+    forced = [sp("<|output_start|>")] + tokenizer.encode("3") + [sp("<|output_end|>")]
+    answer = tokenizer.encode(" It is 3.")
+    # the script's entries at the forced positions are junk (0): the engine must override them
+    script = call + [0] * len(forced) + answer + [sp("<|assistant_end|>")]
+    cols, out, masks = run_script(model, tokenizer, prompt, script)
+    assert out == call + forced + answer
+    assert masks == [1] * len(call) + [0] * len(forced) + [1] * len(answer)
+    assert cols[-1] == ([sp("<|assistant_end|>")], [1])  # the stop token is yielded, then it ends
+    assert len(cols) == len(script)
+
+
+def test_prompt_ending_inside_python_block(model, tokenizer):
+    sp = tokenizer.encode_special
+    prompt = (tokenizer.render_for_completion({"messages": [{"role": "user", "content": "6*7?"}]})
+              + [sp("<|python_start|>")] + tokenizer.encode("6*7"))
+    forced = [sp("<|output_start|>")] + tokenizer.encode("42") + [sp("<|output_end|>")]
+    script = [sp("<|python_end|>")] + [0] * len(forced) + [sp("<|assistant_end|>")]
+    _, out, masks = run_script(model, tokenizer, prompt, script)
+    assert out == [sp("<|python_end|>")] + forced
+    assert masks == [1] + [0] * len(forced)
+
+
+def test_calculator_without_result_forces_nothing(model, tokenizer):
+    sp = tokenizer.encode_special
+    prompt = tokenizer.encode("x", prepend="<|bos|>")
+    call = [sp("<|python_start|>")] + tokenizer.encode("__import__('os')") + [sp("<|python_end|>")]
+    script = call + tokenizer.encode(" done") + [sp("<|bos|>")]
+    _, out, masks = run_script(model, tokenizer, prompt, script)
+    assert out == call + tokenizer.encode(" done")
+    assert all(m == 1 for m in masks)
+
+
+def test_stop_tokens_and_length(model, tokenizer):
+    sp = tokenizer.encode_special
+    prompt = tokenizer.encode("hello", prepend="<|bos|>")
+    words = tokenizer.encode(" one two three four five six")
+    # <|bos|> stops too
+    cols, out, _ = run_script(model, tokenizer, prompt, words[:3] + [sp("<|bos|>")] + words)
+    assert out == words[:3] and len(cols) == 4
+    # no stop token: max_tokens ends it
+    cols, out, _ = run_script(model, tokenizer, prompt, words + words + words, max_tokens=5)
+    assert out == (words * 3)[:5] and len(cols) == 5
+    # rows that stop early are padded with <|bos|>, mask 0, while the others go on
+    dec_prompt = prompt
+    engine = Engine(Scripted(model, len(dec_prompt), words[:2] + [sp("<|assistant_end|>")]), tokenizer)
+    cols = list(engine.generate(dec_prompt, num_samples=2, max_tokens=10, temperature=0))
+    assert [c[0] for c in cols] == [[w, w] for w in words[:2]] + [[sp("<|assistant_end|>")] * 2]
+
+
+def test_cache_full_ends_with_length(model, tokenizer):
+    engine = Engine(make_model(tokenizer.get_vocab_size(), seed=1, sequence_len=24), tokenizer)
+    prompt = tokenizer.encode("The quick brown fox", prepend="<|bos|>")
+    results, _ = engine.generate_batch(prompt, max_tokens=None, temperature=0)
+    assert len(results[0]) <= 24
