@@ -1,0 +1,426 @@
+"""The task datasets on the real offline files (../shared/data), their scoring, the spelling and
+identity generators, CustomJSON, and mixtures."""
+import gzip
+import json
+import os
+
+import pytest
+
+from nanochat.common import UserError
+from tasks.arc import ARC
+from tasks.common import Task, TaskMixture, TaskSequence, check_conversation, content_text, render_mc
+from tasks.customjson import CustomJSON
+from tasks.gsm8k import GSM8K, annotated_to_parts, extract_answer
+from tasks.humaneval import HumanEval, build_program, extract_code
+from tasks.identity import DEFAULT_PERSONA, IdentityConversations
+from tasks.mmlu import MMLU
+from tasks.spellingbee import SimpleSpelling, SpellingBee, final_number, load_words, words_path
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch, data_dir):
+    # The shared data is complete: a test that reached for the network would be a bug.
+    monkeypatch.setenv("NANOCHAT_OFFLINE", "1")
+
+
+# ---------------------------------------------------------------------------
+# Loaders: exact row counts from ../shared/data/README.md
+
+@pytest.mark.parametrize("subset,split,n", [
+    ("ARC-Easy", "train", 2251), ("ARC-Easy", "validation", 570), ("ARC-Easy", "test", 2376),
+    ("ARC-Challenge", "train", 1119), ("ARC-Challenge", "validation", 299), ("ARC-Challenge", "test", 1172),
+])
+def test_arc_counts_and_format(subset, split, n):
+    task = ARC(subset, split)
+    assert len(task) == n and task.eval_type == "categorical"
+    for i in range(0, n, 97):
+        ex = task[i]
+        assert check_conversation(ex["messages"]) is None
+        gold = ex["messages"][-1]["content"]
+        assert gold in ex["letters"] and ex["letters"] == list("ABCDE"[:len(ex["letters"])])
+        row = task.rows[i]
+        assert ex["letters"][row["choices"]["label"].index(row["answerKey"])] == gold
+        # the gold choice's text is printed after the gold letter
+        gold_text = row["choices"]["text"][row["choices"]["label"].index(row["answerKey"])]
+        assert f"{gold}. {gold_text.strip()}" in ex["messages"][0]["content"]
+
+
+def test_arc_known_item_and_numeric_labels():
+    task = ARC("ARC-Easy", "test")
+    ex = task[0]
+    assert "photosynthesis is the foundation of most food webs" in ex["messages"][0]["content"]
+    assert ex["messages"][-1]["content"] == "A"
+    # ARC-Easy test item 14 is labelled 1..4; it is re-lettered A..D
+    row = task.rows[14]
+    assert row["choices"]["label"][0] == "1"
+    ex = task[14]
+    assert ex["messages"][-1]["content"] == "ABCD"[int(row["answerKey"]) - 1]
+
+
+@pytest.mark.parametrize("split,n", [("dev", 285), ("validation", 1542), ("test", 14079)])
+def test_mmlu_counts_and_gold_letter(split, n):
+    task = MMLU("all", split)
+    assert len(task) == n and task.eval_type == "categorical"
+    for i in range(0, n, 211):
+        ex = task[i]
+        assert check_conversation(ex["messages"]) is None
+        assert ex["letters"] == ["A", "B", "C", "D"]
+        assert ex["messages"][-1]["content"] == "ABCD"[task.rows[i]["answer"]]
+
+
+def test_mmlu_first_test_item():
+    ex = MMLU("all", "test")[0]
+    assert "Q(sqrt(2), sqrt(3), sqrt(18))" in ex["messages"][0]["content"]
+    assert ex["messages"][-1]["content"] == "B"  # answer 1 -> "4"
+    assert "B. 4" in ex["messages"][0]["content"]
+
+
+def test_categorical_evaluate():
+    ex = MMLU("all", "dev")[0]
+    gold = ex["messages"][-1]["content"]
+    wrong = next(letter for letter in ex["letters"] if letter != gold)
+    task = MMLU("all", "dev")
+    for good in (gold, f" {gold}", f"{gold}.", f"({gold})", f"{gold}) because"):
+        assert task.evaluate(ex, good), good
+    for bad in (wrong, "", "I think", gold.lower() + "x"):
+        assert not task.evaluate(ex, bad), bad
+
+
+def test_render_mc():
+    text = render_mc("Which is red?", ["A", "B"], ["grass", "blood"])
+    assert text.startswith("Which is red?") and "A. grass" in text and "B. blood" in text
+    assert "letter" in text.splitlines()[-1]
+
+
+@pytest.mark.parametrize("split,n", [("train", 7473), ("test", 1319)])
+def test_gsm8k_counts_and_parts(split, n):
+    task = GSM8K("main", split)
+    assert len(task) == n and task.eval_type == "generative"
+    for i in range(0, n, 101):
+        ex = task[i]
+        assert check_conversation(ex["messages"]) is None
+        parts = ex["messages"][-1]["content"]
+        # the parts are the reference answer, annotations turned into tool call + output
+        rebuilt = ""
+        for k, part in enumerate(parts):
+            if part["type"] == "text":
+                rebuilt += part["text"]
+            elif part["type"] == "python":
+                assert parts[k + 1]["type"] == "python_output"
+                rebuilt += f"<<{part['text']}={parts[k + 1]['text']}>>"
+        assert rebuilt.replace(" ", "") == task.rows[i]["answer"].replace(" ", "")
+        assert "<<" not in content_text([p for p in parts if p["type"] == "text"])
+        # the reference scores itself correct
+        assert task.evaluate(ex, task.rows[i]["answer"])
+
+
+def test_gsm8k_annotation_to_parts():
+    parts = annotated_to_parts("Natalia sold 48/2 = <<48/2=24>>24 clips.\nIn all 48+24 = <<48+24=72>>72.\n#### 72")
+    assert parts == [
+        {"type": "text", "text": "Natalia sold 48/2 = "},
+        {"type": "python", "text": "48/2"},
+        {"type": "python_output", "text": "24"},
+        {"type": "text", "text": "24 clips.\nIn all 48+24 = "},
+        {"type": "python", "text": "48+24"},
+        {"type": "python_output", "text": "72"},
+        {"type": "text", "text": "72.\n#### 72"},
+    ]
+    assert annotated_to_parts("no tools here #### 3") == [{"type": "text", "text": "no tools here #### 3"}]
+
+
+@pytest.mark.parametrize("text,want", [
+    ("so #### 72", "72"),
+    ("#### 1,234", "1234"),
+    ("#### 1,234,567.5", "1234567.5"),
+    ("#### -5", "-5"),
+    ("#### $18", "18"),
+    ("#### $ 2,000.50", "2000.50"),
+    ("#### 0.25", "0.25"),
+    ("#### 72.", "72"),
+    ("####72", "72"),
+    ("first #### 3 then #### 4", "4"),
+    ("The answer is 72", None),
+    ("#### ", None),
+    ("", None),
+])
+def test_gsm8k_extract_answer(text, want):
+    assert extract_answer(text) == want
+
+
+def test_gsm8k_evaluate():
+    task = GSM8K("main", "test")
+    ex = task[0]
+    ref = extract_answer(task.rows[0]["answer"])
+    assert task.evaluate(ex, f"blah\n#### {ref}")
+    assert task.evaluate(ex, f"#### {ref}.00")
+    assert not task.evaluate(ex, f"#### {int(float(ref)) + 1}")
+    assert not task.evaluate(ex, f"The answer is {ref}")  # no '####': no answer
+    assert task.reward(ex, f"#### {ref}") == 1.0 and task.reward(ex, "#### -1") == 0.0
+
+
+# ---------------------------------------------------------------------------
+# HumanEval
+
+def test_humaneval_count_and_format():
+    task = HumanEval()
+    assert len(task) == 164 and task.eval_type == "generative"
+    ex = task[0]
+    assert check_conversation(ex["messages"]) is None
+    assert ex["entry_point"] == "has_close_elements"
+
+
+def test_humaneval_extract_code():
+    assert extract_code("def f():\n    return 1\n") == "def f():\n    return 1\n"
+    assert extract_code("Here:\n```python\nx = 1\n```\nbye") == "x = 1\n"
+    assert extract_code("```\ny = 2\n```") == "y = 2\n"
+    two = "```python\nimport os\n```\nand\n```python\ndef g(a):\n    return a\n```"
+    assert extract_code(two, "g") == "def g(a):\n    return a\n"
+    assert extract_code("```python\ndef g(a):\n    return a\n", "g") == "def g(a):\n    return a\n"  # unclosed
+
+
+@pytest.mark.parametrize("index", [0, 2, 53, 163])
+def test_humaneval_canonical_passes_wrong_fails(index):
+    task = HumanEval()
+    ex = task[index]
+    row = task.rows[index]
+    full = row["prompt"] + row["canonical_solution"]
+    assert task.evaluate(ex, full)                                 # whole function, raw
+    assert task.evaluate(ex, f"Sure!\n```python\n{full}```\n")     # fenced
+    assert task.evaluate(ex, row["canonical_solution"])            # body only
+    wrong = row["prompt"] + "    return None\n"
+    assert not task.evaluate(ex, wrong)
+    assert not task.evaluate(ex, "this is not code")
+
+
+def test_humaneval_program_has_imports_and_check():
+    task = HumanEval()
+    ex = task[0]
+    program = build_program(ex["prompt"], ex["messages"][-1]["content"], ex["test"], ex["entry_point"])
+    assert program.startswith("from typing import List")
+    assert program.rstrip().endswith("check(has_close_elements)")
+
+
+# ---------------------------------------------------------------------------
+# Spelling
+
+def test_spellingbee_counts_and_calculator():
+    from nanochat.calculator import calculate
+    task = SpellingBee(size=300, split="train")
+    assert len(task) == 300
+    zero = 0
+    for ex in task:
+        assert check_conversation(ex["messages"]) is None
+        word, letter, n = ex["word"], ex["letter"], ex["answer"]
+        assert n == word.count(letter)
+        parts = ex["messages"][-1]["content"]
+        call = next(p for p in parts if p["type"] == "python")
+        out = next(p for p in parts if p["type"] == "python_output")
+        assert call["text"] == f"'{word}'.count('{letter}')" and out["text"] == str(n)
+        assert calculate(call["text"]) == str(n)   # the tool really gives this output
+        assert ", ".join(word) in parts[0]["text"]  # the word is spelled out before counting
+        assert word in ex["messages"][0]["content"]
+        assert task.evaluate(ex, content_text(parts))
+        zero += n == 0
+    assert 0 < zero < 150  # some letters absent from the word, most present
+    assert len({ex["messages"][0]["content"].replace(ex["word"], "W") for ex in task}) > 30  # varied phrasing
+
+
+def test_spellingbee_evaluate():
+    task = SpellingBee(size=10, split="test")
+    ex = next(e for e in task if e["answer"] > 0)
+    n = ex["answer"]
+    assert task.evaluate(ex, f"Let me count... #### {n}")
+    assert task.evaluate(ex, f"It appears {n} times.")  # no '####': the last number
+    assert not task.evaluate(ex, f"#### {n + 1}")
+    assert not task.evaluate(ex, "I don't know")
+    assert final_number("positions 2, 3 so #### 2") == 2
+
+
+def test_spelling_deterministic_and_splits_disjoint():
+    a, b = SpellingBee(size=500, split="train"), SpellingBee(size=500, split="train")
+    assert [a[i] for i in range(0, 500, 7)] == [b[i] for i in range(0, 500, 7)]
+    test = SpellingBee(size=500, split="test")
+    assert not {e["word"] for e in a} & {e["word"] for e in test}
+    train_words = set(load_words(words_path(), "train"))
+    test_words = set(load_words(words_path(), "test"))
+    assert not train_words & test_words
+    assert 20_000 < len(test_words) < len(train_words)
+    s_train, s_test = SimpleSpelling(size=500, split="train"), SimpleSpelling(size=500, split="test")
+    assert not {e["word"] for e in s_train} & {e["word"] for e in s_test}
+
+
+def test_simplespelling():
+    task = SimpleSpelling(size=200, split="train")
+    assert len(task) == 200
+    for ex in task:
+        assert check_conversation(ex["messages"]) is None
+        assert ex["word"] in ex["messages"][0]["content"]
+        assert task.evaluate(ex, ex["messages"][-1]["content"])
+    ex = task[0]
+    w = ex["word"]
+    assert task.evaluate(ex, f"{w} is spelled: " + "-".join(w))
+    assert not task.evaluate(ex, ", ".join(w[:-1]))
+    assert not task.evaluate(ex, ", ".join(w) + ", x")
+    assert len({ex["messages"][0]["content"].replace(ex["word"], "W") for ex in task}) > 10
+
+
+# ---------------------------------------------------------------------------
+# CustomJSON
+
+def test_customjson_shared_files(data_dir):
+    sharegpt = CustomJSON(os.path.join(data_dir, "chat", "sharegpt.jsonl.gz"))
+    assert len(sharegpt) == 11097
+    dolly = CustomJSON(os.path.join(data_dir, "chat", "dolly_hh_sample.jsonl"))
+    assert len(dolly) == 1000
+    for task in (sharegpt, dolly):
+        for i in range(0, len(task), 997):
+            assert check_conversation(task[i]["messages"]) is None
+
+
+def test_customjson_formats(tmp_path):
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    path = tmp_path / "c.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.write(json.dumps(conv) + "\n\n")
+        f.write(json.dumps({"messages": conv}) + "\n")
+        f.write(json.dumps([{"role": "system", "content": "be nice"}] + conv) + "\n")
+    task = CustomJSON(str(path))
+    assert len(task) == 3
+    assert task[0]["messages"] == conv and task[1]["messages"] == conv
+    assert task[2]["messages"][0]["content"] == "be nice\n\nhi"
+
+
+@pytest.mark.parametrize("bad,why", [
+    ('[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]', "alternate"),
+    ('[{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]', "alternate"),
+    ('[{"role": "user", "content": "a"}]', "at least"),
+    ('[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]', "end with"),
+    ('[{"role": "user", "content": 3}, {"role": "assistant", "content": "b"}]', "string"),
+    ('{"role": "user", "content": "a"', "not valid JSON"),
+    ('{"conversation": []}', "at least"),
+])
+def test_customjson_bad_line(tmp_path, bad, why):
+    good = '[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]'
+    path = tmp_path / "bad.jsonl"
+    path.write_text(good + "\n" + bad + "\n")
+    with pytest.raises(UserError, match=why) as err:
+        CustomJSON(str(path))
+    assert f"{path}:2:" in str(err.value)
+
+
+def test_customjson_missing_file(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        CustomJSON(str(tmp_path / "nope.jsonl"))
+
+
+# ---------------------------------------------------------------------------
+# Task slicing, mixtures, sequences
+
+class Numbers(Task):
+    def __init__(self, n, tag, **kw):
+        super().__init__(**kw)
+        self.n, self.tag = n, tag
+
+    @property
+    def eval_type(self):
+        return "generative"
+
+    def num_examples(self):
+        return self.n
+
+    def get_example(self, index):
+        return {"messages": [{"role": "user", "content": f"{self.tag}{index}"}, {"role": "assistant", "content": "ok"}]}
+
+
+def tags(task):
+    return [ex["messages"][0]["content"] for ex in task]
+
+
+def test_task_slicing():
+    assert tags(Numbers(10, "a", start=2, stop=8, step=3)) == ["a2", "a5"]
+    assert len(Numbers(10, "a", start=2, stop=8, step=3)) == 2
+    assert len(Numbers(10, "a", stop=100)) == 10
+    t = Numbers(5, "a")
+    assert t[-1]["messages"][0]["content"] == "a4"
+    with pytest.raises(IndexError):
+        t[5]
+    assert len(ARC("ARC-Easy", "test", stop=100)) == 100
+
+
+def test_mixture_composition_and_determinism():
+    a, b = Numbers(30, "a"), Numbers(5, "b")
+    mix = TaskMixture([a, b, b], seed=1)
+    got = tags(mix)
+    assert len(mix) == 40
+    assert sorted(got) == sorted(tags(a) + tags(b) * 2)  # every example, b twice
+    assert got == tags(TaskMixture([a, b, b], seed=1))     # deterministic
+    assert got != tags(TaskMixture([a, b, b], seed=2))     # the seed matters
+    assert got != tags(a) + tags(b) * 2                    # actually shuffled
+    first_half = got[:20]
+    assert any(t.startswith("b") for t in first_half)      # interleaved, not blocked
+    assert tags(TaskMixture([a, b], seed=1, stop=10)) == tags(TaskMixture([a, b], seed=1))[:10]
+
+
+def test_sequence():
+    a, b = Numbers(3, "a"), Numbers(2, "b", start=1)
+    seq = TaskSequence([a, b])
+    assert tags(seq) == ["a0", "a1", "a2", "b1"]
+    assert len(seq) == 4
+
+
+def test_mixture_of_real_tasks():
+    mix = TaskMixture([ARC("ARC-Easy", "train", stop=50), GSM8K("main", "train", stop=50),
+                       SpellingBee(size=50), IdentityConversations(size=50)])
+    assert len(mix) == 200
+    assert all(check_conversation(ex["messages"]) is None for ex in mix)
+
+
+# ---------------------------------------------------------------------------
+# Identity
+
+def test_identity_size_determinism_variety():
+    task = IdentityConversations()
+    assert len(task) == 1000 and task.eval_type == "generative"
+    convs = list(task)
+    assert convs == list(IdentityConversations())
+    assert all(check_conversation(c["messages"]) is None for c in convs)
+    firsts = {c["messages"][0]["content"] for c in convs}
+    assert len(firsts) > 150
+    assert len({json.dumps(c) for c in convs}) > 950
+    turns = [len(c["messages"]) // 2 for c in convs]
+    assert min(turns) == 1 and max(turns) >= 4  # single questions and multi-turn chats
+    assert sum(any(ord(ch) > 0x2FF for ch in c["messages"][0]["content"]) for c in convs) > 30  # other scripts
+    text = json.dumps(convs)
+    for fact in ("internet", "remember", "calculator", "mistakes", "trained"):
+        assert fact in text
+    test = IdentityConversations(size=100, split="test")
+    assert [c for c in test] != convs[:100]
+
+
+def test_identity_uses_the_persona_file(tmp_path):
+    with open(DEFAULT_PERSONA) as f:
+        persona = json.load(f)
+    persona["name"] = "Zephyrine"
+    persona["owner"] = "Ada Lovelace"
+    path = tmp_path / "persona.json"
+    path.write_text(json.dumps(persona))
+    task = IdentityConversations(size=300, persona_path=str(path))
+    text = json.dumps(list(task))
+    assert text.count("Zephyrine") > 100
+    assert "Ada Lovelace" in text
+    default = json.dumps(list(IdentityConversations(size=300)))
+    assert "Zephyrine" not in default
+    # the name question is answered with the persona's name
+    name_answers = [c["messages"][i + 1]["content"] for c in task for i in range(0, len(c["messages"]), 2)
+                    if "call you" in c["messages"][i]["content"].lower()]
+    assert name_answers and all("Zephyrine" in a for a in name_answers)
+
+
+def test_identity_bad_persona(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text('{"name": "X"}')
+    with pytest.raises(UserError, match="lacks"):
+        IdentityConversations(persona_path=str(path))
+    path.write_text("{not json")
+    with pytest.raises(UserError, match="cannot read"):
+        IdentityConversations(persona_path=str(path))
