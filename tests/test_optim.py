@@ -1,0 +1,259 @@
+"""MuonAdamW: Polar Express, AdamW equivalence, NorMuon, cautious weight decay, exact resume,
+and a real 2-process torchrun (gloo, CPU) against the 1-process run."""
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dist_optim_worker as worker
+from nanochat.optim import MuonAdamW, polar_express
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_optim_worker.py")
+
+
+# ---------------------------------------------------------------------------------------------
+# Polar Express
+
+@pytest.mark.parametrize("shape", [(64, 256), (256, 64), (4, 48, 160), (3, 96, 40)])
+def test_polar_express_rectangular_singular_values_near_one(shape):
+    torch.manual_seed(0)
+    G = torch.randn(shape)
+    X = polar_express(G)
+    assert X.shape == G.shape and X.dtype == torch.float32
+    s = torch.linalg.svdvals(X)
+    # measured: all singular values in [0.85, 1.15] for these shapes
+    assert s.min() > 0.8 and s.max() < 1.2, (s.min(), s.max())
+    # orthogonal-ish: X X^T ~ I on the small side (wide: rows orthonormal; tall: columns)
+    gram = X @ X.mT if G.size(-2) <= G.size(-1) else X.mT @ X
+    eye = torch.eye(gram.size(-1)).expand_as(gram)
+    assert (gram - eye).abs().max() < 0.25
+    # and it is the polar factor U V^T of G, not just any orthogonal matrix
+    U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+    polar = U @ Vh
+    cos = (X * polar).sum(dim=(-2, -1)) / (X.norm(dim=(-2, -1)) * polar.norm(dim=(-2, -1)))
+    assert (cos > 0.98).all(), cos
+    # batched equals one matrix at a time
+    if G.dim() == 3:
+        torch.testing.assert_close(X[1], polar_express(G[1]), atol=1e-5, rtol=1e-5)
+
+
+def test_polar_express_square():
+    torch.manual_seed(0)
+    G = torch.randn(128, 128)
+    s = torch.linalg.svdvals(polar_express(G))
+    # a random square matrix has a few singular values ~1e-4 of its norm, below the range five
+    # iterations are designed for (1e-3): those stay small. Everything else lands in [0.7, 1.2].
+    assert s.max() < 1.2
+    assert ((s > 0.7) & (s < 1.2)).float().mean() >= 0.95
+    # zero in, zero out (padding matrices in the distributed stack rely on it)
+    assert torch.equal(polar_express(torch.zeros(3, 8, 16)), torch.zeros(3, 8, 16))
+
+
+def test_polar_express_rejects_bad_steps():
+    with pytest.raises(ValueError):
+        polar_express(torch.randn(4, 4), steps=6)
+
+
+# ---------------------------------------------------------------------------------------------
+# AdamW groups
+
+def _regression(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    X, Y = torch.randn(64, 16, generator=g), torch.randn(64, 8, generator=g)
+    W = torch.randn(16, 8, generator=g).requires_grad_()
+    b = torch.randn(8, generator=g).requires_grad_()
+    return X, Y, W, b
+
+
+def test_adamw_group_matches_torch_adamw():
+    results = []
+    for make in (lambda ps: torch.optim.AdamW(ps, lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1),
+                 lambda ps: MuonAdamW([dict(kind="adamw", params=ps, lr=0.01, weight_decay=0.1)])):
+        X, Y, W, b = _regression()
+        opt = make([W, b])
+        for step in range(25):
+            for group in opt.param_groups:  # a schedule, as in training
+                group["lr"] = 0.01 * (1 - step / 50)
+            loss = ((torch.tanh(X @ W) + b - Y) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        results.append((W.detach(), b.detach()))
+    (W1, b1), (W2, b2) = results
+    assert not torch.equal(W1, _regression()[2])  # it did move
+    torch.testing.assert_close(W2, W1, atol=1e-6, rtol=0)
+    torch.testing.assert_close(b2, b1, atol=1e-6, rtol=0)
+
+
+def test_groups_get_initial_lr_and_defaults():
+    p, q = torch.zeros(4, 4, requires_grad=True), torch.zeros(3, requires_grad=True)
+    opt = MuonAdamW([dict(kind="muon", params=[p], lr=0.02), dict(kind="adamw", params=[q], lr=0.1, initial_lr=0.3)])
+    muon, adamw = opt.param_groups
+    assert muon["initial_lr"] == 0.02 and muon["momentum"] == 0.95 and muon["ns_steps"] == 5 and muon["beta2"] == 0.95
+    assert adamw["initial_lr"] == 0.3 and adamw["betas"] == (0.8, 0.95) and adamw["eps"] == 1e-10
+
+
+@pytest.mark.parametrize("groups", [
+    [dict(params=[torch.zeros(2, 2)], lr=0.1)],                                   # no kind
+    [dict(kind="sgd", params=[torch.zeros(2, 2)], lr=0.1)],                       # unknown kind
+    [dict(kind="muon", params=[torch.zeros(2, 2), torch.zeros(2, 3)], lr=0.1)],   # mixed shapes
+    [dict(kind="muon", params=[torch.zeros(4)], lr=0.1)],                         # not a matrix
+    [dict(kind="muon", params=[torch.zeros(2, 2)], lr=0.1, ns_steps=9)],          # no such schedule
+    [dict(kind="adamw", params=[torch.zeros(2)])],                                # no lr
+])
+def test_bad_groups_are_rejected(groups):
+    with pytest.raises(ValueError):
+        MuonAdamW(groups)
+
+
+# ---------------------------------------------------------------------------------------------
+# Muon
+
+def _muon_step(p0, grad, **group):
+    p = p0.clone().requires_grad_()
+    opt = MuonAdamW([dict(kind="muon", params=[p], **group)])
+    p.grad = grad.clone()
+    opt.step()
+    return p.detach()
+
+
+@pytest.mark.parametrize("shape", [(96, 32), (32, 96)])
+def test_muon_first_step_normuon_and_tall_scaling(shape):
+    """From fresh state, NorMuon divides each larger-side neuron by its own RMS, so all rows
+    (tall) or columns (wide) of the step get the same norm; the step keeps the orthogonalized
+    update's norm (~sqrt(min dim)) times lr * max(1, rows/cols) ** 0.5."""
+    torch.manual_seed(0)
+    rows, cols = shape
+    p0 = torch.randn(shape) * 0.02
+    grad = torch.randn(shape) * torch.linspace(0.1, 3.0, rows)[:, None]  # very unequal rows
+    lr = 0.01
+    delta = (p0 - _muon_step(p0, grad, lr=lr, momentum=0.0)) / (lr * max(1.0, rows / cols) ** 0.5)
+    neuron_norms = delta.norm(dim=1) if rows >= cols else delta.norm(dim=0)
+    assert neuron_norms.std() / neuron_norms.mean() < 1e-3
+    assert 0.8 < delta.norm() / min(rows, cols) ** 0.5 < 1.2
+
+
+def test_cautious_weight_decay_only_same_sign():
+    torch.manual_seed(0)
+    shape = (48, 24)  # tall: the decay uses the scaled rate too
+    p0, grad = torch.randn(shape), torch.randn(shape)
+    lr, wd = 0.05, 0.5
+    lr_eff = lr * (48 / 24) ** 0.5
+    plain = _muon_step(p0, grad, lr=lr, weight_decay=0.0)
+    decayed = _muon_step(p0, grad, lr=lr, weight_decay=wd)
+    update = p0 - plain  # lr_eff * the normalized update
+    same = (update * p0) > 0
+    assert 0.2 < same.float().mean() < 0.8  # both kinds of coordinates are present
+    assert torch.equal(decayed[~same], plain[~same])  # opposite sign: untouched by the decay
+    torch.testing.assert_close(decayed[same], plain[same] - lr_eff * wd * p0[same], atol=1e-6, rtol=0)
+
+
+def test_muon_reduces_regression_loss():
+    torch.manual_seed(0)
+    X = torch.randn(256, 32)
+    A = torch.randn(32, 64) / 32 ** 0.5
+    Y = X @ A + 0.3
+    W = torch.zeros(64, 32, requires_grad=True)  # tall: y = x @ W^T
+    b = torch.zeros(64, requires_grad=True)
+    opt = MuonAdamW([dict(kind="muon", params=[W], lr=0.05), dict(kind="adamw", params=[b], lr=0.02)])
+    losses = []
+    for step in range(60):
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * (1 - step / 60)
+        loss = ((X @ W.T + b - Y) ** 2).mean()
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[-1] < 0.05 * losses[0], (losses[0], losses[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact resume (1 process)
+
+def _run_steps(P, opt, x, x2, y, steps, total=8):
+    for step in steps:
+        worker.schedule(opt, step, total)
+        loss = worker.loss_fn(P, x, x2, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_state_dict_resume_is_bitwise():
+    P, data = worker.make_problem()
+    opt = worker.make_optimizer(P)
+    _run_steps(P, opt, *data, range(1, 4))
+    buf = io.BytesIO()
+    torch.save({"optim": opt.state_dict(), "params": {k: p.detach().clone() for k, p in P.items()}}, buf)
+    _run_steps(P, opt, *data, range(4, 9))
+    reference = {k: p.detach().clone() for k, p in P.items()}
+
+    buf.seek(0)
+    saved = torch.load(buf)
+    P2, data2 = worker.make_problem()
+    with torch.no_grad():
+        for k, p in P2.items():
+            p.copy_(saved["params"][k])
+    opt2 = worker.make_optimizer(P2)
+    opt2.load_state_dict(saved["optim"])
+    _run_steps(P2, opt2, *data2, range(4, 9))
+    for k in reference:
+        assert torch.equal(P2[k].detach(), reference[k]), k
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed: a real 2-process torchrun on CPU (gloo)
+
+def _torchrun(out, *args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           WORKER, "--out", str(out), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist2")
+    _torchrun(out, "--steps", "6", "--save-at", "3")
+    return out
+
+
+def test_two_processes_match_one_process(two_process_run, tmp_path):
+    one = worker.main(["--out", str(tmp_path), "--steps", "6"])  # full batch, no process group
+    two = [torch.load(two_process_run / f"history_rank{r}.pt") for r in (0, 1)]
+    assert sorted(one) == sorted(two[0]) == list(range(1, 7))
+    for step in one:
+        for k in one[step]:
+            assert torch.equal(two[0][step][k], two[1][step][k]), (step, k)  # ranks agree exactly
+            torch.testing.assert_close(two[0][step][k], one[step][k], atol=1e-6, rtol=0, msg=f"step {step} {k}")
+    start = worker.make_problem()[0]
+    assert all(not torch.allclose(one[6][k], start[k].detach(), atol=1e-3) for k in start)  # all moved
+
+    # each rank holds optimizer state only for its share
+    sd = torch.load(two_process_run / "optim_step3_rank0.pt")
+    (emb_state, side_state, bias_state, _), w_in, w_h, w_o = [
+        [sd["state"][i] for i in g["params"] if i in sd["state"]] or [None] for g in sd["param_groups"]]
+    assert emb_state["exp_avg"].shape == (16, 300)     # split along dim 0
+    assert side_state["exp_avg"].shape == (5, 300)     # 5 rows do not split in 2: whole
+    assert bias_state["exp_avg"].shape == (32,)        # small: whole
+    assert w_in[0]["momentum_buffer"].shape == (1, 32, 24)
+    assert w_h[0]["momentum_buffer"].shape == (2, 32, 32)  # 3 matrices padded to 4, 2 per rank
+    assert w_h[0]["second_momentum_buffer"].shape == (2, 32, 1)
+    assert w_o[0]["momentum_buffer"].shape == (1, 5, 32)
+    assert w_o[0]["second_momentum_buffer"].shape == (1, 1, 32)
+
+
+def test_two_process_resume_from_shards_is_exact(two_process_run, tmp_path):
+    _torchrun(tmp_path, "--steps", "6", "--resume-from", str(two_process_run), "--resume-step", "3")
+    full = torch.load(two_process_run / "history_rank0.pt")
+    for r in (0, 1):
+        resumed = torch.load(tmp_path / f"history_rank{r}.pt")
+        assert sorted(resumed) == [4, 5, 6]
+        for step in resumed:
+            for k in resumed[step]:
+                assert torch.equal(resumed[step][k], full[step][k]), (r, step, k)
