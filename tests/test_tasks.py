@@ -424,3 +424,17 @@ def test_identity_bad_persona(tmp_path):
     path.write_text("{not json")
     with pytest.raises(UserError, match="cannot read"):
         IdentityConversations(persona_path=str(path))
+
+
+def test_every_task_renders_with_the_tokenizer(tokenizer):
+    tasks = [ARC("ARC-Challenge", "test", stop=3), MMLU("all", "dev", stop=3), GSM8K("main", "train", stop=3),
+             HumanEval(stop=3), SpellingBee(size=3), SimpleSpelling(size=3), IdentityConversations(size=3)]
+    python_start = tokenizer.encode_special("<|python_start|>")
+    for task in tasks:
+        for ex in task:
+            ids, mask = tokenizer.render_conversation(ex)
+            assert len(ids) == len(mask) and sum(mask) > 0
+            if isinstance(task, (GSM8K, SpellingBee)):
+                assert python_start in ids
+            prompt = tokenizer.render_for_completion(ex)
+            assert prompt[-1] == tokenizer.encode_special("<|assistant_start|>")
