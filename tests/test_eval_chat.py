@@ -1,0 +1,175 @@
+"""`nanochat eval chat` scoring: categorical tasks from the letter logits (stub models whose
+preferred letter is constructed), baselines for 3/4/5-way items, ChatCORE centering, problem
+selection, generative pass@k through the real Engine; and smoke runs of `nanochat eval base`
+and `nanochat eval chat` on the real tiny base checkpoint."""
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+
+from nanochat.stages import eval_chat
+from nanochat.stages.eval_chat import (TASK_NAMES, centered, chatcore, letter_token_ids, pick_problems,
+                                       run_categorical, split_names)
+from tasks.common import Task, evaluate_letter, render_mc
+
+
+class FakeMC(Task):
+    """Multiple-choice items with given gold letters and numbers of choices; questions of
+    different lengths, so a padded batch has rows of different lengths."""
+
+    def __init__(self, golds, sizes, **kw):
+        super().__init__(**kw)
+        self.golds, self.sizes = golds, sizes
+
+    @property
+    def eval_type(self):
+        return "categorical"
+
+    def num_examples(self):
+        return len(self.golds)
+
+    def get_example(self, i):
+        letters = list("ABCDEFGHIJ"[:self.sizes[i]])
+        q = "Which one is it? " + "Think about it carefully. " * (i % 5)
+        prompt = render_mc(q, letters, [f"choice number {k}" for k in range(len(letters))])
+        return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": self.golds[i]}],
+                "letters": letters}
+
+    def evaluate(self, conversation, response):
+        return evaluate_letter(conversation, response)
+
+
+class LetterStub(nn.Module):
+    """Where the input token is <|assistant_start|> the logit of `letter` is 5 (and of 'A' 1);
+    everywhere else the logit of 'A' is 5. Reading the wrong position (e.g. a padding slot)
+    therefore answers 'A'."""
+
+    def __init__(self, tokenizer, letter, sequence_len=2048):
+        super().__init__()
+        self.config = SimpleNamespace(sequence_len=sequence_len)
+        self.V = tokenizer.get_vocab_size()
+        self.start = tokenizer.encode_special("<|assistant_start|>")
+        self.want = tokenizer.encode(letter)[0]
+        self.a = tokenizer.encode("A")[0]
+        self.forwards = 0
+
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+        self.forwards += 1
+        B, T = idx.shape
+        logits = torch.zeros(B, T, self.V)
+        logits[..., self.a] = 5.0
+        at = idx == self.start
+        logits[at] = 0.0
+        logits[..., self.want] += 5.0 * at
+        logits[..., self.a] += 1.0 * at
+        return logits
+
+
+def test_letters_are_single_tokens(tokenizer):
+    assert len(set(letter_token_ids(tokenizer, list("ABCDE")))) == 5
+
+
+def test_categorical_scoring_prefers_the_constructed_letter(tokenizer):
+    golds = ["C", "C", "A", "C", "B", "C", "D", "C", "C", "A"]
+    task = FakeMC(golds, [4] * len(golds))
+    model = LetterStub(tokenizer, "C")
+    c, t, b = run_categorical(model, tokenizer, task, list(range(len(golds))), "cpu", batch_size=4)
+    assert (c, t) == (golds.count("C"), len(golds))
+    assert b == pytest.approx(len(golds) * 0.25)
+    assert model.forwards == 3  # batched: 10 prompts, 4 per forward
+    # one forward for all; a model preferring a letter that is never gold scores exactly 0
+    task = FakeMC([g for g in golds if g != "D"], [4] * (len(golds) - 1))
+    c, t, _ = run_categorical(LetterStub(tokenizer, "D"), tokenizer, task, list(range(len(task))), "cpu", 32)
+    assert (c, t) == (0, len(golds) - 1)
+
+
+def test_categorical_only_the_items_letters_compete(tokenizer):
+    """A 3-way item cannot be answered 'D' even if 'D' has the largest logit overall."""
+    task = FakeMC(["A", "C"], [3, 5])
+    model = LetterStub(tokenizer, "D")
+    c, t, b = run_categorical(model, tokenizer, task, [0, 1], "cpu", 8)
+    # item 0 (A,B,C): D not allowed, A has logit 1 -> 'A' = gold; item 1 (A-E): 'D' != 'C'
+    assert (c, t) == (1, 2)
+    assert b == pytest.approx(1 / 3 + 1 / 5)
+
+
+def test_categorical_truncates_long_prompts(tokenizer):
+    task = FakeMC(["B"] * 3, [4] * 3)
+    model = LetterStub(tokenizer, "B", sequence_len=24)
+    c, t, _ = run_categorical(model, tokenizer, task, [0, 1, 2], "cpu", 8)
+    assert (c, t) == (3, 3)
+
+
+def test_centering_and_chatcore():
+    assert centered(0.25, 0.25) == 0 and centered(1.0, 0.25) == 1.0
+    assert centered(0.5, 0.0) == 0.5 and centered(0.625, 0.25) == pytest.approx(0.5)
+    res = {"ARC-Easy": {"centered": 0.5}, "MMLU": {"centered": -0.1}, "GSM8K": {"centered": 0.2}}
+    assert chatcore(res) == pytest.approx(0.2)
+
+
+def test_problem_selection_and_task_names():
+    assert pick_problems(10, -1) == list(range(10)) and pick_problems(10, 50) == list(range(10))
+    sel = pick_problems(1000, 4)
+    assert sel == [0, 250, 500, 750]
+    assert split_names(["ARC-Easy|MMLU", "GSM8K,HumanEval", "SpellingBee"]) == \
+        ["ARC-Easy", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]
+
+
+def test_unknown_task_is_a_user_error():
+    from nanochat.common import UserError
+    with pytest.raises(UserError, match="Nope"):
+        eval_chat.main(["-a", "Nope", "--device-type", "cpu"])
+
+
+class CountingTask(Task):
+    """Generative: solved iff the response contains the problem's magic word."""
+
+    def __init__(self, words):
+        super().__init__()
+        self.words = words
+
+    @property
+    def eval_type(self):
+        return "generative"
+
+    def num_examples(self):
+        return len(self.words)
+
+    def get_example(self, i):
+        return {"messages": [{"role": "user", "content": f"say {self.words[i]}"},
+                             {"role": "assistant", "content": self.words[i]}], "word": self.words[i]}
+
+    def evaluate(self, conversation, response):
+        return conversation["word"] in response
+
+
+def test_generative_pass_at_k_with_the_real_engine(tokenizer):
+    """A real (random, tiny) GPT through the real Engine: what run_generative counts must equal
+    task.evaluate applied to exactly the samples the Engine produces for the same prompts."""
+    from nanochat.engine import Engine
+    from nanochat.gpt import GPT, GPTConfig
+    torch.manual_seed(0)
+    cfg = GPTConfig(sequence_len=64, vocab_size=tokenizer.get_vocab_size(), n_layer=1, n_head=2, n_kv_head=2,
+                    n_embd=64, window_pattern="L")
+    model = GPT(cfg)
+    model.init_weights()
+    # make the model favour a handful of common tokens so that some samples hit the words
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.5)
+    model.eval()
+    engine = Engine(model, tokenizer)
+    words = ["the", "and", "of", "a", "to", "in"]
+    task = CountingTask(words)
+    k = 4
+    c, t, b = eval_chat.run_generative(engine, tokenizer, task, list(range(len(words))), num_samples=k,
+                                       max_new_tokens=8, temperature=1.0, top_k=None, batch_size=8, seed=7)
+    assert t == len(words) and b == 0.0
+    prompts = [tokenizer.render_for_completion(task[i]) for i in range(len(words))]
+    flat = [p for p in prompts for _ in range(k)]
+    results, _ = engine.generate_many(flat, max_tokens=8, temperature=1.0, top_k=None, seed=7, batch_size=8)
+    want = sum(any(words[i] in tokenizer.decode(r[len(prompts[i]):]) for r in results[i * k:(i + 1) * k])
+               for i in range(len(words)))
+    assert c == want and 0 < want  # some problems solved, so the count is checked
