@@ -50,7 +50,7 @@ def eval_bpb_splits(model, tokenizer, device, split_tokens, batch_size, world_si
     token_bytes = get_token_bytes(device)
     out = {}
     for split in ("train", "val"):
-        loader = PretrainLoader(tokenizer, batch_size, T, split=split, device=device)
+        loader = PretrainLoader(tokenizer, batch_size, T, split=split, device=device, loop=False)
         t0 = time.time()
         try:
             with autocast_ctx(device):

@@ -24,6 +24,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 
 import torch
@@ -135,6 +136,22 @@ def run_generative(engine, tokenizer, task, indices, num_samples=1, max_new_toke
     return correct, total, 0.0
 
 
+CLEAR = "\r\033[K" if sys.stdout.isatty() else ""
+
+
+def make_progress(name, n):
+    """Progress of rank 0's share: one updating line on a terminal, a line per ~10% in a log."""
+    state = {"last": 0}
+
+    def progress(done):
+        if sys.stdout.isatty():
+            print0(f"{CLEAR}{name}: {done}/{n} problems (rank 0)", end="")
+        elif done * 10 // max(n, 1) > state["last"] * 10 // max(n, 1) and done < n:
+            print0(f"{name}: {done}/{n} problems (rank 0)")
+        state["last"] = done
+    return progress
+
+
 def centered(acc, baseline):
     return (acc - baseline) / (1.0 - baseline)
 
@@ -191,8 +208,7 @@ def main(argv=None):
         mine = chosen[rank::world_size]
         t0 = time.time()
 
-        def progress(done, name=name, n=len(mine)):
-            print0(f"\r{name}: {done}/{n} problems (rank 0)", end="")
+        progress = make_progress(name, len(mine))
 
         with autocast_ctx(device):
             if task.eval_type == "categorical":
@@ -209,7 +225,7 @@ def main(argv=None):
         results[name] = {"accuracy": acc, "centered": centered(acc, baseline), "baseline": baseline,
                          "num_problems": int(t), "num_correct": int(c), "eval_type": task.eval_type,
                          "seconds": time.time() - t0}
-        print0(f"\r{name}: {int(c)}/{int(t)} = {acc:.4f}  (centered {results[name]['centered']:+.4f}, "
+        print0(f"{CLEAR}{name}: {int(c)}/{int(t)} = {acc:.4f}  (centered {results[name]['centered']:+.4f}, "
                f"{time.time() - t0:.1f}s)")
 
     score = chatcore(results)
