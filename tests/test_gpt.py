@@ -366,3 +366,19 @@ def test_optimizer_groups():
     assert len(shapes) == len(muon)  # one group per distinct shape
     assert {(128, 128), (64, 128), (512, 128), (128, 512)} == shapes
     assert all(g["initial_lr"] == g["lr"] for g in groups)
+
+
+def test_setup_optimizer_trains():
+    # the real MuonAdamW over the model's groups: a few steps on one batch lower the loss
+    model = make_model(randomize=False, sequence_len=32)
+    opt = model.setup_optimizer()
+    idx = torch.randint(0, V, (4, 33))
+    losses = []
+    for _ in range(25):
+        loss = model(idx[:, :-1], targets=idx[:, 1:])
+        losses.append(loss.item())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[-1] < 0.5 * losses[0], losses
