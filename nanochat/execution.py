@@ -31,7 +31,7 @@ parent only uses thread-safe subprocess features; the limits are applied by the 
 import json
 import math
 import os
-import random
+import secrets
 import selectors
 import shutil
 import signal
@@ -82,7 +82,7 @@ _root = os.path.realpath(os.getcwd())
 if cfg["uid"] is not None:
     os.setgroups([])
     os.setgid(cfg["uid"])
-    os.setuid(cfg["uid"])
+    os.setuid(cfg["uid"])  # any failure here stops the run: never continue as root by accident
 _limit(resource.RLIMIT_AS, cfg["max_memory_bytes"])
 
 if cfg["python_guards"]:
@@ -185,6 +185,23 @@ def _kill_everything(proc, uid):
         time.sleep(0.01)
 
 
+def _private_uid():
+    """A uid no process is using, for this one run; None when the caller is not root.
+
+    Drawn with `secrets` (not `random`, which callers seed: two evaluation processes with the
+    same seed would otherwise share a uid and kill each other's programs) from 2**31..2**32-2,
+    a range Linux accepts but systemd reserves as unused, so no user, service or container owns
+    it. Checked against /proc, because cleanup kills every process running under it.
+    """
+    if os.geteuid() != 0:
+        return None
+    for _ in range(10):
+        uid = 2**31 + secrets.randbelow(2**31 - 2)
+        if not _processes_of_uid(uid):
+            return uid
+    return None
+
+
 def _last_line(text):
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1].strip() if lines else ""
@@ -198,14 +215,18 @@ def execute_code(code, timeout=DEFAULT_TIMEOUT_S, max_memory_bytes=DEFAULT_MAX_M
     python_guards=False leaves out the in-process Python-level guards, so that tests can show
     the OS-level layers hold on their own; keep it True for real use.
     """
-    uid = random.randrange(1_000_000_000, 2_000_000_000) if os.geteuid() == 0 else None
+    uid = _private_uid()
     workdir = tempfile.mkdtemp(prefix="nanochat_exec_")
     proc = None
     try:
         with open(os.path.join(workdir, "program.py"), "w", encoding="utf-8") as f:
             f.write(code)
         if uid is not None:
-            os.chown(workdir, uid, uid)
+            try:
+                os.chown(workdir, uid, uid)
+            except OSError:
+                # e.g. a user namespace that maps only a few uids: run without the private uid
+                uid = None
         config = {
             "uid": uid, "max_memory_bytes": int(max_memory_bytes),
             "cpu_s": int(math.ceil(timeout)) + 1,  # backstop for the wall-clock timeout
@@ -247,6 +268,12 @@ def execute_code(code, timeout=DEFAULT_TIMEOUT_S, max_memory_bytes=DEFAULT_MAX_M
                     # open) goes now, so the remaining output drains to EOF at once
                     _kill_everything(proc, uid)
                     exited_swept = True
+        if not (timed_out or truncated or exited_swept):
+            # both pipes closed but the program may still be running: give it the rest of its time
+            try:
+                proc.wait(timeout=max(0.0, start + timeout - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                timed_out = True
         if not exited_swept:
             _kill_everything(proc, uid)
         returncode = proc.wait()

@@ -167,6 +167,25 @@ print(os.getuid(), flush=True)
     assert _processes_of_uid(int(r.stdout)) == []
 
 
+@needs_root
+def test_private_uid_does_not_follow_the_callers_random_seed():
+    """Evaluation code seeds `random`; two runs (or two ranks) must still get different uids."""
+    import random
+    uids = []
+    for _ in range(2):
+        random.seed(1234)
+        r = execute_code("import os\nprint(os.getuid())\n", timeout=10)
+        assert r.success, r.stderr
+        uids.append(int(r.stdout))
+    assert uids[0] != uids[1] and min(uids) >= 2**31
+
+
+def test_program_that_closes_its_output_still_runs_to_the_end():
+    code = "import os, sys, time\nos.close(1)\nos.close(2)\ntime.sleep(0.3)\nos._exit(7)\n"
+    r = execute_code(code, timeout=10)
+    assert r.returncode == 7 and not r.timed_out and r.error == "exit status 7"
+
+
 def test_huge_allocation_is_a_memory_error():
     r = execute_code("x = bytearray(4 * 1024**3)\n", timeout=10, max_memory_bytes=256 * 1024**2)
     assert not r.success and r.memory_exceeded and r.error == "MemoryError"
