@@ -1,0 +1,444 @@
+"""Web chat and HTTP API: one model shared by many clients through continuous batching.
+
+    GET  /                      the chat page (ui.html)
+    GET  /health                {"status": "ok", ...}
+    GET  /stats                 active/queued requests, tokens generated, uptime, rows per step
+    POST /chat/completions      nanochat's own protocol (SSE: data: {"token": ...} ... data: {"done": true})
+    POST /v1/chat/completions   OpenAI's chat completions API (JSON, or SSE chunks + data: [DONE])
+    GET  /v1/models             the one model served
+
+A single scheduler thread owns the model and a KV cache of `max_batch` rows. Requests wait in a
+queue; whenever a row is free, a waiting request joins the running batch (its prompt is
+prefilled into that row); every step decodes one token for every active row in one forward; a
+row leaves when its sequence ends or its client goes away, and the freed row is reused at once.
+The HTTP side is asyncio: each request gets an asyncio.Queue that the scheduler thread feeds.
+"""
+import asyncio
+import codecs
+import json
+import os
+import queue
+import threading
+import time
+import uuid
+from collections import Counter
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+
+from nanochat.engine import BatchDecoder, Sequence
+
+# Request limits (each one answered with HTTP 400 and a JSON error)
+MAX_MESSAGES = 500             # messages in one request
+MAX_MESSAGE_CHARS = 8000       # characters in one message
+MAX_CONVERSATION_CHARS = 32000 # characters in all messages together
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.0, 2.0
+MIN_TOP_K, MAX_TOP_K = 0, 200  # 0 = no top-k filtering
+MIN_MAX_TOKENS, MAX_MAX_TOKENS = 1, 4096
+DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_MAX_TOKENS = 0.8, 50, 512
+ROLES = ("system", "user", "assistant")
+
+
+class BadRequest(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------
+# Validation
+
+def _number(body, key, lo, hi, default, integer=False):
+    if key not in body or body[key] is None:
+        return default
+    v = body[key]
+    # bool is an int subclass in Python; `"temperature": true` is a client bug, not 1.0
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not float(v).is_integer()):
+        raise BadRequest(f"'{key}' must be {'an integer' if integer else 'a number'} in [{lo}, {hi}], got {v!r}")
+    if not (lo <= v <= hi):
+        raise BadRequest(f"'{key}' must be in [{lo}, {hi}], got {v}")
+    return int(v) if integer else float(v)
+
+
+def _content_text(i, content):
+    """A message's text. OpenAI clients may send a list of parts; only text parts are accepted."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise BadRequest(f"messages[{i}].content: only text parts are supported")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise BadRequest(f"messages[{i}].content must be a string")
+
+
+def validate_request(body, tokenizer, context_len):
+    """Check a chat request body; return (prompt token ids, settings dict). Raises BadRequest."""
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty list")
+    if len(messages) > MAX_MESSAGES:
+        raise BadRequest(f"too many messages: {len(messages)} > {MAX_MESSAGES}")
+    clean, total = [], 0
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise BadRequest(f"messages[{i}] must be an object with 'role' and 'content'")
+        role = msg.get("role")
+        if role not in ROLES:
+            raise BadRequest(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}")
+        text = _content_text(i, msg.get("content"))
+        if len(text) > MAX_MESSAGE_CHARS:
+            raise BadRequest(f"messages[{i}] is too long: {len(text)} > {MAX_MESSAGE_CHARS} characters")
+        total += len(text)
+        clean.append({"role": role, "content": text})
+    if total > MAX_CONVERSATION_CHARS:
+        raise BadRequest(f"conversation too long: {total} > {MAX_CONVERSATION_CHARS} characters")
+    # order: an optional system message first, then user/assistant alternating, ending with user
+    turns = clean[1:] if clean[0]["role"] == "system" else clean
+    if not turns:
+        raise BadRequest("a system message must be followed by a user message")
+    for i, msg in enumerate(turns):
+        want = "user" if i % 2 == 0 else "assistant"
+        if msg["role"] != want:
+            raise BadRequest(f"messages must be: an optional system message, then user and assistant "
+                             f"alternating, starting with user; message {i + len(clean) - len(turns)} "
+                             f"is {msg['role']!r} where {want!r} was expected")
+    if turns[-1]["role"] != "user":
+        raise BadRequest("the last message must be from the user")
+    settings = {
+        "temperature": _number(body, "temperature", MIN_TEMPERATURE, MAX_TEMPERATURE, DEFAULT_TEMPERATURE),
+        "top_k": _number(body, "top_k", MIN_TOP_K, MAX_TOP_K, DEFAULT_TOP_K, integer=True),
+        "top_p": _number(body, "top_p", 0.0, 1.0, None),
+        "max_tokens": _number(body, "max_tokens", MIN_MAX_TOKENS, MAX_MAX_TOKENS, None, integer=True),
+        "seed": _number(body, "seed", -2**63, 2**63 - 1, None, integer=True),
+        "stream": body.get("stream", False),
+    }
+    if settings["max_tokens"] is None:  # OpenAI's newer name for the same thing
+        settings["max_tokens"] = _number(body, "max_completion_tokens", MIN_MAX_TOKENS, MAX_MAX_TOKENS,
+                                         DEFAULT_MAX_TOKENS, integer=True)
+    if not isinstance(settings["stream"], bool):
+        raise BadRequest("'stream' must be true or false")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise BadRequest("'stream_options' must be an object")
+    settings["include_usage"] = bool(options.get("include_usage", False))
+    if body.get("n", 1) != 1:
+        raise BadRequest("only n=1 is supported")
+    if settings["top_p"] == 0.0:
+        raise BadRequest("'top_p' must be in (0, 1]")
+    prompt = tokenizer.render_for_completion({"messages": clean})
+    if len(prompt) >= context_len:
+        raise BadRequest(f"conversation too long: {len(prompt)} tokens, the model's context is {context_len}")
+    # the reply may use whatever context is left
+    settings["max_tokens"] = min(settings["max_tokens"], context_len - len(prompt))
+    return prompt, settings
+
+
+# ---------------------------------------------------------------------------
+# The scheduler: one thread, one model, one batch
+
+class Job:
+    """A request as the scheduler sees it. The scheduler thread puts ("token", id) and finally
+    ("done", finish_reason) or ("error", message) on `events` through the asyncio loop."""
+
+    def __init__(self, prompt, settings, loop):
+        self.prompt = prompt
+        self.settings = settings
+        self.loop = loop
+        self.events = asyncio.Queue()
+        self.cancelled = threading.Event()
+        self.submitted = time.time()
+
+    def emit(self, item):
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        except RuntimeError:
+            pass  # the event loop is gone (server shutting down)
+
+
+class Scheduler:
+    def __init__(self, model, tokenizer, max_batch=8, seed=42, token_delay=0.0):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.token_delay = token_delay  # seconds slept per decode step (tests and demos only)
+        self.waiting = queue.Queue()
+        self.decoder = BatchDecoder(model, tokenizer, batch_size=max_batch, seed=seed)
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="nanochat-scheduler", daemon=True)
+        # statistics (written by the scheduler thread, read by /stats)
+        self.started = time.time()
+        self.total_requests = 0
+        self.completed = 0
+        self.cancelled = 0
+        self.tokens_generated = 0
+        self.steps = 0
+        self.rows_histogram = Counter()  # rows in a decode step -> number of such steps
+        self.active = 0
+
+    def start(self):
+        self.thread.start()
+
+    def shutdown(self):
+        self.stop_event.set()
+        self.waiting.put(None)  # wake the thread
+        self.thread.join(timeout=10)
+
+    def submit(self, job):
+        self.total_requests += 1
+        self.waiting.put(job)
+
+    def stats(self):
+        steps = sum(self.rows_histogram.values())
+        rows = sum(k * v for k, v in self.rows_histogram.items())
+        return {
+            "active": self.active,
+            "queued": self.waiting.qsize(),
+            "max_batch": self.max_batch,
+            "total_requests": self.total_requests,
+            "completed": self.completed,
+            "cancelled": self.cancelled,
+            "tokens_generated": self.tokens_generated,
+            "uptime_s": round(time.time() - self.started, 3),
+            "decode_steps": steps,
+            "mean_rows_per_step": round(rows / steps, 3) if steps else 0.0,
+            "max_rows_per_step": max(self.rows_histogram) if self.rows_histogram else 0,
+            "rows_per_step_histogram": {str(k): v for k, v in sorted(self.rows_histogram.items())},
+        }
+
+    # -- the thread ---------------------------------------------------------------------------
+
+    def _admit(self, block):
+        """Move waiting jobs into free rows (prefilling them together). Blocks for the first job
+        only when nothing is running."""
+        new = []
+        while len(self.decoder.seqs) + len(new) < self.max_batch:
+            try:
+                job = self.waiting.get(timeout=0.5) if (block and not new) else self.waiting.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:  # shutdown
+                break
+            if job.cancelled.is_set():
+                self.cancelled += 1
+                continue
+            s = job.settings
+            new.append(Sequence(job.prompt, max_tokens=s["max_tokens"], temperature=s["temperature"],
+                                top_k=s["top_k"] or None, top_p=s["top_p"], owner=job))
+        if new:
+            self._emit(self.decoder.add(new))
+
+    def _emit(self, produced):
+        for seq, token, mask in produced:
+            job = seq.owner
+            if token not in self.decoder.specials["stop"]:  # the stop token itself is not text
+                job.emit(("token", token))
+                self.tokens_generated += 1
+            if seq.done:
+                job.emit(("done", seq.finish_reason))
+                self.completed += 1
+        self.decoder.remove_done()
+
+    def _loop(self):
+        torch.set_grad_enabled(False)
+        while not self.stop_event.is_set():
+            try:
+                self._admit(block=not self.decoder.seqs)
+                # a client that went away frees its row before the next step
+                for seq in [s for s in self.decoder.seqs if s.owner.cancelled.is_set()]:
+                    self.decoder.remove(seq)
+                    self.cancelled += 1
+                self.active = len(self.decoder.seqs)
+                if not self.decoder.seqs:
+                    continue
+                self.rows_histogram[len(self.decoder.seqs)] += 1
+                self._emit(self.decoder.step())
+                self.active = len(self.decoder.seqs)
+                if self.token_delay:
+                    time.sleep(self.token_delay)
+            except Exception as e:  # never let one bad step kill the server: fail the running requests
+                import traceback
+                traceback.print_exc()
+                for seq in list(self.decoder.seqs):
+                    seq.owner.emit(("error", f"generation failed: {type(e).__name__}: {e}"))
+                    self.decoder.remove(seq)
+                self.active = 0
+
+
+# ---------------------------------------------------------------------------
+# Streaming text
+
+class TextStream:
+    """Token ids -> text pieces that never split a UTF-8 character: the bytes of an incomplete
+    character are held back until the token(s) completing it arrive."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token):
+        return self.decoder.decode(self.tokenizer.decode_bytes([token]))
+
+    def flush(self):
+        return self.decoder.decode(b"", final=True)
+
+
+def _sse(obj):
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _error(status, message, kind="invalid_request_error"):
+    # the OpenAI error shape, which the openai client turns into a BadRequestError with this message
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+
+# ---------------------------------------------------------------------------
+# The app
+
+def create_app(model, tokenizer, max_batch=8, model_name="nanochat", token_delay=0.0, seed=42):
+    """The FastAPI app. The scheduler thread starts with the app and stops with it."""
+    context_len = model.config.sequence_len
+    scheduler = Scheduler(model, tokenizer, max_batch=max_batch, seed=seed, token_delay=token_delay)
+    created = int(time.time())
+    ui_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ui.html")
+
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app):
+        scheduler.start()
+        yield
+        scheduler.shutdown()
+
+    app = FastAPI(title="nanochat", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.scheduler = scheduler
+
+    async def parse(request):
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise BadRequest(f"malformed JSON: {e}")
+        return validate_request(body, tokenizer, context_len)
+
+    async def run(prompt, settings):
+        """Submit a job and yield ("token", id) ... then ("done", reason) / ("error", msg)."""
+        job = Job(prompt, settings, asyncio.get_running_loop())
+        scheduler.submit(job)
+        try:
+            while True:
+                item = await job.events.get()
+                yield item
+                if item[0] in ("done", "error"):
+                    return
+        finally:
+            # runs when the stream ends, and also when the client disconnects (the response's
+            # iterator is cancelled or closed): the scheduler frees the row at its next step
+            job.cancelled.set()
+
+    @app.get("/")
+    async def index():
+        with open(ui_path, encoding="utf-8") as f:
+            return HTMLResponse(f.read())
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, "max_batch": max_batch, "context_len": context_len}
+
+    @app.get("/stats")
+    async def stats():
+        return scheduler.stats()
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "nanochat"}]}
+
+    @app.post("/chat/completions")
+    async def chat_completions(request: Request):
+        try:
+            prompt, settings = await parse(request)
+        except BadRequest as e:
+            return _error(400, str(e))
+
+        async def events():
+            text = TextStream(tokenizer)
+            async for kind, value in run(prompt, settings):
+                if kind == "token":
+                    piece = text.push(value)
+                    if piece:
+                        yield _sse({"token": piece})
+                elif kind == "done":
+                    tail = text.flush()
+                    if tail:
+                        yield _sse({"token": tail})
+                    yield _sse({"done": True, "finish_reason": value})
+                else:
+                    yield _sse({"error": value})
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/chat/completions")
+    async def openai_chat_completions(request: Request):
+        try:
+            prompt, settings = await parse(request)
+        except BadRequest as e:
+            return _error(400, str(e))
+        cid = "chatcmpl-" + uuid.uuid4().hex[:24]
+        now = int(time.time())
+
+        def usage(n):
+            return {"prompt_tokens": len(prompt), "completion_tokens": n, "total_tokens": len(prompt) + n}
+
+        if not settings["stream"]:
+            tokens, reason = [], None
+            async for kind, value in run(prompt, settings):
+                if kind == "token":
+                    tokens.append(value)
+                elif kind == "done":
+                    reason = value
+                else:
+                    return _error(500, value, kind="server_error")
+            return {
+                "id": cid, "object": "chat.completion", "created": now, "model": model_name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": tokenizer.decode(tokens)},
+                             "finish_reason": reason, "logprobs": None}],
+                "usage": usage(len(tokens)),
+            }
+
+        include_usage = settings["include_usage"]
+
+        def chunk(delta, reason=None):
+            return _sse({"id": cid, "object": "chat.completion.chunk", "created": now, "model": model_name,
+                         "choices": [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}]})
+
+        async def events():
+            text = TextStream(tokenizer)
+            n = 0
+            yield chunk({"role": "assistant", "content": ""})
+            async for kind, value in run(prompt, settings):
+                if kind == "token":
+                    n += 1
+                    piece = text.push(value)
+                    if piece:
+                        yield chunk({"content": piece})
+                elif kind == "done":
+                    tail = text.flush()
+                    if tail:
+                        yield chunk({"content": tail})
+                    yield chunk({}, reason=value)
+                    if include_usage:
+                        yield _sse({"id": cid, "object": "chat.completion.chunk", "created": now,
+                                    "model": model_name, "choices": [], "usage": usage(n)})
+                else:
+                    yield _sse({"error": {"message": value, "type": "server_error"}})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return app

@@ -1,0 +1,39 @@
+"""nanochat serve: the web chat and an OpenAI-compatible HTTP API (docs/serving.md).
+
+    nanochat serve [-i SOURCE] [--host 127.0.0.1] [--port 8000] [--max-batch 8]
+"""
+import argparse
+
+from nanochat.common import UserError, print0
+from nanochat.stages.chat import add_model_flags, load_chat_model
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="nanochat serve", description="Web chat UI and OpenAI-compatible API.")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 = every interface)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port")
+    parser.add_argument("--max-batch", type=int, default=8,
+                        help="rows of the KV cache = requests decoded together; more wait in a queue")
+    parser.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: nanochat-<source>)")
+    parser.add_argument("--token-delay", type=float, default=0.0,
+                        help="seconds to sleep after every decode step (for tests and demos of streaming)")
+    add_model_flags(parser)  # -i and the common flags
+    args = parser.parse_args(argv)
+    if args.max_batch < 1:
+        raise UserError("--max-batch must be >= 1")
+    if not 0 <= args.port <= 65535:
+        raise UserError("--port must be in [0, 65535]")
+
+    import uvicorn
+    from nanochat.server import create_app
+    model, tokenizer, meta, source = load_chat_model(args)
+    name = args.model_name or f"nanochat-{source}"
+    app = create_app(model, tokenizer, max_batch=args.max_batch, model_name=name, token_delay=args.token_delay)
+    print0(f"serving {name} (step {meta.get('step', '?')}) on http://{args.host}:{args.port}/ "
+           f"with up to {args.max_batch} requests per batch")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

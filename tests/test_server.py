@@ -1,0 +1,285 @@
+"""The HTTP server against a real uvicorn on 127.0.0.1: the official openai client (stream and
+non-stream), raw SSE for nanochat's own protocol, continuous batching with parallel clients,
+disconnects, every request limit, and UTF-8 safe streaming."""
+import json
+import socket
+import threading
+import time
+
+import pytest
+import requests
+import uvicorn
+
+from nanochat.server import MAX_MESSAGES, TextStream, create_app
+from test_engine import Scripted, make_model
+
+
+class LiveServer:
+    """uvicorn in a thread, on a socket bound here first (a free port with no race)."""
+
+    def __init__(self, app):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.app = app
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+
+    def stats(self):
+        return requests.get(self.url + "/stats", timeout=10).json()
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tokenizer):
+    model = make_model(tokenizer.get_vocab_size(), sequence_len=256)
+    # a small per-step delay so that concurrent requests really overlap on a fast machine
+    live = LiveServer(create_app(model, tokenizer, max_batch=4, model_name="nanochat-test", token_delay=0.005))
+    yield live
+    live.close()
+
+
+def user(text="Hello!"):
+    return [{"role": "user", "content": text}]
+
+
+def sse_events(resp):
+    """The JSON payloads of an SSE response (and the literal [DONE])."""
+    out = []
+    for line in resp.iter_lines(decode_unicode=False):
+        if not line:
+            continue
+        assert line.startswith(b"data: "), line
+        payload = line[len(b"data: "):].decode("utf-8")  # strict: a broken character raises here
+        out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out
+
+
+def test_health_models_index(server):
+    r = requests.get(server.url + "/health", timeout=10)
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+    r = requests.get(server.url + "/v1/models", timeout=10)
+    assert r.json()["object"] == "list" and r.json()["data"][0]["id"] == "nanochat-test"
+    r = requests.get(server.url + "/", timeout=10)
+    assert r.status_code == 200 and "text/html" in r.headers["content-type"] and "<title>nanochat</title>" in r.text
+
+
+def test_classic_sse_protocol(server):
+    body = {"messages": user(), "temperature": 0.0, "top_k": 10, "max_tokens": 12}
+    with requests.post(server.url + "/chat/completions", json=body, stream=True, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r)
+    assert events[-1]["done"] is True and events[-1]["finish_reason"] in ("stop", "length")
+    tokens = [e["token"] for e in events[:-1]]
+    assert all(isinstance(t, str) for t in tokens) and tokens
+    # greedy is deterministic: the same request gives the same text
+    with requests.post(server.url + "/chat/completions", json=body, stream=True, timeout=60) as r:
+        again = [e["token"] for e in sse_events(r)[:-1]]
+    assert "".join(again) == "".join(tokens)
+
+
+def test_openai_client_non_stream_and_stream(server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list()] == ["nanochat-test"]
+    messages = [{"role": "system", "content": "You are terse."}] + user("What is 2+2?")
+    r = client.chat.completions.create(model="nanochat-test", messages=messages, max_tokens=8, temperature=0)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.model == "nanochat-test"
+    choice = r.choices[0]
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    if choice.finish_reason == "length":
+        assert r.usage.completion_tokens == 8
+    # streaming: the same greedy text, chunk by chunk, then a final chunk with the finish reason
+    stream = client.chat.completions.create(model="nanochat-test", messages=messages, max_tokens=8, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == choice.message.content
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [choice.finish_reason]
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+
+
+def test_openai_raw_stream_ends_with_done(server):
+    body = {"messages": user(), "max_tokens": 5, "stream": True, "top_k": 0, "temperature": 1.0}
+    with requests.post(server.url + "/v1/chat/completions", json=body, stream=True, timeout=60) as r:
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert events[-2]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert all(e["object"] == "chat.completion.chunk" for e in events[:-1])
+
+
+def test_parallel_clients_share_batches(server):
+    before = server.stats()
+    results, errors = [None] * 8, []
+
+    def client(i):
+        try:
+            body = {"messages": user(f"Tell me a story number {i}"), "max_tokens": 40, "temperature": 1.0}
+            r = requests.post(server.url + "/v1/chat/completions", json=body, timeout=120)
+            assert r.status_code == 200, r.text
+            results[i] = r.json()
+        except Exception as e:  # reported below, in the test's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    assert not errors, errors
+    assert all(r is not None and r["choices"][0]["finish_reason"] in ("stop", "length") for r in results)
+    stats = server.stats()
+    assert stats["total_requests"] - before["total_requests"] == 8
+    assert stats["max_rows_per_step"] > 1  # requests were decoded together
+    assert stats["max_rows_per_step"] <= 4  # never more rows than --max-batch
+    assert stats["active"] == 0 and stats["queued"] == 0
+    assert stats["tokens_generated"] - before["tokens_generated"] >= sum(
+        r["usage"]["completion_tokens"] for r in results)
+
+
+def wait_idle(server, timeout=20):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        s = server.stats()
+        if s["active"] == 0 and s["queued"] == 0:
+            return s
+        time.sleep(0.05)
+    raise AssertionError(f"server still busy: {server.stats()}")
+
+
+def test_disconnect_frees_the_slot(tokenizer):
+    """A model that never stops (it repeats one word) and 20 ms per step: only the client leaving
+    can end the request early."""
+    word = tokenizer.encode(" la")
+    live = LiveServer(create_app(Scripted(make_model(tokenizer.get_vocab_size(), sequence_len=512), 0, word),
+                                 tokenizer, max_batch=2, token_delay=0.02))
+    try:
+        body = {"messages": user("Sing"), "max_tokens": 400}
+        r = requests.post(live.url + "/chat/completions", json=body, stream=True, timeout=60)
+        got = 0
+        for line in r.iter_lines():
+            got += bool(line)
+            if got == 3:
+                break
+        assert live.stats()["active"] == 1
+        r.close()
+        t0 = time.time()
+        s = wait_idle(live, timeout=5)
+        assert time.time() - t0 < 2  # freed within a few steps, not after the 400 tokens (8 s)
+        assert s["cancelled"] == 1 and s["completed"] == 0
+        assert s["tokens_generated"] < 100
+        # the freed row serves the next requests
+        r = requests.post(live.url + "/chat/completions", json={"messages": user(), "max_tokens": 3}, timeout=60)
+        assert r.status_code == 200 and '"finish_reason": "length"' in r.text
+        assert live.stats()["completed"] == 1
+    finally:
+        live.close()
+
+
+BAD = [
+    ("malformed JSON", b'{"messages": [', "malformed JSON"),
+    ("not an object", [1, 2], "JSON object"),
+    ("no messages", {}, "non-empty list"),
+    ("empty messages", {"messages": []}, "non-empty list"),
+    ("too many messages", {"messages": (user("a") + [{"role": "assistant", "content": "b"}]) * (MAX_MESSAGES // 2)
+                           + user("a") * 2}, "too many messages"),
+    ("message too long", {"messages": user("x" * 8001)}, "too long"),
+    ("conversation too long", {"messages": (user("x" * 7000) + [{"role": "assistant", "content": "y" * 7000}]) * 2
+                               + user("z" * 7000)}, "conversation too long"),
+    ("too many tokens", {"messages": user("word " * 1500)}, "the model's context"),
+    ("bad role", {"messages": [{"role": "tool", "content": "x"}]}, "role"),
+    ("assistant first", {"messages": [{"role": "assistant", "content": "x"}] + user()}, "alternating"),
+    ("two users", {"messages": user() + user()}, "alternating"),
+    ("ends with assistant", {"messages": user() + [{"role": "assistant", "content": "x"}]}, "last message"),
+    ("system not first", {"messages": user() + [{"role": "system", "content": "x"}] + user()}, "alternating"),
+    ("system alone", {"messages": [{"role": "system", "content": "x"}]}, "followed by a user"),
+    ("content not a string", {"messages": [{"role": "user", "content": 5}]}, "content"),
+    ("temperature low", {"messages": user(), "temperature": -0.1}, "temperature"),
+    ("temperature high", {"messages": user(), "temperature": 2.5}, "temperature"),
+    ("temperature string", {"messages": user(), "temperature": "hot"}, "temperature"),
+    ("top_k low", {"messages": user(), "top_k": -1}, "top_k"),
+    ("top_k high", {"messages": user(), "top_k": 201}, "top_k"),
+    ("top_k fraction", {"messages": user(), "top_k": 1.5}, "top_k"),
+    ("max_tokens zero", {"messages": user(), "max_tokens": 0}, "max_tokens"),
+    ("max_tokens high", {"messages": user(), "max_tokens": 4097}, "max_tokens"),
+    ("stream not bool", {"messages": user(), "stream": "yes"}, "stream"),
+]
+
+
+@pytest.mark.parametrize("path", ["/chat/completions", "/v1/chat/completions"])
+def test_limits_answer_400_json(server, path):
+    for name, body, needle in BAD:
+        kwargs = {"data": body, "headers": {"Content-Type": "application/json"}} if isinstance(body, bytes) \
+            else {"json": body}
+        r = requests.post(server.url + path, timeout=30, **kwargs)
+        assert r.status_code == 400, (name, r.status_code, r.text[:200])
+        err = r.json()["error"]
+        assert needle in err["message"], (name, err)
+    # the edges of each range are accepted
+    ok = {"messages": user(), "temperature": 2.0, "top_k": 200, "max_tokens": 1}
+    assert requests.post(server.url + path, json=ok, timeout=60).status_code == 200
+    ok = {"messages": user(), "temperature": 0, "top_k": 0, "max_tokens": 4096}  # capped to the context
+    assert requests.post(server.url + path, json=ok, timeout=60).status_code == 200
+
+
+def test_openai_client_sees_400(server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="nanochat-test", messages=user(), temperature=3.0)
+    assert "temperature" in str(e.value)
+
+
+# ---------------------------------------------------------------------------
+# UTF-8: characters split across tokens are never sent broken
+
+TRICKY = "héllo 🙂 wörld — 日本語 👩‍💻!"
+
+
+def test_text_stream_holds_back_partial_characters(tokenizer):
+    ids = tokenizer.encode(TRICKY)
+    # the small test vocabulary splits these characters over several tokens
+    assert any("\ufffd" in tokenizer.decode([t]) for t in ids)
+    stream = TextStream(tokenizer)
+    pieces = [stream.push(t) for t in ids] + [stream.flush()]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == TRICKY
+
+
+def test_streaming_is_utf8_safe_end_to_end(tokenizer):
+    messages = user("emoji please")
+    prompt = tokenizer.render_for_completion({"messages": messages})
+    script = tokenizer.encode(TRICKY) + [tokenizer.encode_special("<|assistant_end|>")]
+    model = Scripted(make_model(tokenizer.get_vocab_size(), sequence_len=128), len(prompt), script)
+    live = LiveServer(create_app(model, tokenizer, max_batch=2))
+    try:
+        with requests.post(live.url + "/chat/completions", json={"messages": messages, "temperature": 0},
+                           stream=True, timeout=60) as r:
+            events = sse_events(r)  # decodes every event strictly
+        pieces = [e["token"] for e in events if "token" in e]
+        assert all("\ufffd" not in p for p in pieces)
+        assert "".join(pieces) == TRICKY and events[-1]["finish_reason"] == "stop"
+        with requests.post(live.url + "/v1/chat/completions", json={"messages": messages, "stream": True},
+                           stream=True, timeout=60) as r:
+            events = sse_events(r)
+        pieces = [e["choices"][0]["delta"].get("content", "") for e in events[:-1] if e["choices"]]
+        assert all("\ufffd" not in p for p in pieces) and "".join(pieces) == TRICKY
+        r = requests.post(live.url + "/v1/chat/completions", json={"messages": messages}, timeout=60)
+        assert r.json()["choices"][0]["message"]["content"] == TRICKY
+        assert r.json()["choices"][0]["finish_reason"] == "stop"
+    finally:
+        live.close()
