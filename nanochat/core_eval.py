@@ -31,7 +31,6 @@ import random
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import yaml
 
 from nanochat.common import UserError, get_data_dir, print0
@@ -97,9 +96,18 @@ def load_bundle(config_path=None):
     return tasks
 
 
+_ITEMS_CACHE = {}  # path -> ((mtime, size), items): the training loop re-runs CORE; parse once
+
+
 def load_items(path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    st = os.stat(path)
+    key = (st.st_mtime_ns, st.st_size)
+    hit = _ITEMS_CACHE.get(path)
+    if hit is None or hit[0] != key:
+        with open(path, encoding="utf-8") as f:
+            hit = (key, [json.loads(line) for line in f if line.strip()])
+        _ITEMS_CACHE[path] = hit
+    return hit[1]
 
 
 def random_guess_baseline(task_type, items) -> float:
@@ -196,10 +204,12 @@ def score_sequences(model, seqs, device, batch_tokens=16384, pad_id=0):
             ids[r, :len(toks)] = torch.tensor(toks, dtype=torch.long)
         ids = ids.to(device)
         logits = model(ids).float()  # (B, T, V)
-        # position t predicts token t+1
-        losses = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1),
-                                 reduction="none").view(len(rows), T - 1)
+        # position t predicts token t+1; loss = logsumexp - logit of the target (no (B*T, V) copies)
+        lse = torch.logsumexp(logits[:, :-1], dim=-1)
+        target_logit = logits[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+        losses = lse - target_logit
         preds = logits[:, :-1].argmax(dim=-1)
+        del logits
         losses, preds, ids_cpu = losses.cpu(), preds.cpu(), ids.cpu()
         for r, k in enumerate(rows):
             toks, start = seqs[k]
