@@ -163,7 +163,7 @@ class Scripted(torch.nn.Module):
         logits = torch.zeros_like(logits)
         for b in range(idx.size(0)):
             g = int(before[b]) + T - self.prompt_len  # index of the token these logits predict
-            logits[b, -1, self.script[min(g, len(self.script) - 1)]] = 100.0
+            logits[b, -1, self.script[max(0, min(g, len(self.script) - 1))]] = 100.0
         return logits
 
 
