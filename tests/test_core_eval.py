@@ -1,8 +1,8 @@
 """CORE scoring with stub models whose preferences are constructed, so the right accuracy is
 known: each task type at accuracy exactly 1 and exactly 0, centering, the missing-task path,
 few-shot sampling, left truncation, --max-per-task, a custom bundle, and the real bundle's
-reading. The real tiny model's `nanochat eval base` smoke run is in test_eval_chat.py's sibling
-section at the bottom of this file."""
+reading, and the 2-rank torchrun split. The `nanochat eval base` smoke run on the real tiny
+checkpoint is in test_eval_chat.py."""
 import json
 import math
 import os

@@ -173,3 +173,62 @@ def test_generative_pass_at_k_with_the_real_engine(tokenizer):
     want = sum(any(words[i] in tokenizer.decode(r[len(prompts[i]):]) for r in results[i * k:(i + 1) * k])
                for i in range(len(words)))
     assert c == want and 0 < want  # some problems solved, so the count is checked
+
+
+# ---------------------------------------------------------------------------
+# Smoke runs of the real commands on the real tiny base checkpoint
+
+def _run(args, timeout=600, torchrun=False):
+    import subprocess
+    import sys
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nanochat"] \
+        if torchrun else [sys.executable, "-m", "nanochat"]
+    r = subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+@pytest.mark.slow
+def test_eval_base_smoke(base_checkpoint, base_dir):
+    out = _run(["eval", "base", "--max-per-task", "4", "--split-tokens", "2048", "--device-batch-size", "2",
+                "--device-type", "cpu"])
+    assert "train bpb:" in out and "val bpb:" in out and "Samples (greedy):" in out
+    assert "CORE over 20/22 tasks" in out and "missing: squad, coqa" in out
+    csvs = [f for f in os.listdir(os.path.join(base_dir, "eval")) if f.startswith("core_base_")]
+    assert csvs
+    rows = open(os.path.join(base_dir, "eval", sorted(csvs)[-1])).read().splitlines()
+    assert rows[0] == "task,type,num_items,accuracy,centered,baseline"
+    assert sum(1 for r in rows[1:] if ",missing," not in r and not r.startswith("CORE")) == 20
+    assert all(r.split(",")[2] == "4" for r in rows[1:] if ",multiple_choice," in r or ",schema," in r)
+    report = open(os.path.join(base_dir, "report", "base-model-evaluation.json")).read()
+    assert '"CORE"' in report and '"val bpb"' in report
+
+
+def test_eval_chat_smoke_all_tasks(base_checkpoint, base_dir):
+    out = _run(["eval", "chat", "-i", "base", "--max-problems", "4", "--max-new-tokens", "24", "--device-type", "cpu"])
+    for name in TASK_NAMES:
+        assert f"| {name}" in out
+    assert "ChatCORE:" in out
+    res = json.load(open(os.path.join(base_dir, "eval", "chat_base.json")))
+    assert set(res["tasks"]) == set(TASK_NAMES)
+    assert all(r["num_problems"] == 4 for r in res["tasks"].values())
+    assert res["tasks"]["MMLU"]["baseline"] == 0.25 and res["tasks"]["GSM8K"]["baseline"] == 0.0
+    assert res["chatcore"] == pytest.approx(sum(r["centered"] for r in res["tasks"].values()) / 6)
+    report = json.load(open(os.path.join(base_dir, "report", "chat-evaluation-base.json")))
+    assert "ChatCORE" in report["data"] and "HumanEval" in report["data"]
+
+
+@pytest.mark.slow
+def test_eval_chat_two_ranks_match_one(base_checkpoint, base_dir):
+    """Categorical scoring is deterministic: 2 ranks under torchrun (gloo) must give exactly the
+    single-process counts."""
+    args = ["eval", "chat", "-i", "base", "-a", "ARC-Easy|MMLU", "--max-problems", "10", "--device-type", "cpu"]
+    _run(args)
+    one = json.load(open(os.path.join(base_dir, "eval", "chat_base.json")))
+    _run(args, torchrun=True)
+    two = json.load(open(os.path.join(base_dir, "eval", "chat_base.json")))
+    for name in ("ARC-Easy", "MMLU"):
+        assert two["tasks"][name]["num_problems"] == 10
+        assert two["tasks"][name]["num_correct"] == one["tasks"][name]["num_correct"]
+        assert two["tasks"][name]["baseline"] == pytest.approx(one["tasks"][name]["baseline"])
