@@ -29,13 +29,18 @@ def prompt_imports(prompt: str) -> str:
     return "\n".join(line for line in prompt.splitlines() if line.startswith(("import ", "from ")))
 
 
+PASS_MARKER = "__nanochat_humaneval_passed__"
+
+
 def build_program(prompt: str, completion: str, test: str, entry_point: str) -> str:
     """imports of the prompt + the model's code + the tests + check(entry_point). A completion
     that is only the function body (no `def entry_point`) is appended to the prompt."""
     code = extract_code(completion, entry_point)
     if not re.search(rf"def\s+{re.escape(entry_point)}\s*\(", code):
         code = prompt + code
-    return f"{prompt_imports(prompt)}\n\n{code}\n\n{test}\n\ncheck({entry_point})\n"
+    # The marker is printed only after check() returned: a completion that calls sys.exit(0)
+    # early exits with status 0 but never prints it, so it cannot pass.
+    return f"{prompt_imports(prompt)}\n\n{code}\n\n{test}\n\ncheck({entry_point})\nprint({PASS_MARKER!r})\n"
 
 
 class HumanEval(Task):
@@ -63,4 +68,5 @@ class HumanEval(Task):
         from nanochat.execution import execute_code  # only scoring needs the sandbox
         program = build_program(conversation["prompt"], assistant_response, conversation["test"],
                                 conversation["entry_point"])
-        return bool(execute_code(program, timeout=self.timeout).success)
+        result = execute_code(program, timeout=self.timeout)
+        return bool(result.success and PASS_MARKER in result.stdout)

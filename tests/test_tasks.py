@@ -197,7 +197,7 @@ def test_humaneval_program_has_imports_and_check():
     ex = task[0]
     program = build_program(ex["prompt"], ex["messages"][-1]["content"], ex["test"], ex["entry_point"])
     assert program.startswith("from typing import List")
-    assert program.rstrip().endswith("check(has_close_elements)")
+    assert "\ncheck(has_close_elements)\nprint(" in program
 
 
 # ---------------------------------------------------------------------------
@@ -438,3 +438,12 @@ def test_every_task_renders_with_the_tokenizer(tokenizer):
                 assert python_start in ids
             prompt = tokenizer.render_for_completion(ex)
             assert prompt[-1] == tokenizer.encode_special("<|assistant_start|>")
+
+
+def test_humaneval_early_exit_does_not_pass(data_dir):
+    from tasks.humaneval import HumanEval
+    task = HumanEval()
+    conv = task[0]
+    cheat = "import sys\nsys.exit(0)\n"
+    assert not task.evaluate(conv, f"```python\n{cheat}```")
+    assert task.evaluate(conv, conv["messages"][1]["content"])
