@@ -95,7 +95,7 @@ _block_masks = {}
 
 
 def _flex_attention():
-    """The compiled FlexAttention kernel, or None when it cannot be imported."""
+    """The FlexAttention kernel (compiled), or None when it cannot be imported."""
     global _flex_fn
     if _flex_fn is None:
         try:
@@ -112,8 +112,10 @@ def use_flex(device):
     return device.type == "cuda" and USE_FLEX_ATTENTION and _flex_attention() is not None
 
 
+@torch.compiler.disable
 def sliding_window_block_mask(T, window, device):
-    """FlexAttention block mask: query i sees keys j with i - window < j <= i. Cached per (T, window)."""
+    """FlexAttention block mask: query i sees keys j with i - window < j <= i. Cached per (T, window).
+    Always built eagerly (a graph break inside a compiled model), then reused."""
     key = (T, window, str(device))
     if key not in _block_masks:
         from torch.nn.attention.flex_attention import create_block_mask
@@ -135,6 +137,10 @@ def attention(q, k, v, mask):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     if isinstance(mask, torch.Tensor):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    if torch.compiler.is_compiling():
+        # inside a compiled model: let the outer torch.compile trace flex_attention itself
+        from torch.nn.attention.flex_attention import flex_attention
+        return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
     return _flex_attention()(q, k, v, block_mask=mask, enable_gqa=gqa)
 
 

@@ -382,3 +382,23 @@ def test_setup_optimizer_trains():
         opt.step()
     assert all(math.isfinite(x) for x in losses)
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_attention_sliding_window_path(monkeypatch):
+    # the CUDA path for windows (FlexAttention block masks), run here with the eager (uncompiled)
+    # FlexAttention on CPU, forward only (CPU FlexAttention has no backward): same logits as the
+    # SDPA boolean-mask path
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    import nanochat.gpt as gpt
+    model = make_model(n_layer=3, window_pattern="SSL", short_window=5, n_kv_head=2)
+    model.eval()
+    idx = torch.randint(0, V, (2, 24))
+    with torch.no_grad():
+        ref = model(idx)
+        monkeypatch.setattr(gpt, "use_flex", lambda device: True)
+        monkeypatch.setattr(gpt, "_flex_fn", flex.flex_attention)
+        monkeypatch.setattr(gpt, "_block_masks", {})
+        got = model(idx)
+    assert list(gpt._block_masks) == [(24, 5, "cpu")]  # the block mask was built once and used
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
