@@ -358,3 +358,25 @@ def test_distributed_core_matches_single_process(tokenizer, tmp_path):
         r = json.load(open(tmp_path / f"out{rank}.json"))
         assert r["accuracy"] == single["accuracy"] and math.isclose(r["core"], single["core"])
         assert [t["num_items"] for t in r["tasks"]] == [4, 3, 3]
+
+
+def test_eval_base_custom_core_config_cli(base_checkpoint, base_dir, tmp_path):
+    """`nanochat eval base --eval core --core-config` on the real tiny checkpoint, with a bundle in
+    tmp (one task file missing); and a bad --eval value is a clean error."""
+    cfg = write_bundle(str(tmp_path / "mine"), [
+        {"label": "my_mc", "dataset_uri": "mc.jsonl", "num_fewshot": [1], "icl_task_type": "multiple_choice"},
+        {"label": "my_lm", "dataset_uri": "lm.jsonl", "num_fewshot": [1], "icl_task_type": "language_modeling"},
+        {"label": "absent", "dataset_uri": "absent.jsonl", "num_fewshot": [0], "icl_task_type": "schema"},
+    ], meta={"my_mc": 30}, files={"mc.jsonl": MC_ITEMS, "lm.jsonl": LM_ITEMS})
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "nanochat", "eval", "base", "--eval", "core", "--core-config", cfg,
+                        "--device-type", "cpu"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "CORE over 2/3 tasks" in r.stdout and "missing: absent" in r.stdout
+    assert "my_mc" in r.stdout and "my_lm" in r.stdout
+    csvs = [f for f in os.listdir(os.path.join(base_dir, "eval")) if f.startswith("core_base_")]
+    text = open(os.path.join(base_dir, "eval", sorted(csvs)[-1])).read()
+    assert "my_mc,multiple_choice,4," in text and "absent,missing" in text and ",0.300000" in text
+    bad = subprocess.run([sys.executable, "-m", "nanochat", "eval", "base", "--eval", "core,vibes"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "vibes" in bad.stderr and "Traceback" not in bad.stderr
