@@ -283,3 +283,41 @@ def test_streaming_is_utf8_safe_end_to_end(tokenizer):
         assert r.json()["choices"][0]["finish_reason"] == "stop"
     finally:
         live.close()
+
+
+def test_serve_command(tokenizer):
+    """`nanochat serve` as a user starts it, on a saved checkpoint (the default source search
+    finds sft)."""
+    import dataclasses
+    import os
+    import subprocess
+    import sys
+    from nanochat.checkpoint import checkpoint_dir, save_checkpoint
+    model = make_model(tokenizer.get_vocab_size(), seed=9, sequence_len=128)
+    save_checkpoint(checkpoint_dir("sft", "d2serve"), 3, model.state_dict(), None,
+                    {"model_config": dataclasses.asdict(model.config)})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "nanochat", "serve", "--port", str(port), "--model-tag", "d2serve",
+                             "--max-batch", "3"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=os.environ.copy())
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if requests.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.time() < deadline, "nanochat serve did not come up"
+            time.sleep(0.3)
+        assert requests.get(url + "/health", timeout=10).json()["max_batch"] == 3
+        assert requests.get(url + "/v1/models", timeout=10).json()["data"][0]["id"] == "nanochat-sft"
+        r = requests.post(url + "/v1/chat/completions", json={"messages": user(), "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 4
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

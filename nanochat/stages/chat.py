@@ -43,7 +43,7 @@ def add_model_flags(parser):
     add_common_flags(parser)
 
 
-def reply(engine, tokenizer, messages, args, out=sys.stdout):
+def reply(engine, tokenizer, messages, args, seed, out=sys.stdout):
     """Stream the assistant's answer to `out`; return its text (tool calls included)."""
     prompt = tokenizer.render_for_completion({"messages": messages})
     context = engine.model.config.sequence_len
@@ -55,7 +55,7 @@ def reply(engine, tokenizer, messages, args, out=sys.stdout):
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # never print half a character
     tokens = []
     for col, _ in engine.generate(prompt, max_tokens=max_tokens, temperature=args.temperature,
-                                  top_k=args.top_k or None, seed=args.seed):
+                                  top_k=args.top_k or None, seed=seed):
         token = col[0]
         if token in stop:
             break
@@ -88,7 +88,7 @@ def main(argv=None):
     engine = Engine(model, tokenizer)
 
     if args.prompt is not None:
-        reply(engine, tokenizer, [{"role": "user", "content": args.prompt}], args)
+        reply(engine, tokenizer, [{"role": "user", "content": args.prompt}], args, args.seed)
         return 0
 
     print(f"nanochat ({source}, step {meta.get('step', '?')}) -- type `clear` to start over, `quit` to leave")
@@ -111,10 +111,10 @@ def main(argv=None):
             continue
         messages.append({"role": "user", "content": text})
         print("\nnanochat: ", end="", flush=True)
-        args.seed += turn  # a different draw each turn, still reproducible
         turn += 1
         try:
-            answer = reply(engine, tokenizer, messages, args)
+            # a different draw each turn, still reproducible
+            answer = reply(engine, tokenizer, messages, args, args.seed + turn)
         except UserError as e:
             messages.pop()
             print(f"\n{e}")
