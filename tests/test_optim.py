@@ -257,3 +257,33 @@ def test_two_process_resume_from_shards_is_exact(two_process_run, tmp_path):
         for step in resumed:
             for k in resumed[step]:
                 assert torch.equal(resumed[step][k], full[step][k]), (r, step, k)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile'd update functions (the default on CUDA)
+
+@pytest.mark.slow
+def test_compiled_updates_match_eager_without_recompiling():
+    import torch._dynamo
+    results = []
+    for compile in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        W = (torch.randn(16, 32) * 0.1).requires_grad_()
+        b = torch.zeros(16, requires_grad=True)
+        x, y = torch.randn(8, 32), torch.randn(8, 16)
+        opt = MuonAdamW([dict(kind="muon", params=[W], lr=0.02, weight_decay=0.1),
+                         dict(kind="adamw", params=[b], lr=0.01, weight_decay=0.1)], compile=compile)
+        for step in range(4):
+            for group in opt.param_groups:  # lr and momentum change every step...
+                group["lr"] = group["initial_lr"] * (1 - step / 8)
+            opt.param_groups[0]["momentum"] = 0.85 + 0.03 * step
+            loss = ((x @ W.T + b - y) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            # ...which must not recompile: hyperparameters go in as 0-D tensors
+            with torch._dynamo.config.patch(error_on_recompile=step > 0):
+                opt.step()
+        results.append((W.detach().clone(), b.detach().clone()))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(results[1][1], results[0][1], atol=1e-5, rtol=0)
