@@ -405,7 +405,9 @@ class GPT(nn.Module):
             return losses.view(B, T)
         if reduction == "sum":
             return losses.sum()
-        return losses.sum() / (tf != -1).sum()  # like F.cross_entropy: nan if every target is ignored
+        # unlike F.cross_entropy, a batch whose targets are all ignored gives 0 (and zero grads), not
+        # NaN: a fully masked SFT micro-batch must not poison the step
+        return losses.sum() / (tf != -1).sum().clamp(min=1)
 
     # ---- accounting
 
@@ -439,13 +441,16 @@ class GPT(nn.Module):
         """The parameter groups of setup_optimizer (every parameter in exactly one group)."""
         scale = (self.config.n_embd / 768) ** -0.5  # AdamW lrs were tuned at width 768
 
-        def adamw(params, lr):
-            return dict(kind="adamw", params=params, lr=lr * scale, betas=adam_betas, eps=1e-10, weight_decay=0.0)
+        def adamw(params, lr, scaled=True):
+            return dict(kind="adamw", params=params, lr=lr * (scale if scaled else 1.0), betas=adam_betas,
+                        eps=1e-10, weight_decay=0.0)
         gates = [b.attn.ve_gate.weight for b in self.blocks if b.attn.ve_gate is not None]
         groups = [
             adamw([self.lm_head.weight], unembedding_lr),
             adamw([self.wte.weight] + list(self.value_embeds.parameters()), embedding_lr),
-            adamw([self.resid_lambdas, self.x0_lambdas] + gates, scalar_lr),
+            # scalars and gates are not width-scaled: their scale does not grow with the width,
+            # and scaling them up at tiny widths makes early training spike
+            adamw([self.resid_lambdas, self.x0_lambdas] + gates, scalar_lr, scaled=False),
         ]
         matrices = {}
         for b in self.blocks:
