@@ -1,0 +1,41 @@
+"""`nanochat train mid`: mid-training. Continue the base model's training on conversations
+rendered in the chat format, packed like pretraining, so that it learns the special tokens,
+multiple-choice answers, calculator calls, spelling and who it is.
+
+    nanochat train mid                                   # latest base checkpoint, default mixture
+    nanochat train mid --mixture "chat,gsm8k,identity*2" --num-iterations 500
+    torchrun --nproc_per_node=8 -m nanochat train mid
+    nanochat train mid --max-seq-len 128 --device-batch-size 4 --total-batch-size 1024 \\
+        --num-iterations 10 --eval-tokens 2048           # tiny, CPU, seconds
+
+The default mixture depends on the data root (online: SmolTalk, MMLU auxiliary_train, GSM8K,
+identity x2, spelling; offline: $NANOCHAT_DATA/chat/*, ARC, GSM8K, identity x2, spelling) and is
+printed at start. Every token of the rendered conversations is trained on, as in pretraining.
+Learning rates are inherited from the base checkpoint; the schedule is constant then a linear
+warmdown over the last 20%. Output: $NANOCHAT_BASE_DIR/checkpoints/mid/<tag> (docs/chat_training.md).
+"""
+import argparse
+
+from nanochat.chat_data import add_lm_stage_flags, add_lr_flags, add_training_flags, run_lm_stage
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="nanochat train mid", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_training_flags(p, "mid", ["base"], device_batch_size=32, total_batch_size=524288, eval_every=150, save_every=-1)
+    g = add_lr_flags(p, init_lr_frac=1.0)
+    g.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps of linear warmup (default 0)")
+    g.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of steps of linear decay at the end (default 0.2)")
+    g.add_argument("--final-lr-frac", type=float, default=0.0, help="lr multiplier at the last step (default 0)")
+    g = add_lm_stage_flags(p, "mid")
+    g.add_argument("--chatcore-every", type=int, default=-1, help="small ChatCORE every N steps and at the end, -1 = never (default -1)")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    return run_lm_stage(args, "mid", "Midtraining")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

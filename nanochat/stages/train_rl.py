@@ -1,0 +1,278 @@
+"""`nanochat train rl`: on-policy reinforcement learning on GSM8K train.
+
+    nanochat train rl                                    # from the latest sft checkpoint
+    torchrun --nproc_per_node=8 -m nanochat train rl
+    nanochat train rl --examples-per-step 2 --num-samples 4 --max-new-tokens 32 \\
+        --num-iterations 4 --eval-every -1 --eval-problems 4   # tiny, CPU, seconds
+
+Each step takes --examples-per-step questions (split over the processes); for each one the
+Engine samples --num-samples completions (calculator calls are executed, their outputs forced
+into the text). Reward = 1 if the completion's `#### N` is right, else 0. Advantage = reward -
+the mean reward of the question's group (divided by the group's std + 1e-6 with
+--std-normalize). Loss = -sum(advantage x log-prob) over the SAMPLED tokens only (prompt and
+tool-output tokens are masked), divided by the number of sampled tokens in the step. So a group
+whose samples all score the same teaches nothing. Learning rates: the source's x --init-lr-frac
+(0.05), decaying linearly to 0. pass@1 / pass@k on GSM8K test every --eval-every steps.
+Output: checkpoints/rl/<tag> (docs/chat_training.md).
+"""
+import argparse
+import random
+import time
+
+import torch
+
+from nanochat import checkpoint as ck
+from nanochat.chat_data import (add_lr_flags, add_training_flags, check_common_args, clear_tag, global_sum,
+                                inherited_lrs, log_report, pg_loss, resolve_start, rl_advantages, rl_batch)
+from nanochat.common import (UserError, autodetect_device_type, compute_cleanup, compute_init, get_compute_dtype,
+                             init_wandb, print0, synchronize)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="nanochat train rl", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_training_flags(p, "rl", ["sft", "mid", "base"], device_batch_size=8, total_batch_size=None,
+                       eval_every=60, save_every=60)
+    add_lr_flags(p, init_lr_frac=0.05)
+    g = p.add_argument_group("rollouts")
+    g.add_argument("--examples-per-step", type=int, default=16, help="questions per step over all processes (default 16)")
+    g.add_argument("--num-samples", type=int, default=16, help="completions sampled per question (default 16)")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="longest completion (default 256)")
+    g.add_argument("--max-seq-len", type=int, default=-1, help="longest prompt + completion (default -1: the model's context)")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    g.add_argument("--top-k", type=int, default=50, help="sample from the k likeliest tokens (default 50; 0 = all)")
+    g.add_argument("--std-normalize", action="store_true", help="divide advantages by the group's reward std + eps")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval-problems", type=int, default=400, help="GSM8K test problems per evaluation (default 400)")
+    g.add_argument("--eval-samples", type=int, default=8, help="k of pass@k: samples per test problem (default 8)")
+    return p
+
+
+def sample_group(engine, tokenizer, prompt, num_samples, max_tokens, temperature, top_k, seed):
+    """num_samples completions of one prompt: (sequences, masks, completions, stopped), the
+    sequences being prompt + completion (+ the stop token when the model sampled one), masks 1
+    exactly on the sampled tokens (0 on the prompt and on forced tool-output tokens)."""
+    seqs = [list(prompt) for _ in range(num_samples)]
+    masks = [[0] * len(prompt) for _ in range(num_samples)]
+    completions = [[] for _ in range(num_samples)]
+    stopped = [False] * num_samples
+    stop = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+    for col, mcol in engine.generate(prompt, num_samples=num_samples, max_tokens=max_tokens,
+                                     temperature=temperature, top_k=top_k, seed=seed):
+        for i, (tok, m) in enumerate(zip(col, mcol)):
+            if stopped[i]:
+                continue
+            if tok in stop and m == 0:  # padding after a row that ran out of tokens
+                stopped[i] = True
+                continue
+            seqs[i].append(tok)
+            masks[i].append(m)
+            if tok in stop:
+                stopped[i] = True  # the stop token was sampled: it is trained on like any other
+            else:
+                completions[i].append(tok)
+        if all(stopped):
+            break
+    return seqs, masks, completions, stopped
+
+
+@torch.no_grad()
+def evaluate_pass_at_k(engine, tokenizer, task, problems, k, max_new_tokens, max_seq_len, temperature, top_k, seed,
+                       device, batch_size=32):
+    """(pass@1, pass@k) over task[problems] (this rank's share; counts summed over ranks).
+    pass@1 = mean fraction of right samples, pass@k = fraction of problems with a right sample."""
+    convs = [task[i] for i in problems]
+    prompts = [tokenizer.render_for_completion(c) for c in convs]
+    max_tokens = max(1, min(max_new_tokens, max_seq_len - max([len(p) for p in prompts] or [0])))
+    flat = [p for p in prompts for _ in range(k)]
+    results, _ = engine.generate_many(flat, max_tokens=max_tokens, temperature=temperature, top_k=top_k or None,
+                                      seed=seed, batch_size=batch_size)
+    right_frac, any_right = 0.0, 0.0
+    for j, (conv, p) in enumerate(zip(convs, prompts)):
+        ok = [bool(task.evaluate(conv, tokenizer.decode(r[len(p):]))) for r in results[j * k:(j + 1) * k]]
+        right_frac += sum(ok) / k
+        any_right += float(any(ok))
+    n = global_sum(len(convs), device)
+    return global_sum(right_frac, device) / max(1, n), global_sum(any_right, device) / max(1, n)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    check_common_args(args)
+    for name in ("examples_per_step", "num_samples", "max_new_tokens", "eval_samples"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+    device_type = args.device_type or autodetect_device_type()
+    is_dist, rank, local_rank, world_size, device = compute_init(device_type, seed=args.seed)
+    try:
+        return train(args, rank, world_size, device)
+    finally:
+        compute_cleanup()
+
+
+def train(args, rank, world_size, device):
+    from nanochat.engine import Engine
+    from nanochat.stages.eval_chat import pick_problems
+    from nanochat.stages.train_base import format_time
+    from tasks.gsm8k import GSM8K
+    master = rank == 0
+    if args.examples_per_step % world_size:
+        raise UserError(f"--examples-per-step {args.examples_per_step} must be a multiple of the number of "
+                        f"processes ({world_size})")
+    src_dir, src_step, model_tag, out_dir, resume_step = resolve_start(args, "rl", world_size)
+    load_dir, load_step = (out_dir, resume_step) if resume_step is not None else (src_dir, src_step)
+    model, tokenizer, load_meta = ck.build_model(load_dir, load_step, device, phase="train")
+    src_meta = ck.load_meta(src_dir, src_step)
+    model_config = load_meta["model_config"]
+    max_seq_len = args.max_seq_len if args.max_seq_len > 0 else model_config["sequence_len"]
+    dtype = get_compute_dtype(device.type)
+
+    def autocast():
+        return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    train_task = GSM8K("main", "train")
+    val_task = GSM8K("main", "test")
+    order = list(range(len(train_task)))
+    random.Random(args.seed).shuffle(order)  # the same order every epoch; step s uses a fixed slice of it
+    per_rank = args.examples_per_step // world_size
+    if args.num_iterations > 0:
+        num_iterations = args.num_iterations
+    else:
+        num_iterations = max(1, int(args.num_epochs * len(train_task)) // args.examples_per_step)
+    if resume_step is not None and resume_step > num_iterations:
+        raise UserError(f"the checkpoint is at step {resume_step}, past --num-iterations {num_iterations}")
+    lrs = inherited_lrs(src_meta, args)
+    user_config = dict(vars(args))
+    derived = dict(model_tag=model_tag, source=f"{args.source}/{model_tag}@{src_step}", num_iterations=num_iterations,
+                   max_seq_len=max_seq_len, world_size=world_size, train_questions=len(train_task),
+                   lrs={k: v * args.init_lr_frac for k, v in lrs.items()})
+    print0(f"from {args.source}/{model_tag} step {src_step} -> {out_dir}")
+    print0(f"{num_iterations} steps x {args.examples_per_step} GSM8K questions x {args.num_samples} samples "
+           f"(of {len(train_task):,} questions); {world_size} process(es)")
+    print0("learning rates: " + ", ".join(f"{k} {v:.4g}" for k, v in derived["lrs"].items())
+           + f" (inherited x {args.init_lr_frac})")
+    if args.dry_run:
+        print0(derived)
+        return 0
+
+    optimizer = model.setup_optimizer(weight_decay=args.weight_decay, **{k: v * args.init_lr_frac for k, v in lrs.items()})
+    total_time = 0.0
+    if resume_step is not None:
+        _, shard, meta = ck.load_checkpoint(out_dir, resume_step, device, load_optimizer=True, rank=rank)
+        optimizer.load_state_dict(shard["optimizer"])
+        ck.set_rng_state(shard["rng"])
+        total_time = meta["loop"]["total_time"]
+        if master:
+            ck.trim_metrics(out_dir, resume_step)
+        print0(f"resumed from {out_dir} step {resume_step}")
+    elif master:
+        clear_tag(out_dir)
+    start_step = resume_step or 0
+    wandb_run = init_wandb(args.run, "nanochat-rl", {**user_config, **derived}, master)
+    engine = Engine(model, tokenizer)
+    pad = tokenizer.get_bos_token_id()
+    eval_problems = pick_problems(len(val_task), args.eval_problems)[rank::world_size]
+    top_k = args.top_k if args.top_k > 0 else None
+
+    def save(step):
+        meta = dict(model_config=model_config, user_config=user_config, derived=derived, step=step, lrs=lrs,
+                    source=dict(stage=args.source, model_tag=model_tag, step=src_step), world_size=world_size,
+                    loop=dict(total_time=total_time))
+        # the data position and the sampling seeds are functions of the step: nothing else to save
+        ck.save_checkpoint(out_dir, step, model.state_dict(), optimizer.state_dict(), meta, rank=rank)
+        print0(f"saved {out_dir} step {step}")
+
+    step, record, last_pass = start_step, None, None
+    while True:
+        last = step == num_iterations
+        fresh = step == start_step and resume_step is not None
+        if not fresh and (last or (args.eval_every > 0 and step % args.eval_every == 0)):
+            model.eval()
+            with autocast():
+                p1, pk = evaluate_pass_at_k(engine, tokenizer, val_task, eval_problems, args.eval_samples,
+                                            args.max_new_tokens, max_seq_len, args.temperature, top_k, args.seed, device)
+            model.train()
+            last_pass = (p1, pk)
+            print0(f"step {step:05d}/{num_iterations:05d} | GSM8K test pass@1 {p1:.4f} | pass@{args.eval_samples} {pk:.4f}")
+            record = record or {"step": step}
+            record.update({"pass@1": p1, f"pass@{args.eval_samples}": pk})
+        if record is not None:
+            if master:
+                ck.append_metrics(out_dir, record)
+                wandb_run.log(record, step=record["step"])
+            record = None
+        if not fresh and (last or (args.save_every > 0 and step > 0 and step % args.save_every == 0)):
+            save(step)
+        if last:
+            break
+
+        # --- rollouts: this rank's questions of this step
+        t0 = time.time()
+        sequences, masks, rewards, gen_lens = [], [], [], []
+        model.eval()
+        with autocast():
+            for j in range(per_rank):
+                g = step * args.examples_per_step + rank * per_rank + j  # global example number
+                conv = train_task[order[g % len(order)]]
+                prompt = tokenizer.render_for_completion(conv)
+                max_tokens = min(args.max_new_tokens, max_seq_len - len(prompt))
+                if max_tokens < 1:
+                    raise UserError(f"a GSM8K prompt of {len(prompt)} tokens leaves no room in --max-seq-len {max_seq_len}")
+                seqs, mks, comps, _ = sample_group(engine, tokenizer, prompt, args.num_samples, max_tokens,
+                                                   args.temperature, top_k, seed=args.seed * 1_000_003 + g)
+                sequences += seqs
+                masks += mks
+                rewards.append([train_task.reward(conv, tokenizer.decode(c)) for c in comps])
+                gen_lens += [len(s) - len(prompt) for s in seqs]
+        model.train()
+        adv = rl_advantages(rewards, args.std_normalize).reshape(-1)  # (per_rank * num_samples,)
+
+        # --- policy gradient, micro-batches of --device-batch-size sequences
+        lrm = 1.0 - step / num_iterations
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+        inputs, targets = rl_batch(sequences, masks, pad)
+        num_tokens = int(global_sum(int((targets != -1).sum()), device))
+        loss_total = 0.0
+        for s in range(0, len(sequences), args.device_batch_size):
+            x = inputs[s:s + args.device_batch_size].to(device)
+            y = targets[s:s + args.device_batch_size].to(device)
+            with autocast():
+                logprobs = -model(x, y, loss_reduction="none")
+            loss = pg_loss(logprobs.float(), y, adv[s:s + args.device_batch_size].to(device), num_tokens, world_size)
+            loss.backward()
+            loss_total += float(loss.detach()) / world_size
+        if num_tokens > 0:
+            optimizer.step()
+        model.zero_grad(set_to_none=True)
+        step += 1
+
+        n_all = global_sum(len(gen_lens), device)
+        reward = global_sum(sum(map(sum, rewards)), device) / max(1, n_all)
+        mean_len = global_sum(sum(gen_lens), device) / max(1, n_all)
+        max_len = max(gen_lens)
+        loss_total = global_sum(loss_total, device)
+        synchronize(device)
+        dt = time.time() - t0
+        total_time += dt
+        if step % args.log_every == 0 or step == num_iterations:
+            print0(f"step {step:05d}/{num_iterations:05d} | reward {reward:.4f} | loss {loss_total:+.5f} | "
+                   f"completion len {mean_len:.1f} (max {max_len}) | sampled tokens {num_tokens:,} | lrm {lrm:.3f} | "
+                   f"dt {dt:.2f}s | eta {format_time(dt * (num_iterations - step))}")
+            record = dict(step=step, reward=reward, loss=loss_total, seq_len=mean_len, max_seq_len=max_len,
+                          sampled_tokens=num_tokens, lr=lrm, lrm=lrm, dt=dt, total_time=total_time)
+
+    summary = {"model tag": model_tag, "source": derived["source"], "steps": num_iterations,
+               "questions per step": args.examples_per_step, "samples per question": args.num_samples,
+               "training time (min)": round(total_time / 60, 2), "processes": world_size}
+    if last_pass is not None:
+        summary["GSM8K pass@1"], summary[f"GSM8K pass@{args.eval_samples}"] = last_pass
+    print0("summary: " + " | ".join(f"{k} {v}" for k, v in summary.items()))
+    if master:
+        log_report("Chat RL", [user_config, summary])
+    wandb_run.finish()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

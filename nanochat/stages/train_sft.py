@@ -1,0 +1,39 @@
+"""`nanochat train sft`: supervised fine-tuning on a conversation mixture, loss on the
+assistant's tokens only.
+
+    nanochat train sft                                   # from the latest mid checkpoint
+    nanochat train sft -i base                           # straight from the base model
+    torchrun --nproc_per_node=8 -m nanochat train sft
+    nanochat train sft --max-seq-len 128 --device-batch-size 4 --total-batch-size 1024 \\
+        --num-iterations 10 --eval-tokens 2048 --chatcore-every -1   # tiny, CPU, seconds
+
+Whole conversations are packed best-fit into rows of max-seq-len + 1 tokens; the rest of a row
+is padding, never half an answer (a conversation longer than a row is truncated to it). The loss
+is the mean over the step's assistant tokens. Learning rates: the source checkpoint's, times
+--init-lr-frac (0.02), decaying linearly to 0. Output: checkpoints/sft/<tag> (docs/chat_training.md).
+"""
+import argparse
+
+from nanochat.chat_data import add_lm_stage_flags, add_lr_flags, add_training_flags, run_lm_stage
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="nanochat train sft", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_training_flags(p, "sft", ["mid", "base"], device_batch_size=4, total_batch_size=65536, eval_every=100, save_every=-1)
+    g = add_lr_flags(p, init_lr_frac=0.02)
+    g.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps of linear warmup (default 0)")
+    g.add_argument("--warmdown-ratio", type=float, default=1.0, help="fraction of steps of linear decay at the end (default 1: all)")
+    g.add_argument("--final-lr-frac", type=float, default=0.0, help="lr multiplier at the last step (default 0)")
+    g = add_lm_stage_flags(p, "sft")
+    g.add_argument("--chatcore-every", type=int, default=200, help="small ChatCORE every N steps and at the end, -1 = never (default 200)")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    return run_lm_stage(args, "sft", "Chat SFT")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
