@@ -146,6 +146,9 @@ class BatchDecoder:
         self.batch_size = batch_size
         self.max_len = max_len or model.config.sequence_len
         self.device = model.get_device()
+        # weights stay fp32; on CUDA the matmuls run in bf16 under autocast (like training does)
+        from nanochat.common import get_compute_dtype
+        self.dtype = get_compute_dtype(self.device.type)
         self.cache = model.new_kv_cache(batch_size, self.max_len)
         self.inputs = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
         self.generator = torch.Generator(device=self.device)
@@ -157,6 +160,10 @@ class BatchDecoder:
             "output_start": enc("<|output_start|>"), "output_end": enc("<|output_end|>"),
         }
         self.seqs = []
+
+    def _forward(self, ids, cache):
+        with torch.autocast(device_type=self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            return self.model(ids, kv_cache=cache)
 
     def free(self):
         return self.batch_size - len(self.seqs)
@@ -212,7 +219,7 @@ class BatchDecoder:
                 ids[r, :len(u)] = torch.tensor(u)
             view = self.cache.narrow(first_row + i, len(group))
             view.reset()
-            logits = self.model(ids.to(self.device), kv_cache=view)
+            logits = self._forward(ids.to(self.device), view)
             lengths = torch.tensor([len(u) for u in group], device=self.device)
             view.lengths.copy_(lengths)  # undo the padding
             picked = logits[torch.arange(len(group), device=self.device), lengths - 1]
@@ -235,7 +242,7 @@ class BatchDecoder:
         n = len(self.seqs)
         if n == 0:
             return []
-        logits = self.model(self.inputs[:n], kv_cache=self.cache.narrow(0, n))[:, -1, :]
+        logits = self._forward(self.inputs[:n], self.cache.narrow(0, n))[:, -1, :]
         produced = self._advance(self.seqs, logits)
         self.inputs[:n, 0].copy_(torch.tensor([tok for _, tok, _ in produced]), non_blocking=True)
         return produced

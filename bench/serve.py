@@ -1,0 +1,200 @@
+"""Server benchmark: aggregate tokens/s and request latency (p50/p90/p99) for 1, 4 and 16
+concurrent clients of `nanochat serve`'s continuous batching. Prints JSON.
+
+    python bench/serve.py --depth 4 --threads 2                 # CPU
+    python bench/serve.py --depth 12 --max-batch 32             # GPU
+    python bench/serve.py -i sft                                # a trained checkpoint
+
+The bench starts the server itself, in a child process on 127.0.0.1 (a free port), with
+random weights unless -i names a checkpoint source, and with stop tokens ignored so that every
+reply is exactly --max-tokens long (random weights would otherwise stop at random). Each client
+sends --requests-per-client streaming requests to /v1/chat/completions, one after the other.
+Tokenizer: $NANOCHAT_BASE_DIR/tokenizer if it exists, else one trained here on this
+repository's own text (a fresh GPU machine has neither data nor a tokenizer).
+"""
+import argparse
+import glob
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def get_or_train_tokenizer(vocab_size):
+    from nanochat.tokenizer import Tokenizer, get_tokenizer, tokenizer_dir
+    if os.path.exists(os.path.join(tokenizer_dir(), "merges.tiktoken")):
+        return get_tokenizer()
+    texts = []
+    for path in sorted(glob.glob(os.path.join(REPO, "**", "*.py"), recursive=True) +
+                       glob.glob(os.path.join(REPO, "**", "*.md"), recursive=True)):
+        if ".venv" not in path:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                texts.append(f.read())
+    return Tokenizer.train(iter(texts), vocab_size)
+
+
+def serve(args):
+    """The child process: build the model, start uvicorn."""
+    import torch
+    import uvicorn
+    from nanochat.common import autodetect_device_type
+    from nanochat.server import create_app
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device_type or autodetect_device_type())
+    if args.source:
+        from nanochat.checkpoint import load_model
+        model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag)
+    else:
+        from nanochat.gpt import GPT, GPTConfig
+        tokenizer = get_or_train_tokenizer(args.vocab_size)
+        dim = -(-args.depth * args.aspect_ratio // args.head_dim) * args.head_dim
+        cfg = GPTConfig(sequence_len=args.max_seq_len, vocab_size=tokenizer.get_vocab_size(), n_layer=args.depth,
+                        n_head=dim // args.head_dim, n_kv_head=dim // args.head_dim, n_embd=dim,
+                        window_pattern="SSSL" if device.type == "cuda" else "L")
+        with torch.device("meta"):
+            model = GPT(cfg)
+        model.to_empty(device=device)
+        model.init_weights()
+        model.eval()
+    app = create_app(model, tokenizer, max_batch=args.max_batch, model_name="bench")
+    if not args.source or args.ignore_stop:
+        app.state.scheduler.decoder.specials["stop"] = set()  # fixed-length replies
+    params = sum(p.numel() for p in model.parameters())
+    print(json.dumps({"ready": True, "params_M": round(params / 1e6, 1), "n_layer": model.config.n_layer,
+                      "n_embd": model.config.n_embd, "vocab_size": model.config.vocab_size,
+                      "device": torch.cuda.get_device_name() if device.type == "cuda" else device.type,
+                      "threads": torch.get_num_threads()}), flush=True)
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
+
+
+def one_request(url, i, max_tokens):
+    """Stream one request; return (latency_s, ttft_s, completion_tokens)."""
+    import requests
+    body = {"messages": [{"role": "user", "content": f"Request {i}: tell me a long story about a lighthouse."}],
+            "max_tokens": max_tokens, "temperature": 1.0, "top_k": 50, "stream": True,
+            "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    ttft, tokens = None, 0
+    with requests.post(url + "/v1/chat/completions", json=body, stream=True, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+            elif ttft is None and event["choices"] and event["choices"][0]["delta"].get("content"):
+                ttft = time.perf_counter() - t0
+    return time.perf_counter() - t0, ttft, tokens
+
+
+def percentile(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def load(url, clients, requests_per_client, max_tokens):
+    results, errors = [], []
+
+    def client(c):
+        for k in range(requests_per_client):
+            try:
+                results.append(one_request(url, c * 1000 + k, max_tokens))
+            except Exception as e:
+                errors.append(repr(e))
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    lat = [r[0] for r in results]
+    ttft = [r[1] for r in results if r[1] is not None]
+    tokens = sum(r[2] for r in results)
+    return {"clients": clients, "requests": len(results), "errors": len(errors), "wall_s": round(wall, 3),
+            "completion_tokens": tokens, "aggregate_tok_per_s": round(tokens / wall, 1),
+            "latency_p50_s": round(percentile(lat, 50), 3), "latency_p90_s": round(percentile(lat, 90), 3),
+            "latency_p99_s": round(percentile(lat, 99), 3),
+            "ttft_p50_s": round(percentile(ttft, 50), 3) if ttft else None,
+            "per_request_tok_per_s_p50": round(statistics.median(r[2] / r[0] for r in results), 1)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-i", "--source", default=None)
+    p.add_argument("--model-tag", default=None)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--aspect-ratio", type=int, default=64)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--max-seq-len", type=int, default=1024)
+    p.add_argument("--vocab-size", type=int, default=4096, help="only when a tokenizer is trained here")
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--clients", default="1,4,16")
+    p.add_argument("--requests-per-client", type=int, default=3)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device-type", default="")
+    p.add_argument("--ignore-stop", action="store_true", help="with -i: fixed-length replies anyway")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    p.add_argument("--serve-only", action="store_true", help=argparse.SUPPRESS)  # the child process
+    p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.serve_only:
+        return serve(args)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, os.path.abspath(__file__), "--serve-only", "--port", str(port)] + \
+        (sys.argv[1:] if argv is None else list(argv))
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        import requests
+        info = json.loads(child.stdout.readline() or "{}")
+        if not info.get("ready"):
+            raise SystemExit("the server process failed to start")
+        while True:
+            try:
+                requests.get(url + "/health", timeout=2)
+                break
+            except requests.ConnectionError:
+                if child.poll() is not None:
+                    raise SystemExit("the server process died")
+                time.sleep(0.2)
+        load(url, 1, 1, 8)  # warm-up
+        runs = [load(url, int(c), args.requests_per_client, args.max_tokens) for c in args.clients.split(",")]
+        stats = requests.get(url + "/stats", timeout=10).json()
+    finally:
+        child.terminate()
+        child.wait(timeout=30)
+    base = runs[0]["aggregate_tok_per_s"]
+    out = {
+        "bench": "serve", "date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.machine(),
+        "cpus": os.cpu_count(), "server": {k: v for k, v in info.items() if k != "ready"},
+        "max_batch": args.max_batch, "max_tokens": args.max_tokens,
+        "command": "python bench/serve.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "runs": runs,
+        "speedup_vs_first": {str(r["clients"]): round(r["aggregate_tok_per_s"] / base, 2) for r in runs},
+        "server_mean_rows_per_step": stats["mean_rows_per_step"], "server_max_rows_per_step": stats["max_rows_per_step"],
+    }
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
