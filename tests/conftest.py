@@ -46,3 +46,29 @@ def tokenizer(data_dir):
         tok = Tokenizer.train(capped_texts(iter_texts("train", data_dir=data_dir), 2_000_000, 10_000), TEST_VOCAB_SIZE)
         tok.save(out)
     return get_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def base_checkpoint(tokenizer):
+    """A tiny base model really trained by `nanochat train base` (depth 2, width 128, seq len 64,
+    8 steps of 512 tokens, fp32 on CPU) with the session tokenizer, saved under
+    $NANOCHAT_BASE_DIR/checkpoints/base/<tag>. Returns a SimpleNamespace with `source` ("base"),
+    `tag`, `step` (the last step), `dir` (the checkpoint folder) and `model_config` (dict).
+    Load it with `nanochat.checkpoint.load_model("base", "cpu", model_tag=ckpt.tag)`; it is the
+    only (so the largest) base model, so `load_model("base", "cpu")` finds it too. Treat it as
+    read-only: train later stages into their own folders (mid/, sft/, ...)."""
+    import json
+    import types
+    from nanochat import checkpoint as ck
+    from nanochat.stages import train_base
+    tag = "d2"
+    d = ck.checkpoint_dir("base", tag)
+    if not ck.complete_steps(d):
+        train_base.main(["--depth", "2", "--max-seq-len", "64", "--device-batch-size", "8",
+                         "--total-batch-size", "512", "--num-iterations", "8", "--eval-every", "-1",
+                         "--eval-tokens", "512", "--core-metric-every", "-1", "--sample-every", "-1",
+                         "--model-tag", tag, "--device-type", "cpu"])
+    step = ck.find_last_step(d)
+    with open(os.path.join(d, f"meta_{step:06d}.json")) as f:
+        meta = json.load(f)
+    return types.SimpleNamespace(source="base", tag=tag, step=step, dir=d, model_config=meta["model_config"])

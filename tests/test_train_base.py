@@ -1,0 +1,149 @@
+"""`nanochat train base`: derived config, bad flags, exact resume, metrics.jsonl, load_model."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nanochat import checkpoint as ck
+from nanochat.common import UserError
+from nanochat.stages import train_base as tb
+
+TINY = ["--depth", "2", "--max-seq-len", "64", "--device-batch-size", "4", "--total-batch-size", "512",
+        "--eval-tokens", "512", "--core-metric-every", "-1", "--sample-every", "-1", "--device-type", "cpu"]
+
+
+def metrics(tag):
+    return ck.read_metrics(ck.checkpoint_dir("base", tag))
+
+
+# ---------------------------------------------------------------------------
+# derived configuration
+
+def test_model_dims_round_up_to_head_dim():
+    assert tb.model_dims(20, 64, 128) == (1280, 10)
+    assert tb.model_dims(2, 64, 128) == (128, 1)
+    assert tb.model_dims(3, 64, 128) == (256, 2)   # 192 rounds up to 256
+    assert tb.model_dims(26, 64, 128) == (1664, 13)
+
+
+def test_schedules():
+    n = 100
+    lrs = [tb.lr_multiplier(i, n, 0.1, 0.4, 0.0) for i in range(n + 1)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == 1.0 and lrs[60] == 1.0
+    assert lrs[80] == pytest.approx(0.5) and lrs[100] == 0.0
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # never rises after warmup
+    assert tb.lr_multiplier(100, 100, 0.0, 0.4, 0.1) == pytest.approx(0.1)
+    assert tb.muon_momentum(0) == pytest.approx(0.85) and tb.muon_momentum(150) == pytest.approx(0.90)
+    assert tb.muon_momentum(300) == pytest.approx(0.95) and tb.muon_momentum(5000) == pytest.approx(0.95)
+
+
+def test_derived_batch_size_is_power_law_and_divisible():
+    # ~5e9 tokens (a d20-sized run) -> 2^19 tokens per step
+    assert tb.derive_total_batch_size(5e9, 32 * 2048 * 8) == 2 ** 19
+    small = tb.derive_total_batch_size(5e7, 4 * 512)
+    assert small % (4 * 512) == 0 and small < 2 ** 19
+    assert tb.derive_total_batch_size(10, 4 * 512) == 4 * 512  # at least one micro-batch
+    assert tb.derive_total_batch_size(5e9, 3 * 1000) % 3000 == 0
+
+
+def test_dry_run_derives_everything_from_depth(tokenizer, capsys):
+    assert tb.main(["--depth", "4", "--device-type", "cpu", "--dry-run", "--model-tag", "dry"]) == 0
+    out = capsys.readouterr().out
+    assert "depth 4, dim 256, heads 2 (kv 2), windows L" in out
+    assert "grad_accum" in out and "num_iterations" in out
+
+
+# ---------------------------------------------------------------------------
+# bad flags
+
+@pytest.mark.parametrize("flags,message", [
+    (["--depth", "0"], "--depth must be >= 1"),
+    (["--total-batch-size", "1000"], "not a multiple of"),
+    (["--device-batch-size", "auto"], "needs CUDA"),
+    (["--device-batch-size", "many"], "positive integer or 'auto'"),
+    (["--window-pattern", "SXL"], "made of S and L"),
+    (["--n-kv-head", "3"], "must divide the number of heads"),
+    (["--resume", "--model-tag", "never-trained"], "nothing to resume"),
+    (["--warmup-ratio", "0.7", "--warmdown-ratio", "0.5"], "at most 1"),
+    (["--num-iterations", "0"], "--num-iterations must be >= 1"),
+])
+def test_bad_flags_raise_user_error(tokenizer, flags, message):
+    with pytest.raises(UserError, match=message):
+        tb.main(TINY + ["--num-iterations", "2", "--model-tag", "bad"] + flags)
+
+
+def test_bad_flag_cli_exit_code(tokenizer):
+    p = subprocess.run([sys.executable, "-m", "nanochat", "train", "base", "--depth", "-1"],
+                       capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    assert p.returncode == 1
+    assert "nanochat train base: error: --depth must be >= 1" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+# ---------------------------------------------------------------------------
+# training, exact resume, metrics
+
+@pytest.mark.slow
+def test_exact_resume_reproduces_uninterrupted_run(tokenizer, monkeypatch):
+    """6 steps in one go vs. a run killed right after logging step 4 (its last checkpoint is step
+    3) then resumed with --resume: identical losses (exact equality, CPU fp32), each step logged
+    once in metrics.jsonl. Two accumulation steps, so two data loaders are restored."""
+    flags = TINY + ["--device-batch-size", "2", "--num-iterations", "6", "--eval-every", "3",
+                    "--warmdown-ratio", "0.5"]
+    tb.main(flags + ["--model-tag", "full"])
+    full = metrics("full")
+
+    real_append = ck.append_metrics
+
+    def dies_after_step_4(d, record):
+        real_append(d, record)
+        if record["step"] == 4:
+            raise KeyboardInterrupt("simulated kill after step 4")
+    monkeypatch.setattr(ck, "append_metrics", dies_after_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        tb.main(flags + ["--model-tag", "part", "--save-every", "3"])
+    monkeypatch.setattr(ck, "append_metrics", real_append)
+    assert ck.complete_steps(ck.checkpoint_dir("base", "part")) == [3]
+    assert [r["step"] for r in metrics("part")] == [0, 1, 2, 3, 4]
+
+    tb.main(flags + ["--model-tag", "part", "--save-every", "3", "--resume"])
+    part = metrics("part")
+    assert [r["step"] for r in part] == [r["step"] for r in full] == [0, 1, 2, 3, 4, 5, 6]
+    for a, b in zip(full, part):
+        assert a.get("loss") == b.get("loss"), (a, b)
+        assert a.get("smooth_loss") == b.get("smooth_loss")
+        assert a.get("val_bpb") == b.get("val_bpb")
+    assert all(k in full[2] for k in ("step", "loss", "lr", "tok_per_sec", "mfu", "dt"))
+    assert "val_bpb" in full[0] and "val_bpb" in full[3] and "val_bpb" in full[6] and "val_bpb" not in full[2]
+    # the final weights are identical too
+    a = ck.load_checkpoint(ck.checkpoint_dir("base", "full"), 6)[0]
+    b = ck.load_checkpoint(ck.checkpoint_dir("base", "part"), 6)[0]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_rejects_other_architecture(tokenizer):
+    tb.main(TINY + ["--num-iterations", "1", "--eval-every", "-1", "--model-tag", "arch"])
+    with pytest.raises(UserError, match="n_embd"):
+        tb.main(TINY + ["--num-iterations", "2", "--model-tag", "arch", "--resume", "--aspect-ratio", "128"])
+    with pytest.raises(UserError, match="no complete checkpoint for step 5"):
+        tb.main(TINY + ["--num-iterations", "2", "--model-tag", "arch", "--resume-from-step", "5"])
+
+
+def test_base_checkpoint_loads_and_learned(base_checkpoint):
+    model, tokenizer, meta = ck.load_model("base", "cpu", model_tag=base_checkpoint.tag)
+    assert meta["step"] == base_checkpoint.step == 8
+    assert not model.training
+    saved = ck.load_checkpoint(base_checkpoint.dir, base_checkpoint.step)[0]
+    assert all(torch.equal(model.state_dict()[k], saved[k]) for k in saved)
+    rows = metrics(base_checkpoint.tag)
+    assert [r["step"] for r in rows] == list(range(1, 9))  # no step-0 line: --eval-every -1
+    assert "val_bpb" in rows[-1] and "val_bpb" not in rows[-2]
+    assert rows[-1]["loss"] < rows[1]["loss"]  # it trained
+    ids = torch.tensor([tokenizer.encode("The cat sat on the", prepend="<|bos|>")])
+    assert torch.isfinite(model(ids)).all()
+    # a later stage may train it further
+    model2, _, _ = ck.load_model("base", "cpu", phase="train")
+    assert model2.training
