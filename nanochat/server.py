@@ -129,7 +129,10 @@ def validate_request(body, tokenizer, context_len):
         raise BadRequest("only n=1 is supported")
     if settings["top_p"] == 0.0:
         raise BadRequest("'top_p' must be in (0, 1]")
-    prompt = tokenizer.render_for_completion({"messages": clean})
+    try:
+        prompt = tokenizer.render_for_completion({"messages": clean})
+    except ValueError as e:  # the tokenizer's own checks (should agree with the ones above)
+        raise BadRequest(str(e))
     if len(prompt) >= context_len:
         raise BadRequest(f"conversation too long: {len(prompt)} tokens, the model's context is {context_len}")
     # the reply may use whatever context is left
@@ -232,15 +235,20 @@ class Scheduler:
             self._emit(self.decoder.add(new))
 
     def _emit(self, produced):
+        """Send the step's tokens to their requests. Counters and rows are updated first, so a
+        client that has seen its reply end also sees it in /stats."""
+        events = []
         for seq, token, mask in produced:
-            job = seq.owner
             if token not in self.decoder.specials["stop"]:  # the stop token itself is not text
-                job.emit(("token", token))
+                events.append((seq.owner, ("token", token)))
                 self.tokens_generated += 1
             if seq.done:
-                job.emit(("done", seq.finish_reason))
                 self.completed += 1
+                events.append((seq.owner, ("done", seq.finish_reason)))
         self.decoder.remove_done()
+        self.active = len(self.decoder.seqs)
+        for job, event in events:
+            job.emit(event)
 
     def _loop(self):
         torch.set_grad_enabled(False)
