@@ -12,6 +12,8 @@ import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # everything below must work without the network
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# remote code is copied into a modules cache: keep it in the session's temp folder, not in ~/.cache
+os.environ.setdefault("HF_MODULES_CACHE", os.path.join(os.environ["NANOCHAT_BASE_DIR"], "hf_modules"))
 
 import pytest
 import torch

@@ -240,6 +240,7 @@ def export(model, tokenizer, meta, source, model_tag, step, out, dtype="float32"
     write_json("tokenizer_config.json", dict(
         tokenizer_class="PreTrainedTokenizerFast", bos_token="<|bos|>", eos_token=id_to_name[eos],
         pad_token=id_to_name[pad], model_max_length=config["sequence_len"], clean_up_tokenization_spaces=False,
+        model_input_names=["input_ids", "attention_mask"],  # transformers 4 would add token_type_ids
         chat_template=CHAT_TEMPLATE))
     write_json("special_tokens_map.json", dict(bos_token="<|bos|>", eos_token=id_to_name[eos],
                                                pad_token=id_to_name[pad]))
