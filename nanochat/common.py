@@ -194,7 +194,7 @@ def add_common_flags(parser: argparse.ArgumentParser, model: bool = True) -> Non
                         help="cpu|cuda|mps (default: autodetect)")
     parser.add_argument("--run", default="dummy", help="wandb run name ('dummy' = wandb off)")
     if model:
-        parser.add_argument("--model-tag", default=None, help="checkpoint folder name (default: d<depth>)")
+        parser.add_argument("--model-tag", default=None, help="checkpoint folder name (training: d<depth>; loading: the largest model)")
         parser.add_argument("--step", type=int, default=None, help="checkpoint step to load (default: latest)")
 
 
