@@ -88,12 +88,13 @@ def main(argv=None):
     synchronize(device)
     if device_type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
+    times, cpu_times = [], []
     for _ in range(args.steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = step()
         synchronize(device)
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
     dt = statistics.median(times)
     tok_per_sec = total / dt
     peak = get_peak_flops(device)
@@ -111,7 +112,10 @@ def main(argv=None):
         "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(), "compile": use_compile,
         "activation_checkpointing": args.activation_checkpointing,
         "steps": args.steps, "warmup": args.warmup, "step_time_median_s": dt,
-        "step_time_min_s": min(times), "tok_per_sec": tok_per_sec,
+        "step_time_min_s": min(times), "tok_per_sec": tok_per_sec, "tok_per_sec_best_step": total / min(times),
+        # CPU seconds this process used per step: on a shared machine, wall time includes waiting
+        "cpu_time_per_step_s": statistics.median(cpu_times),
+        "load_average_1min": os.getloadavg()[0],
         "mfu": flops_per_token * tok_per_sec / peak if peak else None,
         "peak_memory_mib": peak_mem, "memory_kind": mem_kind, "final_loss": float(loss),
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
