@@ -166,6 +166,54 @@ def cache_mask(window, q_pos, kv_len):
     return allowed[:, None]
 
 
+class SoftcapCrossEntropy(torch.autograd.Function):
+    """sum over rows of cross_entropy(SOFTCAP * tanh(x @ W.T / SOFTCAP), targets), ignore index -1.
+
+    Fused and chunked: for each chunk of rows the fp32 logits are made, the loss taken, and the
+    gradients with respect to x and W computed right away (softmax - onehot, times the tanh
+    derivative 1 - tanh^2), reusing two (rows, vocab) buffers in place. The backward pass only
+    scales them by the incoming scalar gradient. Compared with autograd over the plain formula
+    this saves the logits' memory, several full passes over them, and a recomputation."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, chunk_rows):
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+        else:
+            dtype = x.dtype
+        w = weight.to(dtype)
+        grad_x = torch.empty_like(x)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        for s in range(0, x.size(0), chunk_rows):
+            xc, tc = x[s:s + chunk_rows].to(dtype), targets[s:s + chunk_rows]
+            t = (xc @ w.t()).float().mul_(1.0 / SOFTCAP).tanh_()  # tanh(logits / cap)
+            valid = tc != -1
+            tgt = tc.clamp(min=0)[:, None]
+            # soft-capped logits lie in [-cap, cap], so exp cannot overflow: no max-subtraction
+            e = t.mul(SOFTCAP).exp_()
+            sumexp = e.sum(dim=-1)
+            z_target = t.gather(1, tgt).squeeze(1) * SOFTCAP
+            total += ((sumexp.log() - z_target) * valid).sum()
+            g = e.mul_((valid / sumexp)[:, None])                  # softmax; ignored rows -> 0
+            g.scatter_add_(1, tgt, -valid[:, None].float())       # minus one-hot of the target
+            g.addcmul_(g, t.mul_(t), value=-1.0)                   # through the tanh: x (1 - tanh^2)
+            g = g.to(dtype)
+            grad_x[s:s + chunk_rows] = (g @ w).to(x.dtype)
+            if grad_w.dtype == g.dtype:
+                grad_w.addmm_(g.t(), xc)
+            else:
+                grad_w += (g.t() @ xc).float()
+        ctx.save_for_backward(grad_x, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad_total.to(grad_x.dtype), (grad_w * grad_total).to(ctx.weight_dtype), None, None
+
+
 # ---------------------------------------------------------------------------
 # KV cache
 
@@ -384,17 +432,23 @@ class GPT(nn.Module):
 
     def _loss(self, x, targets, reduction):
         """lm_head + softcap + cross-entropy over chunks of rows, so the fp32 logits of the whole
-        batch never exist at once. With grads, each chunk is checkpointed: only its input rows are
-        kept and its logits are recomputed in the backward pass (one extra lm_head matmul)."""
+        batch never exist at once. Training with "mean"/"sum" goes through SoftcapCrossEntropy,
+        which computes the gradients chunk by chunk during the forward pass (no logits kept, no
+        recomputation). "none" with grads (per-token weights, e.g. RL) checkpoints each chunk."""
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"loss_reduction must be mean, sum or none, not '{reduction}'")
         B, T, C = x.shape
         xf, tf = x.reshape(B * T, C), targets.reshape(B * T)
         n = self.loss_chunk_rows
+        grad = torch.is_grad_enabled() and (xf.requires_grad or self.lm_head.weight.requires_grad)
+        if grad and reduction != "none":
+            total = SoftcapCrossEntropy.apply(xf, self.lm_head.weight, tf, n)
+            # unlike F.cross_entropy, a batch whose targets are all ignored gives 0 (and zero
+            # grads), not NaN: a fully masked SFT micro-batch must not poison the step
+            return total if reduction == "sum" else total / (tf != -1).sum().clamp(min=1)
         if B * T <= n:
             losses = self._chunk_loss(xf, tf)
         else:
-            grad = torch.is_grad_enabled() and xf.requires_grad
             parts = []
             for s in range(0, B * T, n):
                 xc, tc = xf[s:s + n], tf[s:s + n]
@@ -405,8 +459,6 @@ class GPT(nn.Module):
             return losses.view(B, T)
         if reduction == "sum":
             return losses.sum()
-        # unlike F.cross_entropy, a batch whose targets are all ignored gives 0 (and zero grads), not
-        # NaN: a fully masked SFT micro-batch must not poison the step
         return losses.sum() / (tf != -1).sum().clamp(min=1)
 
     # ---- accounting
@@ -450,7 +502,11 @@ class GPT(nn.Module):
             adamw([self.wte.weight] + list(self.value_embeds.parameters()), embedding_lr),
             # scalars and gates are not width-scaled: their scale does not grow with the width,
             # and scaling them up at tiny widths makes early training spike
-            adamw([self.resid_lambdas, self.x0_lambdas] + gates, scalar_lr, scaled=False),
+            adamw([self.x0_lambdas] + gates, scalar_lr, scaled=False),
+            # the residual scalars get 1% of the scalar lr: at init their true gradient is ~0 (the
+            # blocks start as identities and RMSNorm ignores scale), so Adam would turn round-off
+            # into full-size random steps
+            adamw([self.resid_lambdas], scalar_lr * 0.01, scaled=False),
         ]
         matrices = {}
         for b in self.blocks:

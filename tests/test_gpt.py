@@ -354,7 +354,7 @@ def test_optimizer_groups():
     adamw = [g for g in groups if g["kind"] == "adamw"]
     muon = [g for g in groups if g["kind"] == "muon"]
     assert sorted(round(g["lr"] / scale, 6) for g in adamw[:2]) == [0.004, 0.2]
-    assert adamw[2]["lr"] == 0.5  # scalars are not width-scaled
+    assert adamw[2]["lr"] == 0.5 and adamw[3]["lr"] == 0.005  # scalars are not width-scaled
     for g in adamw:
         assert g["betas"] == (0.8, 0.95) and g["eps"] == 1e-10 and g["weight_decay"] == 0.0
     assert any(model.lm_head.weight is p for g in adamw for p in g["params"])
@@ -403,3 +403,13 @@ def test_flex_attention_sliding_window_path(monkeypatch):
         got = model(idx)
     assert list(gpt._block_masks) == [(24, 5, "cpu")]  # the block mask was built once and used
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_all_ignored_targets_give_zero_loss_not_nan():
+    model = make_model()
+    idx = torch.randint(0, V, (2, 8))
+    targets = torch.full((2, 8), -1)
+    loss = model(idx, targets=targets)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(torch.isfinite(p.grad).all() and (p.grad == 0).all() for p in model.parameters() if p.grad is not None)
