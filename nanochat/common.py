@@ -103,6 +103,16 @@ def get_compute_dtype(device_type: str):
     return torch.float32
 
 
+def autocast_ctx(device):
+    """bf16 autocast where the compute dtype is bf16/fp16 (CUDA); a no-op context on CPU/fp32."""
+    import contextlib
+    import torch
+    dtype = get_compute_dtype(device.type)
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 def compute_init(device_type: str | None = None, seed: int = 42):
     """Set up the device (and the process group under torchrun).
     Returns (is_distributed, rank, local_rank, world_size, device)."""

@@ -10,7 +10,7 @@ import json
 import os
 import time
 
-from nanochat.common import UserError, atomic_write_bytes, atomic_write_text, get_base_dir
+from nanochat.common import UserError, atomic_write_text, get_base_dir
 
 SPECIAL_TOKENS = [
     "<|bos|>",            # starts every document

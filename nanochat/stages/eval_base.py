@@ -9,35 +9,15 @@ $NANOCHAT_BASE_DIR/eval/core_<source>_<model_tag>_step<step>.csv; the numbers al
 report card's "Base model evaluation" section.
 """
 import argparse
-import contextlib
 import os
 import time
 
-import torch
-
-from nanochat.common import (UserError, add_common_flags, compute_cleanup, compute_init, get_base_dir,
-                             get_compute_dtype, print0)
+from nanochat.common import (UserError, add_common_flags, autocast_ctx, compute_cleanup, compute_init, get_base_dir,
+                             print0)
+from nanochat.stages.train_base import SAMPLE_PROMPTS  # the same prompts as during training
 
 EVALS = ("core", "bpb", "sample")
 
-# Fixed prompts for a quick look at what the model has learned (greedy, so reproducible).
-SAMPLE_PROMPTS = [
-    "The capital of France is",
-    "The chemical symbol of gold is",
-    "If yesterday was Friday, then tomorrow will be",
-    "The opposite of hot is",
-    "The planets of the solar system are:",
-    "My favorite color is",
-    "If 5*x + 3 = 13, then x is",
-]
-
-
-def autocast_ctx(device):
-    """bf16 autocast where the compute dtype is bf16/fp16 (CUDA), nothing on CPU/fp32."""
-    dtype = get_compute_dtype(device.type)
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def eval_bpb_splits(model, tokenizer, device, split_tokens, batch_size, world_size):

@@ -20,7 +20,6 @@ Results: $NANOCHAT_BASE_DIR/eval/chat_<source>.json and the report card's
 "Chat evaluation <source>" section.
 """
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -30,8 +29,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from nanochat.common import (UserError, add_common_flags, atomic_write_text, compute_cleanup, compute_init,
-                             get_base_dir, get_compute_dtype, print0)
+from nanochat.common import (UserError, add_common_flags, atomic_write_text, autocast_ctx, compute_cleanup,
+                             compute_init, get_base_dir, print0)
 
 TASK_NAMES = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]
 SPELLINGBEE_EVAL_SIZE = 256  # the test split's problems are generated; this many are scored
@@ -161,12 +160,6 @@ def chatcore(results) -> float:
     vals = [r["centered"] for r in results.values()]
     return sum(vals) / len(vals) if vals else math.nan
 
-
-def autocast_ctx(device):
-    dtype = get_compute_dtype(device.type)
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def main(argv=None):
