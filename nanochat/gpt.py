@@ -23,6 +23,7 @@ SOFTCAP = 15.0
 ROPE_BASE = 100_000
 VE_GATE_CHANNELS = 32        # the value-embedding gate looks at the first 32 channels of x
 LOSS_CHUNK_ELEMENTS = 2**27  # at most this many fp32 logits live at once in the chunked loss
+LOSS_CHUNK_ROWS_CPU = 1024   # on CPU smaller chunks are faster (measured: 1024 rows beat 4096 by ~10-15%)
 
 
 @dataclass
@@ -166,6 +167,19 @@ def cache_mask(window, q_pos, kv_len):
     return allowed[:, None]
 
 
+_ce_workspace = {}  # device -> flat fp32 buffer reused by SoftcapCrossEntropy on CPU
+
+
+def ce_workspace(device, numel):
+    """A reusable fp32 buffer of at least `numel` elements (CPU only). Freshly allocated
+    tensors this big come straight from the OS (mmap) and every page is faulted in and zeroed
+    by the kernel at first touch; at vocab 32K that was ~20% of a CPU training step."""
+    buf = _ce_workspace.get(device)
+    if buf is None or buf.numel() < numel:
+        buf = _ce_workspace[device] = torch.empty(numel, dtype=torch.float32, device=device)
+    return buf
+
+
 class SoftcapCrossEntropy(torch.autograd.Function):
     """sum over rows of cross_entropy(SOFTCAP * tanh(x @ W.T / SOFTCAP), targets), ignore index -1.
 
@@ -173,7 +187,8 @@ class SoftcapCrossEntropy(torch.autograd.Function):
     gradients with respect to x and W computed right away (softmax - onehot, times the tanh
     derivative 1 - tanh^2), reusing two (rows, vocab) buffers in place. The backward pass only
     scales them by the incoming scalar gradient. Compared with autograd over the plain formula
-    this saves the logits' memory, several full passes over them, and a recomputation."""
+    this saves the logits' memory, several full passes over them, and a recomputation.
+    On CPU in fp32 the two buffers live in a workspace kept between calls (see ce_workspace)."""
 
     @staticmethod
     def forward(ctx, x, weight, targets, chunk_rows):
@@ -182,16 +197,33 @@ class SoftcapCrossEntropy(torch.autograd.Function):
         else:
             dtype = x.dtype
         w = weight.to(dtype)
+        V = w.size(0)
         grad_x = torch.empty_like(x)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         total = torch.zeros((), dtype=torch.float32, device=x.device)
+        ws = None
+        if x.device.type == "cpu" and dtype == torch.float32 and not torch.compiler.is_compiling():
+            rows = min(chunk_rows, x.size(0))
+            ws = ce_workspace(x.device, 2 * rows * V)
         for s in range(0, x.size(0), chunk_rows):
             xc, tc = x[s:s + chunk_rows].to(dtype), targets[s:s + chunk_rows]
-            t = (xc @ w.t()).float().mul_(1.0 / SOFTCAP).tanh_()  # tanh(logits / cap)
+            n = xc.size(0)
+            # t = tanh(logits / cap) = 2 sigmoid(2 logits / cap) - 1: on CPU sigmoid + 2 cheap
+            # passes take a third of tanh's time. The 2/cap scales the (rows, C) input, not the
+            # (rows, V) logits. (Absolute error ~1e-7 near 0, where tanh keeps relative precision:
+            # negligible, the loss depends on absolute logit differences.)
+            xs = xc * (2.0 / SOFTCAP)
+            if ws is not None:
+                t = torch.mm(xs, w.t(), out=ws[:n * V].view(n, V))
+                e = ws[n * V:2 * n * V].view(n, V)
+            else:
+                t = (xs @ w.t()).float()
+                e = torch.empty_like(t)
+            t = t.sigmoid_().mul_(2.0).sub_(1.0)
+            e = torch.mul(t, SOFTCAP, out=e).exp_()
+            # soft-capped logits lie in [-cap, cap], so exp cannot overflow: no max-subtraction
             valid = tc != -1
             tgt = tc.clamp(min=0)[:, None]
-            # soft-capped logits lie in [-cap, cap], so exp cannot overflow: no max-subtraction
-            e = t.mul(SOFTCAP).exp_()
             sumexp = e.sum(dim=-1)
             z_target = t.gather(1, tgt).squeeze(1) * SOFTCAP
             total += ((sumexp.log() - z_target) * valid).sum()
@@ -349,8 +381,9 @@ class GPT(nn.Module):
         self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
         self.windows = config.layer_windows()
         self.checkpoint_activations = False  # torch.utils.checkpoint around each block when training
-        # rows of the (B*T, vocab) logits computed at once by the chunked loss
-        self.loss_chunk_rows = max(1, LOSS_CHUNK_ELEMENTS // V)
+        # rows of the (B*T, vocab) logits computed at once by the chunked loss; None = automatic:
+        # LOSS_CHUNK_ELEMENTS // vocab_size, and at most LOSS_CHUNK_ROWS_CPU on CPU
+        self.loss_chunk_rows = None
 
     @torch.no_grad()
     def init_weights(self):
@@ -439,7 +472,9 @@ class GPT(nn.Module):
             raise ValueError(f"loss_reduction must be mean, sum or none, not '{reduction}'")
         B, T, C = x.shape
         xf, tf = x.reshape(B * T, C), targets.reshape(B * T)
-        n = self.loss_chunk_rows
+        n = self.loss_chunk_rows or max(1, LOSS_CHUNK_ELEMENTS // self.config.vocab_size)
+        if self.loss_chunk_rows is None and x.device.type == "cpu":
+            n = min(n, LOSS_CHUNK_ROWS_CPU)
         grad = torch.is_grad_enabled() and (xf.requires_grad or self.lm_head.weight.requires_grad)
         if grad and reduction != "none":
             total = SoftcapCrossEntropy.apply(xf, self.lm_head.weight, tf, n)

@@ -145,7 +145,11 @@ def test_chunked_loss_equals_full_loss(reduction):
     assert model.loss_chunk_rows < 63
     torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-6)
     for name in full_grads:
-        torch.testing.assert_close(chunked_grads[name], full_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        # fp32 round-off relative to the gradient's scale (the fused path computes tanh as
+        # 2 sigmoid(2u) - 1: same fp32 accuracy against an fp64 reference, different rounding)
+        scale = full_grads[name].abs().max().item()
+        torch.testing.assert_close(chunked_grads[name], full_grads[name], rtol=1e-4, atol=2e-6 * max(scale, 1.0),
+                                   msg=name)
     # without grads (evaluation) the chunked path gives the same numbers
     with torch.no_grad():
         torch.testing.assert_close(model(idx, targets=targets, loss_reduction=reduction), full, rtol=1e-5, atol=1e-6)
