@@ -22,9 +22,14 @@ import torch.nn.functional as F
 
 from nanochat.calculator import calculate
 
-# Upper bound on (rows x padded prompt length) prefilled in one forward: the model returns fp32
-# logits for every position, so this bounds that tensor (4096 x vocab x 4 bytes).
-PREFILL_TOKEN_BUDGET = 4096
+# Upper bound on (rows x padded prompt length) prefilled in one forward. Only the last prompt
+# position of each row goes through lm_head (logits_positions), so this bounds the activations.
+PREFILL_TOKEN_BUDGET = 8192
+# Decode attends over the first kv_len cache positions, kv_len known on the host (no device sync).
+# On CUDA it is rounded up to a multiple of this, so consecutive steps share shapes (fewer
+# distinct kernels / compiled graphs); on CPU the exact length is cheapest. A BatchDecoder's
+# `kv_bucket` >= max_len makes every decode step attend over the whole cache (static shapes).
+KV_LEN_BUCKET_CUDA = 256
 
 
 # ---------------------------------------------------------------------------
@@ -160,10 +165,19 @@ class BatchDecoder:
             "output_start": enc("<|output_start|>"), "output_end": enc("<|output_end|>"),
         }
         self.seqs = []
+        self.lens = [0] * batch_size  # tokens in each cache row, mirrored on the host
+        self.kv_bucket = KV_LEN_BUCKET_CUDA if self.device.type == "cuda" else 1
 
-    def _forward(self, ids, cache):
+    def _forward(self, ids, cache, kv_len, positions=None):
         with torch.autocast(device_type=self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            return self.model(ids, kv_cache=cache)
+            return self.model(ids, kv_cache=cache, kv_len=kv_len, logits_positions=positions)
+
+    def _kv_len(self, needed):
+        return min(-(-needed // self.kv_bucket) * self.kv_bucket, self.max_len)
+
+    def _copy_row(self, src, dst):
+        self.cache.copy_row(src, dst)
+        self.lens[dst] = self.lens[src]
 
     def free(self):
         return self.batch_size - len(self.seqs)
@@ -219,17 +233,18 @@ class BatchDecoder:
                 ids[r, :len(u)] = torch.tensor(u)
             view = self.cache.narrow(first_row + i, len(group))
             view.reset()
-            logits = self._forward(ids.to(self.device), view)
             lengths = torch.tensor([len(u) for u in group], device=self.device)
+            # logits of each row's last prompt token only
+            picked = self._forward(ids.to(self.device), view, T, positions=lengths - 1)
             view.lengths.copy_(lengths)  # undo the padding
-            picked = logits[torch.arange(len(group), device=self.device), lengths - 1]
             for r, u in enumerate(group):
                 last_logits[u] = picked[r]
+                self.lens[first_row + i + r] = len(u)
             i = j
         # copies of a prompt: fork its prefilled row
         row_of = {tuple(s.prompt): first_row + n for n, s in enumerate(order[:len(uniques)])}
         for n, seq in enumerate(order[len(uniques):], start=first_row + len(uniques)):
-            self.cache.copy_row(row_of[tuple(seq.prompt)], n)
+            self._copy_row(row_of[tuple(seq.prompt)], n)
         logits = torch.stack([last_logits[tuple(s.prompt)] for s in order])
         produced = self._advance(order, logits)
         for n, (seq, token, _) in enumerate(produced, start=first_row):
@@ -242,7 +257,10 @@ class BatchDecoder:
         n = len(self.seqs)
         if n == 0:
             return []
-        logits = self._forward(self.inputs[:n], self.cache.narrow(0, n))[:, -1, :]
+        kv_len = self._kv_len(max(self.lens[:n]) + 1)
+        logits = self._forward(self.inputs[:n], self.cache.narrow(0, n), kv_len, positions=-1)
+        for r in range(n):
+            self.lens[r] += 1
         produced = self._advance(self.seqs, logits)
         self.inputs[:n, 0].copy_(torch.tensor([tok for _, tok, _ in produced]), non_blocking=True)
         return produced
@@ -252,7 +270,7 @@ class BatchDecoder:
         i = self.seqs.index(seq)
         last = len(self.seqs) - 1
         if i != last:
-            self.cache.copy_row(last, i)
+            self._copy_row(last, i)
             self.inputs[i].copy_(self.inputs[last])
             self.seqs[i] = self.seqs[last]
         self.seqs.pop()

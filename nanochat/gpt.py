@@ -418,7 +418,15 @@ class GPT(nn.Module):
 
     # ---- forward
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", kv_len=None, logits_positions=None):
+        """idx (B, T). Without targets: fp32 soft-capped logits (B, T, vocab), or only those of
+        `logits_positions` (an int, or a (B,) LongTensor with one position per row): (B, vocab).
+        With a KV cache, `kv_len` (an int the caller knows on the host, at least the longest
+        row's length + T, at most the cache's max_len) is how many cache positions attention
+        spans; keys beyond a row's own length are masked, so any such value gives the same
+        result. Given, the forward never waits for the device and, with a fixed value (e.g.
+        max_len), every decode step has the same shapes; None = computed from the lengths (one
+        host sync)."""
         B, T = idx.shape
         device = idx.device
         D = self.config.n_embd // self.config.n_head
@@ -432,7 +440,8 @@ class GPT(nn.Module):
             if kv_cache.batch_size != B:
                 raise ValueError(f"kv_cache has {kv_cache.batch_size} rows but the batch has {B}")
             q_pos = kv_cache.lengths[:, None] + torch.arange(T, device=device)  # (B, T) per-row positions
-            kv_len = int(kv_cache.lengths.max()) + T  # one host sync per forward
+            if kv_len is None:
+                kv_len = int(kv_cache.lengths.max()) + T  # one host sync
             if kv_len > kv_cache.max_len:
                 raise ValueError(f"kv_cache overflow: {kv_len} tokens > max_len {kv_cache.max_len}")
             cos, sin = rotary_cos_sin(q_pos, D)               # (B, T, D/2)
@@ -450,11 +459,16 @@ class GPT(nn.Module):
             x = checkpoint(block, *args, use_reentrant=False) if ckpt else block(*args)
         if kv_cache is not None:
             kv_cache.lengths += T
-        x = norm(x)
 
         if targets is None:
-            return self._logits(x)
-        return self._loss(x, targets, loss_reduction)
+            if logits_positions is not None:
+                # only the positions asked for go through lm_head (prefill needs one per row)
+                if isinstance(logits_positions, int):
+                    x = x[:, logits_positions]
+                else:
+                    x = x[torch.arange(B, device=device), logits_positions.to(device)]
+            return self._logits(norm(x))
+        return self._loss(norm(x), targets, loss_reduction)
 
     def _logits(self, x):
         logits = self.lm_head(x).float()

@@ -82,6 +82,36 @@ def test_many_prompts_of_different_lengths(model, tokenizer, prompts):
     assert set(seen) == set(range(len(prompts)))
 
 
+@pytest.mark.parametrize("bucket", [1, 10**9])
+def test_static_cache_decode_equals_reference(model, tokenizer, prompts, bucket):
+    """Decode with the host-side kv_len (bucket 1: exact length; huge bucket: every step attends
+    over the whole cache, static shapes as a CUDA graph needs) and last-position-only prefill
+    logits: greedy output equals GPT.generate for prompts of different lengths in one batch."""
+    dec = BatchDecoder(model, tokenizer, len(prompts), max_len=max(len(p) for p in prompts) + 16)
+    dec.kv_bucket = bucket
+    dec.specials["stop"] = set()  # run every row the full 16 tokens
+    seqs = [Sequence(p, max_tokens=16, temperature=0) for p in prompts]
+    calls = []
+    real_forward = model.forward
+
+    def spy(idx, *a, **kw):
+        calls.append((idx.shape, kw.get("kv_len"), kw.get("logits_positions")))
+        return real_forward(idx, *a, **kw)
+    model.forward = spy
+    try:
+        dec.add(seqs)
+        while dec.seqs:
+            dec.step()
+            dec.remove_done()
+    finally:
+        del model.forward
+    for seq in seqs:
+        assert seq.out == list(model.generate(seq.prompt, 16, temperature=0))
+    assert all(kv is not None and pos is not None for _, kv, pos in calls)  # never the synced path
+    if bucket > 1:
+        assert {kv for shape, kv, _ in calls if shape[1] == 1} == {dec.max_len}
+
+
 def test_mixed_settings_in_one_batch(model, tokenizer, prompts):
     """Greedy rows stay exact while sampled rows share their forward passes."""
     dec = BatchDecoder(model, tokenizer, batch_size=4, seed=3)
@@ -156,15 +186,19 @@ class Scripted(torch.nn.Module):
     def new_kv_cache(self, *args, **kwargs):
         return self.inner.new_kv_cache(*args, **kwargs)
 
-    def forward(self, idx, kv_cache=None):
+    def forward(self, idx, kv_cache=None, kv_len=None, logits_positions=None):
         before = kv_cache.lengths.clone()
-        logits = self.inner(idx, kv_cache=kv_cache)
-        T = idx.size(1)
-        logits = torch.zeros_like(logits)
-        for b in range(idx.size(0)):
-            g = int(before[b]) + T - self.prompt_len  # index of the token these logits predict
-            logits[b, -1, self.script[max(0, min(g, len(self.script) - 1))]] = 100.0
-        return logits
+        self.inner(idx, kv_cache=kv_cache, kv_len=kv_len)  # fills the cache like the real model
+        B, T = idx.shape
+        if logits_positions is None or isinstance(logits_positions, int):
+            pos = [T - 1 if logits_positions is None else logits_positions % T] * B
+        else:
+            pos = logits_positions.tolist()
+        logits = torch.zeros(B, self.config.vocab_size)
+        for b in range(B):
+            g = int(before[b]) + pos[b] + 1 - self.prompt_len  # index of the token these logits predict
+            logits[b, self.script[max(0, min(g, len(self.script) - 1))]] = 100.0
+        return logits if logits_positions is not None else logits[:, None].expand(B, T, -1)
 
 
 def run_script(model, tokenizer, prompt, script, max_tokens=40):

@@ -246,6 +246,38 @@ def test_kv_cache_prefill_then_decode_matches_full_forward(cfg):
         model(idx[:, :5], kv_cache=cache)  # 25 > max_len 24
 
 
+@pytest.mark.parametrize("cfg", CACHE_CONFIGS)
+def test_kv_cache_static_kv_len_and_logits_positions(cfg):
+    """kv_len given by the caller (no host sync): exact, or the whole cache (static shapes), gives
+    the same logits as the synced path; logits_positions picks rows' positions before lm_head."""
+    model = make_model(**cfg)
+    model.eval()
+    idx = torch.randint(0, V, (2, 20))
+    with torch.no_grad():
+        ref = model(idx)
+        lengths = torch.tensor([7, 12])
+        # (lm_head over fewer rows may round differently: close, not bitwise equal)
+        torch.testing.assert_close(model(idx, logits_positions=lengths - 1), ref[torch.arange(2), lengths - 1],
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(idx, logits_positions=-1), ref[:, -1], rtol=1e-5, atol=1e-5)
+        for static in (False, True):
+            cache = new_cache(model, 2, max_len=24)
+            # right-padded prefill of rows of lengths 7 and 12, then lengths reset (as the engine does)
+            first = model(idx[:, :12], kv_cache=cache, kv_len=24 if static else 12, logits_positions=lengths - 1)
+            torch.testing.assert_close(first, ref[torch.arange(2), lengths - 1], rtol=1e-5, atol=1e-5)
+            cache.lengths.copy_(lengths)
+            pos = lengths.clone()
+            for step in range(6):  # decode: each row continues its own sequence at its own position
+                tok = idx[torch.arange(2), pos][:, None]
+                kv_len = 24 if static else int(pos.max()) + 1
+                out = model(tok, kv_cache=cache, kv_len=kv_len, logits_positions=-1)
+                torch.testing.assert_close(out, ref[torch.arange(2), pos], rtol=1e-5, atol=1e-5)
+                pos += 1
+            assert cache.lengths.tolist() == pos.tolist()
+        with pytest.raises(ValueError):
+            model(idx[:, :1], kv_cache=cache, kv_len=25)  # beyond max_len 24
+
+
 @pytest.mark.parametrize("cfg", CACHE_CONFIGS[1:])
 def test_kv_cache_rows_of_different_lengths(cfg):
     model = make_model(**cfg)
