@@ -67,9 +67,10 @@ def main(argv=None):
     torch.manual_seed(0)
     model.init_weights()
     model.checkpoint_activations = args.activation_checkpointing
-    optimizer = model.setup_optimizer(weight_decay=0.1)
-    flops_per_token = model.estimate_flops()
     use_compile = args.compile if args.compile is not None else device_type == "cuda"
+    # --compile also compiles the optimizer's update functions (as nanochat train base does)
+    optimizer = model.setup_optimizer(weight_decay=0.1, compile=use_compile)
+    flops_per_token = model.estimate_flops()
     fwd = torch.compile(model, dynamic=False) if use_compile else model
     g = torch.Generator(device=device).manual_seed(0)
     batches = [torch.randint(0, args.vocab_size, (B, T + 1), device=device, generator=g) for _ in range(accum)]

@@ -570,10 +570,13 @@ class GPT(nn.Module):
         return groups
 
     def setup_optimizer(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, scalar_lr=0.5,
-                        weight_decay=0.0, adam_betas=(0.8, 0.95)):
+                        weight_decay=0.0, adam_betas=(0.8, 0.95), compile=None):
+        """compile: torch.compile the optimizer's update functions (None = MuonAdamW's default,
+        on CUDA only). On CPU the eager AdamW update makes ~7 temporaries per parameter; compiled
+        it is one fused loop (measured 0.55 s -> 0.03 s per step for d4's 33 M AdamW params)."""
         from nanochat.optim import MuonAdamW
         return MuonAdamW(self.optimizer_groups(unembedding_lr, embedding_lr, matrix_lr, scalar_lr,
-                                               weight_decay, adam_betas))
+                                               weight_decay, adam_betas), compile=compile)
 
     # ---- reference sampling
 

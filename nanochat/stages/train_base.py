@@ -338,7 +338,8 @@ def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_ba
 
     optimizer = orig_model.setup_optimizer(
         embedding_lr=args.embedding_lr, unembedding_lr=args.unembedding_lr, matrix_lr=args.matrix_lr,
-        scalar_lr=args.scalar_lr, weight_decay=weight_decay)
+        scalar_lr=args.scalar_lr, weight_decay=weight_decay,
+        compile=use_compile or None)  # --compile on CPU compiles the optimizer's updates too
 
     # The data is split into grad_accum * world_size "data ranks", one loader each; micro-step k
     # of process r reads data rank r * grad_accum + k. The split depends only on the total and
