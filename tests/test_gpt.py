@@ -155,6 +155,32 @@ def test_chunked_loss_equals_full_loss(reduction):
         torch.testing.assert_close(model(idx, targets=targets, loss_reduction=reduction), full, rtol=1e-5, atol=1e-6)
 
 
+def test_fused_loss_workspace_reused_across_calls():
+    """On CPU the fused loss keeps its (rows, vocab) buffers between calls: calls of other sizes
+    in between (the workspace grows, then is reused) must not change a result."""
+    model = make_model()
+    a_idx, a_tgt = torch.randint(0, V, (2, 16)), torch.randint(0, V, (2, 16))
+    b_idx, b_tgt = torch.randint(0, V, (4, 30)), torch.randint(0, V, (4, 30))
+
+    def grads(idx, tgt, chunk=None):
+        model.loss_chunk_rows = chunk
+        model.zero_grad(set_to_none=True)
+        loss = model(idx, targets=tgt)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    l0, g0 = grads(a_idx, a_tgt)
+    grads(b_idx, b_tgt)            # 120 rows in one chunk: the workspace grows
+    grads(b_idx, b_tgt, chunk=7)   # short chunks in the larger workspace
+    l1, g1 = grads(a_idx, a_tgt)
+    assert torch.equal(l0, l1)
+    for name in g0:
+        assert torch.equal(g0[name], g1[name]), name
+    with torch.no_grad():  # and it is the plain cross-entropy
+        plain = F.cross_entropy(model(a_idx).view(-1, V), a_tgt.view(-1))
+    torch.testing.assert_close(l0, plain, rtol=1e-5, atol=1e-6)
+
+
 def test_activation_checkpointing_same_gradients():
     model = make_model(n_layer=3, window_pattern="SSL")
     idx = torch.randint(0, V, (2, 24))
