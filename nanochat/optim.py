@@ -89,11 +89,14 @@ def muon_update(p, g, mom, var, lr, momentum, wd, beta2, ns_steps: int):
 
 def adamw_update(p, g, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, wd, bias1, bias2_sqrt):
     """One AdamW step in place (same arithmetic as torch.optim.AdamW). Scalars: 0-D tensors."""
+    # in-place ops with two temporaries: the eager CPU path otherwise allocates several
+    # parameter-sized buffers per step, which costs page faults on every step
     p.mul_(1 - lr * wd)
     exp_avg.lerp_(g, 1 - beta1)
-    exp_avg_sq.mul_(beta2).add_((1 - beta2) * g * g)
-    denom = exp_avg_sq.sqrt() / bias2_sqrt + eps
-    p.sub_((lr / bias1) * exp_avg / denom)
+    exp_avg_sq.lerp_(g.square(), 1 - beta2)
+    # (no `value=` arguments: with 0-D tensor scalars they would sync with the host on CUDA)
+    step = exp_avg_sq.sqrt().div_(bias2_sqrt).add_(eps).reciprocal_().mul_(exp_avg).mul_(lr / bias1)
+    p.sub_(step)
 
 
 def _world():
