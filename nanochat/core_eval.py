@@ -42,14 +42,68 @@ SUBSAMPLE_SEED = 1337   # --max-per-task takes the first N items of this fixed s
 # ---------------------------------------------------------------------------
 # Reading the bundle
 
+# The DCLM CORE tasks in the layout nanochat uses (one zip, ~25 MB), as published by upstream nanochat
+EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+
+
 def default_config_path() -> str:
     return os.path.join(get_data_dir(), "eval_bundle", "core.yaml")
+
+
+def downloads_off() -> bool:
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("NANOCHAT_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def ensure_eval_bundle(data_dir=None, url=None, timeout=60.0, retries=5, backoff=2.0) -> str:
+    """Path of $NANOCHAT_DATA/eval_bundle, downloading and unpacking it first if it is absent.
+    The zip is validated, unpacked into a temporary folder and renamed into place, so the bundle
+    is either complete or absent. URL override: $NANOCHAT_EVAL_BUNDLE_URL."""
+    import shutil
+    import zipfile
+    from nanochat.dataset import DownloadError, check_writable, download_file
+    data_dir = data_dir or get_data_dir()
+    target = os.path.join(data_dir, "eval_bundle")
+    if os.path.isfile(os.path.join(target, "core.yaml")):
+        return target
+    url = url or os.environ.get("NANOCHAT_EVAL_BUNDLE_URL") or EVAL_BUNDLE_URL
+    how = "run `nanochat data download --eval-bundle`, or point NANOCHAT_DATA at a data root that has it"
+    if downloads_off():
+        raise UserError(f"the CORE eval bundle is not at {target} and downloads are off "
+                        f"(NANOCHAT_OFFLINE/HF_HUB_OFFLINE): {how}")
+    os.makedirs(data_dir, exist_ok=True)
+    check_writable(data_dir)
+    print0(f"downloading the CORE eval bundle from {url} into {target}")
+    tmp_zip = os.path.join(data_dir, f".eval_bundle.{os.getpid()}.zip")
+    tmp_dir = os.path.join(data_dir, f".eval_bundle.{os.getpid()}.unpacked")
+    try:
+        download_file(url, tmp_zip, timeout=timeout, retries=retries, backoff=backoff,
+                      validate=zipfile.is_zipfile, what="a zip file")
+        with zipfile.ZipFile(tmp_zip) as z:
+            for name in z.namelist():  # refuse paths that would land outside the folder
+                if name.startswith("/") or ".." in name.split("/"):
+                    raise UserError(f"the eval bundle zip from {url} holds an unsafe path: {name}")
+            z.extractall(tmp_dir)
+        found = [root for root, _, files in os.walk(tmp_dir) if "core.yaml" in files]
+        if not found:
+            raise UserError(f"the zip from {url} has no core.yaml: not an eval bundle")
+        if os.path.isdir(target):  # an incomplete earlier bundle (no core.yaml): replace it
+            shutil.rmtree(target)
+        os.replace(min(found, key=len), target)
+    except DownloadError as e:
+        raise UserError(f"could not download the CORE eval bundle from {url}: {e}. {how}") from e
+    finally:
+        if os.path.exists(tmp_zip):
+            os.remove(tmp_zip)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return target
 
 
 def load_bundle(config_path=None):
     """[{label, type, path, num_fewshot, delimiter, baseline (fraction or None)}] for every task
     in the config, in order. Task files are resolved against `<config dir>/eval_data/` when that
     folder exists (the standard bundle layout), else against the config's own folder."""
+    if config_path is None:
+        ensure_eval_bundle()
     config_path = config_path or default_config_path()
     if not os.path.isfile(config_path):
         raise UserError(f"CORE config not found: {config_path}. Put the eval bundle at "

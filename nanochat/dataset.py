@@ -123,9 +123,10 @@ class DownloadError(Exception):
     pass
 
 
-def download_file(url: str, path: str, timeout: float = 30.0, retries: int = 5, backoff: float = 2.0) -> None:
-    """Fetch `url` into `path`: stream into `path.tmp.<pid>`, check it opens as a parquet shard,
-    then rename. Retries network errors, 5xx/429 answers, truncated bodies and invalid files with
+def download_file(url: str, path: str, timeout: float = 30.0, retries: int = 5, backoff: float = 2.0,
+                  validate=None, what: str = "a valid parquet shard with a 'text' column") -> None:
+    """Fetch `url` into `path`: stream into `path.tmp.<pid>`, check it with `validate(tmp_path)`
+    (default: it opens as a parquet shard), then rename. Retries network errors, 5xx/429 answers, truncated bodies and invalid files with
     exponential backoff (backoff * 2**attempt seconds); other 4xx answers fail at once.
     Raises DownloadError with the last reason."""
     import requests
@@ -150,8 +151,8 @@ def download_file(url: str, path: str, timeout: float = 30.0, retries: int = 5, 
             if expected is not None and got != int(expected):
                 reason = f"truncated: got {got} of {expected} bytes"
                 continue
-            if not is_valid_shard(tmp):
-                reason = f"not a valid parquet shard with a 'text' column ({got} bytes)"
+            if not (validate or is_valid_shard)(tmp):
+                reason = f"not {what} ({got} bytes)"
                 continue
             os.replace(tmp, path)
             return

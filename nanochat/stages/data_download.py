@@ -30,7 +30,13 @@ def main(argv=None):
     parser.add_argument("--retries", type=int, default=5, help="retries per shard after the first try (default 5)")
     parser.add_argument("--backoff", type=float, default=2.0,
                         help="seconds before the first retry, doubling after each (default 2)")
+    parser.add_argument("--eval-bundle", action="store_true",
+                        help="also fetch the CORE eval bundle into $NANOCHAT_DATA/eval_bundle (otherwise "
+                             "`nanochat eval base` fetches it on first use)")
     args = parser.parse_args(argv)
+    if args.eval_bundle:
+        from nanochat.core_eval import ensure_eval_bundle
+        print(f"CORE eval bundle: {ensure_eval_bundle(retries=args.retries, backoff=args.backoff, timeout=args.timeout)}")
 
     hub_url, max_shard = HUB_DATASETS[args.dataset]
     base_url = (args.base_url or hub_url).rstrip("/")
