@@ -188,7 +188,8 @@ class Report:
         parts.append("## Summary\n\n" + self.summary_table(sections) + "\n")
         if start is not None and sections:
             total = max(s["time"] for s in sections) - start
-            parts.append(f"Total wall clock time: {total / 3600:.0f}h{(total % 3600) / 60:.0f}m ({total:,.0f}s)\n")
+            hours, minutes = int(total // 3600), int(total % 3600 // 60)
+            parts.append(f"Total wall clock time: {hours}h{minutes:02d}m ({total:,.0f}s)\n")
         pictures = plot_metrics(self.dir)
         if pictures:
             parts.append("## Training curves\n")

@@ -95,12 +95,7 @@ nanochat train base --device-type cpu --depth "$DEPTH" --max-seq-len "$MAX_SEQ_L
     --core-metric-every -1 --sample-every "$SAMPLE_EVERY" $COMPILE_FLAG
 
 stage "base model evaluation: bpb, samples, CORE"
-EVALS=core,bpb,sample
-if [ ! -f "$DATA_ROOT/eval_bundle/core.yaml" ]; then
-    echo "no CORE eval bundle at $DATA_ROOT/eval_bundle (nothing downloads it yet): skipping CORE"
-    EVALS=bpb,sample
-fi
-nanochat eval base --device-type cpu --eval "$EVALS" --max-per-task "$CORE_MAX_PER_TASK" --split-tokens "$SPLIT_TOKENS" \
+nanochat eval base --device-type cpu --eval core,bpb,sample --max-per-task "$CORE_MAX_PER_TASK" --split-tokens "$SPLIT_TOKENS" \
     --device-batch-size "$DEVICE_BATCH_SIZE"
 
 stage "mid-training"

@@ -213,11 +213,17 @@ def train(args, rank, world_size, device):
         with autocast():
             for j in range(per_rank):
                 g = step * args.examples_per_step + rank * per_rank + j  # global example number
-                conv = train_task[order[g % len(order)]]
-                prompt = tokenizer.render_for_completion(conv)
+                # a question whose prompt leaves too little room to answer in the context is
+                # swapped for another one, chosen deterministically (so resume stays exact)
+                need = min(args.max_new_tokens, 32)
+                for k in range(len(order)):
+                    conv = train_task[order[(g + k * 7919) % len(order)]]
+                    prompt = tokenizer.render_for_completion(conv)
+                    if max_seq_len - len(prompt) >= need:
+                        break
+                else:
+                    raise UserError(f"no GSM8K question leaves {need} tokens to answer in --max-seq-len {max_seq_len}")
                 max_tokens = min(args.max_new_tokens, max_seq_len - len(prompt))
-                if max_tokens < 1:
-                    raise UserError(f"a GSM8K prompt of {len(prompt)} tokens leaves no room in --max-seq-len {max_seq_len}")
                 seqs, mks, comps, _ = sample_group(engine, tokenizer, prompt, args.num_samples, max_tokens,
                                                    args.temperature, top_k, seed=args.seed * 1_000_003 + g)
                 sequences += seqs
