@@ -114,7 +114,8 @@ def final_number(text: str) -> int | None:
     return int(m[-1]) if m else None
 
 
-class SpellingBee(Task):
+class WordTask(Task):
+    """`size` generated examples over the train or test words of the word list."""
 
     def __init__(self, size=1000, split="train", data_dir=None, **kwargs):
         super().__init__(**kwargs)
@@ -128,6 +129,9 @@ class SpellingBee(Task):
 
     def num_examples(self):
         return self.size
+
+
+class SpellingBee(WordTask):
 
     def get_example(self, index):
         rng = random.Random(f"spellingbee-{self.split}-{index}")
@@ -172,20 +176,7 @@ class SpellingBee(Task):
         return final_number(assistant_response) == ref
 
 
-class SimpleSpelling(Task):
-
-    def __init__(self, size=1000, split="train", data_dir=None, **kwargs):
-        super().__init__(**kwargs)
-        check_split(split)
-        self.size, self.split = size, split
-        self.words = load_words(words_path(data_dir), split)
-
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return self.size
+class SimpleSpelling(WordTask):
 
     def get_example(self, index):
         rng = random.Random(f"simplespelling-{self.split}-{index}")
