@@ -28,6 +28,13 @@ def bundle_zip(with_core_yaml=True, evil=False):
     return buf.getvalue()
 
 
+@pytest.fixture(autouse=True)
+def downloads_on(monkeypatch):
+    # other test modules switch downloads off process-wide (e.g. HF_HUB_OFFLINE for transformers)
+    monkeypatch.delenv("NANOCHAT_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+
 @pytest.fixture
 def server():
     s = Server({"eval_bundle.zip": bundle_zip(), "broken.zip": bundle_zip(with_core_yaml=False),
@@ -37,7 +44,6 @@ def server():
 
 
 def test_download_unpack_and_reuse(server, tmp_path, monkeypatch):
-    monkeypatch.delenv("NANOCHAT_OFFLINE", raising=False)
     monkeypatch.setenv("NANOCHAT_DATA", str(tmp_path))
     monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE_URL", f"{server.url}/eval_bundle.zip")
     server.modes["eval_bundle.zip"] = ["503", "truncate", "ok"]
