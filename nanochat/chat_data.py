@@ -65,12 +65,12 @@ def default_mixture(stage, data_dir=None) -> tuple[str, str]:
     """(spec, why): the online mixture when SmolTalk (and, for mid, MMLU auxiliary_train) is in the
     data root; else the offline one when $NANOCHAT_DATA/chat has conversation files; else the
     online one, downloaded on first use, unless downloads are off."""
-    from tasks.hub import offline
+    from nanochat.common import downloads_off
     if online_data_present(stage, data_dir):
         return DEFAULT_MIXTURES[(stage, "online")], "online (SmolTalk found in the data root)"
     if chat_files(data_dir):
         return DEFAULT_MIXTURES[(stage, "offline")], "offline (no SmolTalk in the data root; using its chat/ files)"
-    if offline():
+    if downloads_off():
         root = data_dir or get_data_dir()
         raise UserError(f"no chat data in {root}: neither tasks/HuggingFaceTB/smol-smoltalk nor chat/*.jsonl; "
                         f"unset NANOCHAT_OFFLINE to download SmolTalk, point NANOCHAT_DATA at a data root with "

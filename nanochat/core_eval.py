@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from nanochat.common import UserError, get_data_dir, print0
+from nanochat.common import DownloadError, UserError, download_file, downloads_off, get_data_dir, print0
 
 FEWSHOT_SEED = 1234     # few-shot examples of item i come from random.Random(FEWSHOT_SEED + i)
 SUBSAMPLE_SEED = 1337   # --max-per-task takes the first N items of this fixed shuffle
@@ -50,17 +50,13 @@ def default_config_path() -> str:
     return os.path.join(get_data_dir(), "eval_bundle", "core.yaml")
 
 
-def downloads_off() -> bool:
-    return any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("NANOCHAT_OFFLINE", "HF_HUB_OFFLINE"))
-
-
 def ensure_eval_bundle(data_dir=None, url=None, timeout=60.0, retries=5, backoff=2.0) -> str:
     """Path of $NANOCHAT_DATA/eval_bundle, downloading and unpacking it first if it is absent.
     The zip is validated, unpacked into a temporary folder and renamed into place, so the bundle
     is either complete or absent. URL override: $NANOCHAT_EVAL_BUNDLE_URL."""
     import shutil
     import zipfile
-    from nanochat.dataset import DownloadError, check_writable, download_file
+    from nanochat.dataset import check_writable
     data_dir = data_dir or get_data_dir()
     target = os.path.join(data_dir, "eval_bundle")
     if os.path.isfile(os.path.join(target, "core.yaml")):

@@ -6,12 +6,11 @@ last index (e.g. shard_06542 for ClimbMix), `nanochat data build` writes it righ
 training shards. Downloading more training shards later never moves it from the end.
 """
 import os
-import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanochat.common import UserError, get_data_dir
+from nanochat.common import UserError, download_file, get_data_dir
 
 # ---------------------------------------------------------------------------
 # The public hub datasets (Hugging Face, karpathy/*). Shards 0..MAX-1 are training data, shard MAX
@@ -119,46 +118,7 @@ def write_shard(path: str, texts: list[str], row_group_size: int = ROW_GROUP_SIZ
 # ---------------------------------------------------------------------------
 # Downloading one shard from the hub (the `nanochat data download` stage drives this)
 
-class DownloadError(Exception):
-    pass
-
-
-def download_file(url: str, path: str, timeout: float = 30.0, retries: int = 5, backoff: float = 2.0,
-                  validate=None, what: str = "a valid parquet shard with a 'text' column") -> None:
-    """Fetch `url` into `path`: stream into `path.tmp.<pid>`, check it with `validate(tmp_path)`
-    (default: it opens as a parquet shard), then rename. Retries network errors, 5xx/429 answers, truncated bodies and invalid files with
-    exponential backoff (backoff * 2**attempt seconds); other 4xx answers fail at once.
-    Raises DownloadError with the last reason."""
-    import requests
-    tmp = f"{path}.tmp.{os.getpid()}"
-    reason = "no attempt"
-    for attempt in range(retries + 1):
-        if attempt:
-            time.sleep(backoff * 2 ** (attempt - 1))
-        got = 0
-        try:
-            with requests.get(url, stream=True, timeout=timeout) as r:
-                if r.status_code != 200:
-                    reason = f"HTTP {r.status_code}"
-                    if 400 <= r.status_code < 500 and r.status_code not in (408, 429):
-                        break  # not found / forbidden: retrying will not help
-                    continue
-                expected = r.headers.get("Content-Length")
-                with open(tmp, "wb") as f:
-                    for chunk in r.iter_content(chunk_size=1 << 20):
-                        f.write(chunk)
-                        got += len(chunk)
-            if expected is not None and got != int(expected):
-                reason = f"truncated: got {got} of {expected} bytes"
-                continue
-            if not (validate or is_valid_shard)(tmp):
-                reason = f"not {what} ({got} bytes)"
-                continue
-            os.replace(tmp, path)
-            return
-        except (requests.RequestException, OSError) as e:
-            reason = f"{type(e).__name__}: {e}"
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    raise DownloadError(reason)
+def download_shard(url: str, path: str, timeout: float = 30.0, retries: int = 5, backoff: float = 2.0) -> None:
+    """common.download_file, accepting only a readable parquet shard with a `text` column."""
+    download_file(url, path, timeout=timeout, retries=retries, backoff=backoff, validate=is_valid_shard,
+                  what="a valid parquet shard with a 'text' column")

@@ -8,17 +8,12 @@ Every dataset on the hub is also published as parquet on its `refs/convert/parqu
 so a data root filled by hand (or the offline copy in ../shared/data) and one filled by downloads
 look the same. A split found on disk is read and the network is never touched.
 """
-import http.client
 import os
 import shutil
-import socket
-import time
-import urllib.error
-import urllib.request
 
 import pyarrow.parquet as pq
 
-from nanochat.common import UserError, get_data_dir, print0
+from nanochat.common import DownloadError, NotFound, UserError, download_file, downloads_off, get_data_dir, print0
 
 DEFAULT_HF_URL = "https://huggingface.co"
 TIMEOUT_S = 60          # per connection attempt / socket read
@@ -45,10 +40,6 @@ def local_files(repo: str, subset: str, split: str, data_dir=None) -> list[str]:
     return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".parquet"))
 
 
-def offline() -> bool:
-    return any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("NANOCHAT_OFFLINE", "HF_HUB_OFFLINE"))
-
-
 def load_split(repo: str, subset: str, split: str, data_dir=None, download=True,
                retries=None, backoff=None, timeout=None) -> list[dict]:
     """All rows of one split as a list of dicts (the hub's column names). Downloads the split into
@@ -56,7 +47,7 @@ def load_split(repo: str, subset: str, split: str, data_dir=None, download=True,
     files = local_files(repo, subset, split, data_dir)
     if not files:
         folder = split_dir(repo, subset, split, data_dir)
-        if not download or offline():
+        if not download or downloads_off():
             raise UserError(
                 f"{repo} ({subset}/{split}) is not in {folder} and downloads are off. Unset NANOCHAT_OFFLINE/"
                 f"HF_HUB_OFFLINE to fetch it from the hub on first use, or point NANOCHAT_DATA at a data root "
@@ -100,46 +91,21 @@ def check_parquet(path):
 
 def fetch_file(url, path, retries=None, backoff=None, timeout=None, missing_ok=False, folder="",
                validate=check_parquet) -> bool:
-    """Download `url` to `path` (via path + '.part'), then `validate(part_path)` (default: it is a
-    readable parquet file). Returns False on 404 when `missing_ok` (the end of a split's file list)."""
+    """common.download_file with the hub's defaults and user-facing errors. `retries` counts all
+    attempts. Returns False on 404 when `missing_ok` (the end of a split's file list)."""
     retries = RETRIES if retries is None else retries
-    backoff = BACKOFF_S if backoff is None else backoff
-    timeout = TIMEOUT_S if timeout is None else timeout
-    part = path + ".part"
-    last_error = None
-    for attempt in range(retries):
-        if attempt:
-            time.sleep(backoff * 2 ** (attempt - 1))
-        try:
-            req = urllib.request.Request(url, headers={"User-Agent": "nanochat"})
-            with urllib.request.urlopen(req, timeout=timeout) as resp, open(part, "wb") as f:
-                expected = resp.headers.get("Content-Length")
-                got = 0
-                while chunk := resp.read(1 << 20):
-                    f.write(chunk)
-                    got += len(chunk)
-            if expected is not None and got != int(expected):
-                raise OSError(f"truncated download: {got} of {expected} bytes")
-            validate(part)
-            os.replace(part, path)
-            print0(f"downloaded {url} ({got / 1e6:.1f} MB)")
-            return True
-        except urllib.error.HTTPError as e:
-            if e.code == 404:
-                if missing_ok:
-                    return False
-                raise UserError(f"{url} does not exist (404): check the dataset name, subset and split") from e
-            last_error = e
-            if e.code < 500 and e.code != 429:  # 401/403 etc. will not get better by retrying
-                break
-        except (urllib.error.URLError, http.client.HTTPException, socket.timeout, ConnectionError, OSError) as e:
-            last_error = e
-        except Exception as e:  # validate's complaint about a torn or wrong file
-            last_error = e
-        print0(f"download of {url} failed (attempt {attempt + 1}/{retries}): {last_error}")
-    if os.path.exists(part):
-        os.remove(part)
-    raise UserError(
-        f"could not download {url} into {folder or os.path.dirname(path)}: {last_error}. Without internet, set "
-        f"NANOCHAT_DATA to a data root that already has it (e.g. ../shared/data) or copy the file(s) there; "
-        f"NANOCHAT_HF_URL points hub downloads at a mirror")
+    try:
+        download_file(url, path, timeout=TIMEOUT_S if timeout is None else timeout, retries=max(0, retries - 1),
+                      backoff=BACKOFF_S if backoff is None else backoff, validate=validate,
+                      what="a readable file of the expected format")
+    except NotFound as e:
+        if missing_ok:
+            return False
+        raise UserError(f"{url} does not exist (404): check the dataset name, subset and split") from e
+    except DownloadError as e:
+        raise UserError(
+            f"could not download {url} into {folder or os.path.dirname(path)}: {e}. Without internet, set "
+            f"NANOCHAT_DATA to a data root that already has it (e.g. ../shared/data) or copy the file(s) there; "
+            f"NANOCHAT_HF_URL points hub downloads at a mirror") from e
+    print0(f"downloaded {url}")
+    return True

@@ -14,9 +14,9 @@ import random
 import re
 import zlib
 
-from nanochat.common import UserError, get_data_dir
+from nanochat.common import UserError, downloads_off, get_data_dir
 from tasks.common import Task, content_text
-from tasks.hub import fetch_file, offline
+from tasks.hub import fetch_file
 
 WORDS_URL = "https://raw.githubusercontent.com/dwyl/english-words/master/words_alpha.txt"
 
@@ -42,7 +42,7 @@ def check_words(path):
 @functools.lru_cache(maxsize=4)
 def load_words(path: str, split: str) -> list[str]:
     if not os.path.isfile(path):
-        if offline():
+        if downloads_off():
             raise UserError(f"word list not found: {path} and downloads are off (NANOCHAT_OFFLINE/HF_HUB_OFFLINE). "
                             f"Point NANOCHAT_DATA at a data root with words/words_alpha.txt (e.g. ../shared/data), "
                             f"or put {WORDS_URL} there")

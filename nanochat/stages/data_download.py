@@ -10,9 +10,9 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
-from nanochat.common import UserError
-from nanochat.dataset import (DEFAULT_DATASET, HUB_DATASETS, DownloadError, check_writable, download_file,
-                              is_valid_shard, pretrain_dir, shard_name)
+from nanochat.common import DownloadError, UserError
+from nanochat.dataset import (DEFAULT_DATASET, HUB_DATASETS, check_writable, download_shard, is_valid_shard,
+                              pretrain_dir, shard_name)
 
 
 def main(argv=None):
@@ -58,7 +58,7 @@ def main(argv=None):
     failed = {}
 
     def fetch(i):
-        download_file(f"{base_url}/{shard_name(i)}", os.path.join(out, shard_name(i)),
+        download_shard(f"{base_url}/{shard_name(i)}", os.path.join(out, shard_name(i)),
                       timeout=args.timeout, retries=args.retries, backoff=args.backoff)
 
     with ThreadPoolExecutor(max_workers=args.workers) as pool, tqdm(total=len(todo), unit="shard") as bar:
