@@ -10,6 +10,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SHARED = os.path.join(os.path.dirname(REPO), "shared", "data")
 
 os.environ.setdefault("NANOCHAT_DATA", _SHARED)
+# Tests never reach the internet: every loader that would download something missing fails
+# instead. Tests of the download code turn this off and serve their files from 127.0.0.1.
+os.environ["NANOCHAT_OFFLINE"] = "1"
 _BASE = tempfile.mkdtemp(prefix="nanochat-test-")
 os.environ["NANOCHAT_BASE_DIR"] = _BASE
 os.environ.setdefault("OMP_NUM_THREADS", "2")

@@ -227,3 +227,16 @@ def test_cli_tokenizer_errors(tmp_path):
     assert r.returncode == 1 and "no text" in r.stderr
     r = run_cli("tokenizer", "eval", env={"NANOCHAT_BASE_DIR": str(tmp_path / "nothing")})
     assert r.returncode == 1 and "nanochat tokenizer train" in r.stderr
+
+
+def test_reference_encodings_never_fetched_when_offline(monkeypatch, tmp_path):
+    """With downloads off, tokenizer eval uses only tiktoken's cache: no fetch is even attempted."""
+    import tiktoken.load
+    from nanochat.stages.tokenizer_eval import load_reference
+    calls = []
+    monkeypatch.setattr(tiktoken.load, "read_file", lambda blobpath: calls.append(blobpath) or b"")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))  # empty cache
+    monkeypatch.setenv("NANOCHAT_OFFLINE", "1")
+    assert load_reference("gpt2") is None and load_reference("cl100k_base") is None
+    assert calls == []
+    assert tiktoken.load.read_file.__name__ == "<lambda>"  # the original fetcher is put back

@@ -4,7 +4,7 @@ import gzip
 import json
 import os
 
-from nanochat.common import get_data_dir, print0
+from nanochat.common import downloads_off, get_data_dir, print0
 from nanochat.tokenizer import get_tokenizer
 
 CODE_SAMPLE = '''
@@ -77,12 +77,24 @@ def sample_texts(data_dir=None):
 
 
 def load_reference(name):
-    """A tiktoken reference encoding, or None when it cannot be loaded (it downloads its files)."""
+    """A tiktoken reference encoding, or None when it cannot be loaded. tiktoken downloads its
+    files on first use and caches them; with downloads off (NANOCHAT_OFFLINE) only the cache is used."""
     try:
         import tiktoken
+        import tiktoken.load
+    except ImportError:
+        return None
+    fetch = tiktoken.load.read_file
+    if downloads_off():
+        def fetch_refused(blobpath):
+            raise OSError(f"downloads are off and {blobpath} is not in tiktoken's cache")
+        tiktoken.load.read_file = fetch_refused  # read_file_cached falls back to this on a cache miss
+    try:
         return tiktoken.get_encoding(name)
     except Exception:
         return None
+    finally:
+        tiktoken.load.read_file = fetch
 
 
 def main(argv=None):
@@ -111,8 +123,8 @@ def main(argv=None):
         print0(f"{name:<12} {nbytes:>9,} " + " ".join(
             f"{row[c]['tokens']:>10,} {row[c]['bytes_per_token']:>10.2f}" for c in cols))
     if missing:
-        print0(f"not compared: {', '.join(missing)} (tiktoken could not load them offline; "
-               f"they download their files from the internet on first use)")
+        print0(f"not compared: {', '.join(missing)} (tiktoken could not load them: it downloads their files "
+               f"on first use, which failed or is off with NANOCHAT_OFFLINE)")
     try:
         from nanochat.report import get_report
         get_report().log("Tokenizer evaluation", [{f"{name} bytes/token": round(r['ours']['bytes_per_token'], 3)
