@@ -123,3 +123,21 @@ def test_train_rl_end_to_end_and_exact_resume(base_checkpoint, monkeypatch, caps
                         "--max-new-tokens", "8", "--device-type", "cpu"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "ChatCORE" in r.stdout
+
+
+def test_long_questions_are_swapped_deterministically(tokenizer):
+    from nanochat.common import UserError
+    from nanochat.stages.train_rl import pick_question
+    from tasks.gsm8k import GSM8K
+    task = GSM8K(split="train", stop=200)
+    order = list(range(len(task)))
+    lengths = [len(tokenizer.render_for_completion(task[i])) for i in order]
+    T = sorted(lengths)[len(lengths) // 2] + 8  # about half the prompts leave fewer than 8 tokens
+    for g in range(40):
+        conv, prompt = pick_question(task, order, g, tokenizer, T, 8)
+        assert T - len(prompt) >= 8
+        assert pick_question(task, order, g, tokenizer, T, 8)[1] == prompt  # same choice every time
+        if lengths[g] + 8 <= T:
+            assert conv == task[g]  # a question that fits is kept
+    with pytest.raises(UserError, match="no GSM8K question"):
+        pick_question(task, order, 0, tokenizer, min(lengths) + 3, 8)

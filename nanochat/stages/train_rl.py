@@ -48,6 +48,18 @@ def build_parser():
     return p
 
 
+def pick_question(task, order, g, tokenizer, max_seq_len, need):
+    """(conversation, prompt ids) of global example g. A question whose prompt leaves fewer than
+    `need` tokens to answer in the context is swapped for another, chosen deterministically from g
+    (so resume stays exact)."""
+    for k in range(len(order)):
+        conv = task[order[(g + k * 7919) % len(order)]]
+        prompt = tokenizer.render_for_completion(conv)
+        if max_seq_len - len(prompt) >= need:
+            return conv, prompt
+    raise UserError(f"no GSM8K question leaves {need} tokens to answer in --max-seq-len {max_seq_len}")
+
+
 def sample_group(engine, tokenizer, prompt, num_samples, max_tokens, temperature, top_k, seed):
     """num_samples completions of one prompt: (sequences, masks, completions, stopped), the
     sequences being prompt + completion (+ the stop token when the model sampled one), masks 1
@@ -213,16 +225,7 @@ def train(args, rank, world_size, device):
         with autocast():
             for j in range(per_rank):
                 g = step * args.examples_per_step + rank * per_rank + j  # global example number
-                # a question whose prompt leaves too little room to answer in the context is
-                # swapped for another one, chosen deterministically (so resume stays exact)
-                need = min(args.max_new_tokens, 32)
-                for k in range(len(order)):
-                    conv = train_task[order[(g + k * 7919) % len(order)]]
-                    prompt = tokenizer.render_for_completion(conv)
-                    if max_seq_len - len(prompt) >= need:
-                        break
-                else:
-                    raise UserError(f"no GSM8K question leaves {need} tokens to answer in --max-seq-len {max_seq_len}")
+                conv, prompt = pick_question(train_task, order, g, tokenizer, max_seq_len, min(args.max_new_tokens, 32))
                 max_tokens = min(args.max_new_tokens, max_seq_len - len(prompt))
                 seqs, mks, comps, _ = sample_group(engine, tokenizer, prompt, args.num_samples, max_tokens,
                                                    args.temperature, top_k, seed=args.seed * 1_000_003 + g)
