@@ -240,3 +240,13 @@ def test_reference_encodings_never_fetched_when_offline(monkeypatch, tmp_path):
     assert load_reference("gpt2") is None and load_reference("cl100k_base") is None
     assert calls == []
     assert tiktoken.load.read_file.__name__ == "<lambda>"  # the original fetcher is put back
+
+
+def test_openmp_does_not_spin_by_default():
+    code = "import os, nanochat, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "PASSIVE"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"  # an explicit setting wins
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "ACTIVE"
