@@ -17,6 +17,7 @@ import os
 import time
 
 import torch
+import torch.distributed as dist
 
 from nanochat import checkpoint as ck
 from nanochat.common import (UserError, add_common_flags, autodetect_device_type, compute_cleanup,
@@ -461,7 +462,6 @@ def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_ba
         model.zero_grad(set_to_none=True)
         train_loss = loss_sum / grad_accum
         if world_size > 1:
-            import torch.distributed as dist
             dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
         smooth_loss.mul_(beta).add_(train_loss, alpha=1 - beta)
         step += 1
