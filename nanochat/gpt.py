@@ -584,9 +584,9 @@ class GPT(nn.Module):
     def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
         """Sample max_tokens ids after the prompt `tokens` (a list of ints), yielding each id.
         No KV cache: every step runs the full sequence (the reference for nanochat.engine).
-        temperature 0 = greedy. Sampling: logits of the last position, keep the top_k largest
-        (ties at the k-th value kept), divide by temperature, softmax, torch.multinomial with a
-        torch.Generator on the model's device seeded with `seed`."""
+        temperature 0 = greedy. Sampling: logits of the last position; with top_k, the top_k
+        largest (torch.topk) are the candidates, else the whole vocabulary; divide by temperature,
+        softmax, torch.multinomial with a torch.Generator on the model's device seeded with `seed`."""
         device = self.get_device()
         rng = None
         if temperature > 0:
@@ -595,12 +595,14 @@ class GPT(nn.Module):
         ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)
         for _ in range(max_tokens):
             logits = self.forward(ids)[:, -1, :]
-            if top_k is not None and top_k < logits.size(-1):
-                kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
             if temperature > 0:
+                cand_ids = None
+                if top_k is not None and 0 < top_k < logits.size(-1):
+                    logits, cand_ids = torch.topk(logits, top_k, dim=-1)
                 probs = F.softmax(logits / temperature, dim=-1)
                 next_id = torch.multinomial(probs, num_samples=1, generator=rng)
+                if cand_ids is not None:
+                    next_id = cand_ids.gather(1, next_id)
             else:
                 next_id = torch.argmax(logits, dim=-1, keepdim=True)
             ids = torch.cat([ids, next_id], dim=1)

@@ -167,6 +167,32 @@ def test_top_k_and_top_p():
     assert mixed[:3].tolist() == logits.argmax(-1)[:3].tolist()
 
 
+def test_top_k_sampling_distribution_and_per_row_k():
+    """The top-k fast path (only the k candidates are sampled) draws from the softmax of the k
+    largest logits at the row's temperature, with each row's own k, and agrees with the mixed
+    path (a row without top-k in the batch) on which tokens can come out."""
+    g = torch.Generator().manual_seed(1)
+    row = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, 3.0])
+    logits = row.repeat(6000, 1)
+    ids = sample(logits, 0.5, top_k=3, generator=g)
+    want = torch.softmax(torch.tensor([3.0, 2.0, 1.0]) / 0.5, dim=0)       # ids 5, 0, 1
+    freq = torch.bincount(ids, minlength=6).float() / len(ids)
+    assert freq[[5, 0, 1]].tolist() == pytest.approx(want.tolist(), abs=0.02)
+    assert freq[[2, 3, 4]].sum() == 0
+    # per-row k: row 0 keeps 1 (greedy), row 1 keeps 4, in one fast-path call
+    both = torch.stack([row, row]).repeat(3000, 1)
+    ids = sample(both, 1.0, top_k=[1, 4] * 3000, generator=g).view(3000, 2)
+    assert set(ids[:, 0].tolist()) == {5}
+    assert set(ids[:, 1].tolist()) == {5, 0, 1, 2}
+    # a row without top-k (mixed path) still sees the whole vocabulary, the top-k row its k
+    ids = sample(both, 1.0, top_k=[2, None] * 3000, generator=g).view(3000, 2)
+    assert set(ids[:, 0].tolist()) == {5, 0}
+    assert set(ids[:, 1].tolist()) == set(range(6))
+    # top-k then top-p on the sorted candidates: probs of the 3 kept ~ .67/.24/.09 -> p=0.8 keeps 2
+    ids = sample(logits, 1.0, top_k=3, top_p=0.8, generator=g)
+    assert set(ids.tolist()) == {5, 0}
+
+
 # ---------------------------------------------------------------------------
 # Tool use and stop tokens, with a scripted model. The real GPT runs underneath (so the KV cache
 # is exercised), but its logits are overridden so that generated position i is script[i]: this
