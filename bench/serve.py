@@ -1,7 +1,7 @@
 """Server benchmark: aggregate tokens/s and request latency (p50/p90/p99) for 1, 4 and 16
 concurrent clients of `nanochat serve`'s continuous batching. Prints JSON.
 
-    python bench/serve.py --depth 4 --threads 2                 # CPU
+    python bench/serve.py --depth 4                             # CPU (the server gets cores - 1 threads)
     python bench/serve.py --depth 12 --max-batch 32             # GPU
     python bench/serve.py -i sft                                # a trained checkpoint
 
@@ -47,9 +47,9 @@ def serve(args):
     import uvicorn
     from nanochat.common import autodetect_device_type
     from nanochat.server import create_app
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device_type or autodetect_device_type())
+    if device.type == "cpu":  # the same default as `nanochat serve --threads`
+        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) - 1))
     if args.source:
         from nanochat.checkpoint import load_model
         model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag)
@@ -143,7 +143,7 @@ def main(argv=None):
     p.add_argument("--clients", default="1,4,16")
     p.add_argument("--requests-per-client", type=int, default=3)
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="CPU: the server's torch threads (default: cores - 1)")
     p.add_argument("--device-type", default="")
     p.add_argument("--ignore-stop", action="store_true", help="with -i: fixed-length replies anyway")
     p.add_argument("--out", default=None, help="also write the JSON here")
@@ -174,7 +174,19 @@ def main(argv=None):
                     raise SystemExit("the server process died")
                 time.sleep(0.2)
         load(url, 1, 1, 8)  # warm-up
-        runs = [load(url, int(c), args.requests_per_client, args.max_tokens) for c in args.clients.split(",")]
+        runs = []
+        for c in args.clients.split(","):
+            before = requests.get(url + "/stats", timeout=10).json()
+            runs.append(load(url, int(c), args.requests_per_client, args.max_tokens))
+            after = requests.get(url + "/stats", timeout=10).json()
+            # how the scheduler thread spent the run's wall time (the rest: idle, or waiting for the GIL)
+            for k in ("prefill_s", "decode_s"):
+                runs[-1]["scheduler_" + k] = round(after[k] - before[k], 3)
+            steps = after["decode_steps"] - before["decode_steps"]
+            runs[-1]["decode_steps"] = steps
+            runs[-1]["mean_rows_per_step"] = round(
+                (after["mean_rows_per_step"] * after["decode_steps"] - before["mean_rows_per_step"] * before["decode_steps"])
+                / max(steps, 1), 2)
         stats = requests.get(url + "/stats", timeout=10).json()
     finally:
         child.terminate()

@@ -472,6 +472,10 @@ class GPT(nn.Module):
 
     def _logits(self, x):
         logits = self.lm_head(x).float()
+        if logits.device.type == "cpu" and not torch.is_grad_enabled():
+            # cap * tanh(u / cap) = 2 cap sigmoid(2u / cap) - cap, in place: torch's CPU tanh is
+            # ~3x slower than sigmoid (0.2 ms per decode step of 16 rows at vocab 4K)
+            return logits.mul_(2.0 / SOFTCAP).sigmoid_().mul_(2.0 * SOFTCAP).sub_(SOFTCAP)
         return SOFTCAP * torch.tanh(logits / SOFTCAP)
 
     def _chunk_loss(self, x, targets):

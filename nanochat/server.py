@@ -155,9 +155,21 @@ class Job:
         self.cancelled = threading.Event()
         self.submitted = time.time()
 
-    def emit(self, item):
+
+def _put_all(events):
+    for job, item in events:
+        job.events.put_nowait(item)
+
+
+def deliver(events):
+    """Hand [(job, event)] from the scheduler thread to the jobs' asyncio loops: one wake-up of
+    each loop per call (not one per token), which matters when 16 streams advance every step."""
+    by_loop = {}
+    for job, item in events:
+        by_loop.setdefault(job.loop, []).append((job, item))
+    for loop, items in by_loop.items():
         try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+            loop.call_soon_threadsafe(_put_all, items)
         except RuntimeError:
             pass  # the event loop is gone (server shutting down)
 
@@ -181,6 +193,8 @@ class Scheduler:
         self.steps = 0
         self.rows_histogram = Counter()  # rows in a decode step -> number of such steps
         self.active = 0
+        self.prefill_s = 0.0  # scheduler-thread seconds spent admitting (prefill) and decoding
+        self.decode_s = 0.0
 
     def start(self):
         self.thread.start()
@@ -210,6 +224,8 @@ class Scheduler:
             "mean_rows_per_step": round(rows / steps, 3) if steps else 0.0,
             "max_rows_per_step": max(self.rows_histogram) if self.rows_histogram else 0,
             "rows_per_step_histogram": {str(k): v for k, v in sorted(self.rows_histogram.items())},
+            "prefill_s": round(self.prefill_s, 3),
+            "decode_s": round(self.decode_s, 3),
         }
 
     # -- the thread ---------------------------------------------------------------------------
@@ -232,7 +248,10 @@ class Scheduler:
             new.append(Sequence(job.prompt, max_tokens=s["max_tokens"], temperature=s["temperature"],
                                 top_k=s["top_k"] or None, top_p=s["top_p"], owner=job))
         if new:
-            self._emit(self.decoder.add(new))
+            t0 = time.perf_counter()
+            produced = self.decoder.add(new)
+            self.prefill_s += time.perf_counter() - t0
+            self._emit(produced)
 
     def _emit(self, produced):
         """Send the step's tokens to their requests. Counters and rows are updated first, so a
@@ -247,8 +266,7 @@ class Scheduler:
                 events.append((seq.owner, ("done", seq.finish_reason)))
         self.decoder.remove_done()
         self.active = len(self.decoder.seqs)
-        for job, event in events:
-            job.emit(event)
+        deliver(events)
 
     def _loop(self):
         torch.set_grad_enabled(False)
@@ -263,15 +281,19 @@ class Scheduler:
                 if not self.decoder.seqs:
                     continue
                 self.rows_histogram[len(self.decoder.seqs)] += 1
-                self._emit(self.decoder.step())
+                t0 = time.perf_counter()
+                produced = self.decoder.step()
+                self.decode_s += time.perf_counter() - t0
+                self._emit(produced)
                 self.active = len(self.decoder.seqs)
                 if self.token_delay:
                     time.sleep(self.token_delay)
             except Exception as e:  # never let one bad step kill the server: fail the running requests
                 import traceback
                 traceback.print_exc()
+                deliver([(seq.owner, ("error", f"generation failed: {type(e).__name__}: {e}"))
+                         for seq in self.decoder.seqs])
                 for seq in list(self.decoder.seqs):
-                    seq.owner.emit(("error", f"generation failed: {type(e).__name__}: {e}"))
                     self.decoder.remove(seq)
                 self.active = 0
 
@@ -333,14 +355,18 @@ def create_app(model, tokenizer, max_batch=8, model_name="nanochat", token_delay
         return validate_request(body, tokenizer, context_len)
 
     async def run(prompt, settings):
-        """Submit a job and yield ("token", id) ... then ("done", reason) / ("error", msg)."""
+        """Submit a job and yield lists of events: ("token", id) ... then ("done", reason) or
+        ("error", msg) last. A list holds every event already waiting (one, unless this
+        coroutine fell behind the scheduler), so that a late stream catches up in one write."""
         job = Job(prompt, settings, asyncio.get_running_loop())
         scheduler.submit(job)
         try:
             while True:
-                item = await job.events.get()
-                yield item
-                if item[0] in ("done", "error"):
+                items = [await job.events.get()]
+                while not job.events.empty():
+                    items.append(job.events.get_nowait())
+                yield items
+                if items[-1][0] in ("done", "error"):
                     return
         finally:
             # runs when the stream ends, and also when the client disconnects (the response's
@@ -374,18 +400,22 @@ def create_app(model, tokenizer, max_batch=8, model_name="nanochat", token_delay
 
         async def events():
             text = TextStream(tokenizer)
-            async for kind, value in run(prompt, settings):
-                if kind == "token":
-                    piece = text.push(value)
-                    if piece:
-                        yield _sse({"token": piece})
-                elif kind == "done":
-                    tail = text.flush()
-                    if tail:
-                        yield _sse({"token": tail})
-                    yield _sse({"done": True, "finish_reason": value})
-                else:
-                    yield _sse({"error": value})
+            async for items in run(prompt, settings):
+                out = []
+                for kind, value in items:
+                    if kind == "token":
+                        piece = text.push(value)
+                        if piece:
+                            out.append(_sse({"token": piece}))
+                    elif kind == "done":
+                        tail = text.flush()
+                        if tail:
+                            out.append(_sse({"token": tail}))
+                        out.append(_sse({"done": True, "finish_reason": value}))
+                    else:
+                        out.append(_sse({"error": value}))
+                if out:
+                    yield "".join(out)
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -404,13 +434,14 @@ def create_app(model, tokenizer, max_batch=8, model_name="nanochat", token_delay
 
         if not settings["stream"]:
             tokens, reason = [], None
-            async for kind, value in run(prompt, settings):
-                if kind == "token":
-                    tokens.append(value)
-                elif kind == "done":
-                    reason = value
-                else:
-                    return _error(500, value, kind="server_error")
+            async for items in run(prompt, settings):
+                for kind, value in items:
+                    if kind == "token":
+                        tokens.append(value)
+                    elif kind == "done":
+                        reason = value
+                    else:
+                        return _error(500, value, kind="server_error")
             return {
                 "id": cid, "object": "chat.completion", "created": now, "model": model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": tokenizer.decode(tokens)},
@@ -428,22 +459,30 @@ def create_app(model, tokenizer, max_batch=8, model_name="nanochat", token_delay
             text = TextStream(tokenizer)
             n = 0
             yield chunk({"role": "assistant", "content": ""})
-            async for kind, value in run(prompt, settings):
-                if kind == "token":
-                    n += 1
-                    piece = text.push(value)
-                    if piece:
-                        yield chunk({"content": piece})
-                elif kind == "done":
-                    tail = text.flush()
-                    if tail:
-                        yield chunk({"content": tail})
-                    yield chunk({}, reason=value)
-                    if include_usage:
-                        yield _sse({"id": cid, "object": "chat.completion.chunk", "created": now,
-                                    "model": model_name, "choices": [], "usage": usage(n)})
-                else:
-                    yield _sse({"error": {"message": value, "type": "server_error"}})
+            async for items in run(prompt, settings):
+                out, content = [], ""  # the pieces of the tokens that arrived together: one chunk
+                for kind, value in items:
+                    if kind == "token":
+                        n += 1
+                        content += text.push(value)
+                    elif kind == "done":
+                        content += text.flush()
+                        if content:
+                            out.append(chunk({"content": content}))
+                            content = ""
+                        out.append(chunk({}, reason=value))
+                        if include_usage:
+                            out.append(_sse({"id": cid, "object": "chat.completion.chunk", "created": now,
+                                             "model": model_name, "choices": [], "usage": usage(n)}))
+                    else:
+                        if content:
+                            out.append(chunk({"content": content}))
+                            content = ""
+                        out.append(_sse({"error": {"message": value, "type": "server_error"}}))
+                if content:
+                    out.append(chunk({"content": content}))
+                if out:
+                    yield "".join(out)
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream",

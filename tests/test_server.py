@@ -300,7 +300,7 @@ def test_serve_command(tokenizer):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "nanochat", "serve", "--port", str(port), "--model-tag", "d2serve",
-                             "--max-batch", "3"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             "--max-batch", "3", "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"
     try:
@@ -321,3 +321,10 @@ def test_serve_command(tokenizer):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    assert "with up to 3 requests per batch, 1 CPU threads" in proc.stdout.read()
+
+
+def test_serve_rejects_bad_threads(capsys):
+    from nanochat import cli
+    assert cli.main(["serve", "--threads", "0"]) == 1
+    assert "--threads must be >= 1" in capsys.readouterr().err

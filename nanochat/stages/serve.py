@@ -3,6 +3,7 @@
     nanochat serve [-i SOURCE] [--host 127.0.0.1] [--port 8000] [--max-batch 8]
 """
 import argparse
+import os
 
 from nanochat.common import UserError, print0
 from nanochat.stages.chat import add_model_flags, load_chat_model
@@ -17,20 +18,29 @@ def main(argv=None):
     parser.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: nanochat-<source>)")
     parser.add_argument("--token-delay", type=float, default=0.0,
                         help="seconds to sleep after every decode step (for tests and demos of streaming)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU only: torch threads for the model (default: one fewer than the cores, so the "
+                             "HTTP side keeps a core to itself; measured in docs/benchmarks.md)")
     add_model_flags(parser)  # -i and the common flags
     args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        raise UserError("--threads must be >= 1")
     if args.max_batch < 1:
         raise UserError("--max-batch must be >= 1")
     if not 0 <= args.port <= 65535:
         raise UserError("--port must be in [0, 65535]")
 
+    import torch
     import uvicorn
     from nanochat.server import create_app
     model, tokenizer, meta, source = load_chat_model(args)
+    if model.get_device().type == "cpu":
+        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) - 1))
     name = args.model_name or f"nanochat-{source}"
     app = create_app(model, tokenizer, max_batch=args.max_batch, model_name=name, token_delay=args.token_delay)
+    threads = f", {torch.get_num_threads()} CPU threads" if model.get_device().type == "cpu" else ""
     print0(f"serving {name} (step {meta.get('step', '?')}) on http://{args.host}:{args.port}/ "
-           f"with up to {args.max_batch} requests per batch")
+           f"with up to {args.max_batch} requests per batch{threads}")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
