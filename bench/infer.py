@@ -1,5 +1,6 @@
 """Inference benchmark: time to first token, time per output token and tokens/s of the engine's
-batched decoding (static KV cache, batched prefill) at batch sizes 1, 8, 32. Prints JSON.
+batched decoding (static KV cache, batched prefill) at batch sizes 1, 8, 32, eager or with
+--compile (the compiled decode step; its compile time is reported, not timed). Prints JSON.
 
     python bench/infer.py --depth 4 --threads 2                       # CPU, seconds
     python bench/infer.py --depth 20 --max-seq-len 2048 --prompt-len 512 --new-tokens 256   # GPU
@@ -69,8 +70,11 @@ def run(model, tokenizer, batch, args, device):
     g = torch.Generator().manual_seed(batch)
     # different prompts per row (of slightly different lengths) so the prefill is really batched
     prompts = [torch.randint(0, vocab - 16, (args.prompt_len - (i % 8),), generator=g).tolist() for i in range(batch)]
-    dec = BatchDecoder(model, tokenizer, batch, max_len=args.prompt_len + args.new_tokens + 1)
+    dec = BatchDecoder(model, tokenizer, batch, max_len=args.prompt_len + args.new_tokens + 1, compile=args.compile)
     dec.specials["stop"] = set()  # benchmark: every row runs the full length
+    t0 = time.perf_counter()
+    dec.warmup()  # --compile: compile every row bucket now, not inside the timed steps
+    warmup_s = time.perf_counter() - t0
     seqs = [Sequence(p, max_tokens=args.new_tokens, temperature=args.temperature, top_k=args.top_k) for p in prompts]
     synchronize(device)
     t0 = time.perf_counter()
@@ -89,6 +93,7 @@ def run(model, tokenizer, batch, args, device):
     steady = step_times[args.warmup:] or step_times
     tpot = statistics.mean(steady)
     return {"batch": batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+            "compile_warmup_s": round(warmup_s, 2) if args.compile else None,
             "ttft_ms": round(ttft * 1e3, 2), "tpot_ms": round(tpot * 1e3, 3),
             "tpot_p90_ms": round(sorted(steady)[int(0.9 * (len(steady) - 1))] * 1e3, 3),
             "decode_tok_per_s": round(batch / tpot, 1),
@@ -113,6 +118,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="decode steps left out of TPOT")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     p.add_argument("--device-type", default="")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on CUDA)")
     p.add_argument("--reference", action="store_true", help="also time GPT.generate (no KV cache) at batch 1")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
@@ -121,7 +127,7 @@ def main(argv=None):
     device = torch.device(args.device_type or autodetect_device_type())
     torch.set_grad_enabled(False)
     model, tokenizer = build(args, device)
-    run(model, tokenizer, 1, argparse.Namespace(**{**vars(args), "new_tokens": 8}), device)  # warm-up
+    run(model, tokenizer, 1, argparse.Namespace(**{**vars(args), "new_tokens": 8, "compile": False}), device)  # warm-up
     results = [run(model, tokenizer, int(b), args, device) for b in args.batch_sizes.split(",")]
     out = {
         "bench": "infer", "date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.machine(),

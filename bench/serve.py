@@ -65,7 +65,7 @@ def serve(args):
         model.to_empty(device=device)
         model.init_weights()
         model.eval()
-    app = create_app(model, tokenizer, max_batch=args.max_batch, model_name="bench")
+    app = create_app(model, tokenizer, max_batch=args.max_batch, model_name="bench", compile=args.compile)
     if not args.source or args.ignore_stop:
         app.state.scheduler.decoder.specials["stop"] = set()  # fixed-length replies
     params = sum(p.numel() for p in model.parameters())
@@ -145,6 +145,7 @@ def main(argv=None):
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=None, help="CPU: the server's torch threads (default: cores - 1)")
     p.add_argument("--device-type", default="")
+    p.add_argument("--compile", action="store_true", help="serve with the compiled decode step (waits until ready)")
     p.add_argument("--ignore-stop", action="store_true", help="with -i: fixed-length replies anyway")
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.add_argument("--serve-only", action="store_true", help=argparse.SUPPRESS)  # the child process
@@ -167,8 +168,9 @@ def main(argv=None):
             raise SystemExit("the server process failed to start")
         while True:
             try:
-                requests.get(url + "/health", timeout=2)
-                break
+                if requests.get(url + "/health", timeout=2).json()["ready"]:
+                    break
+                time.sleep(0.5)
             except requests.ConnectionError:
                 if child.poll() is not None:
                     raise SystemExit("the server process died")

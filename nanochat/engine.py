@@ -10,6 +10,8 @@ Three layers, each usable on its own:
   prefilled together, right-padded, in one forward) and leave (the last row is copied into the
   freed one, so the active rows stay 0..n-1). Each `step()` decodes one token for every active
   row in one forward. The server's continuous batching and the `Engine` below both run on it.
+  With `compile=True` the decode step is torch.compile'd with static shapes (CUDA graphs on
+  CUDA): see `BatchDecoder.__init__`.
 
 `Engine(model, tokenizer)` is the user-facing API: `generate` streams (token_column,
 mask_column) for K samples of one prompt (prefilled once, then forked into K rows),
@@ -164,7 +166,14 @@ class BatchDecoder:
     allocated per step except what the model's forward allocates itself: the cache and the
     input-token buffer are created once."""
 
-    def __init__(self, model, tokenizer, batch_size, max_len=None, seed=42):
+    def __init__(self, model, tokenizer, batch_size, max_len=None, seed=42, compile=False):
+        """compile=True: decode steps run a torch.compile'd forward with static shapes: the rows
+        are padded up to a power of two (at most batch_size; padded rows are free rows, decoded
+        and ignored) and attention always spans the whole cache (kv_len = max_len, keys beyond a
+        row's length masked), so there is one compiled graph per row bucket, compiled on first
+        use. On CUDA the mode is "reduce-overhead" (CUDA graphs: one launch per step, the cache
+        tensors marked as static addresses); elsewhere the default mode (fused elementwise
+        kernels). Prefill stays eager (its shapes vary with every prompt)."""
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -186,13 +195,62 @@ class BatchDecoder:
         self.seqs = []
         self.lens = [0] * batch_size  # tokens in each cache row, mirrored on the host
         self.kv_bucket = KV_LEN_BUCKET_CUDA if self.device.type == "cuda" else 1
+        self.compiled = None
+        if compile:
+            self.kv_bucket = self.max_len  # static shapes: attend over the whole cache
+            self.views = {}  # row bucket -> (inputs, KVCache) views of rows 0..bucket-1, the same objects every step
+            self.compiled = torch.compile(model, dynamic=False,
+                                          mode="reduce-overhead" if self.device.type == "cuda" else None)
 
-    def _forward(self, ids, cache, kv_len, positions=None):
+    def _forward(self, ids, cache, kv_len, positions=None, model=None):
         with torch.autocast(device_type=self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            return self.model(ids, kv_cache=cache, kv_len=kv_len, logits_positions=positions)
+            return (self.model if model is None else model)(ids, kv_cache=cache, kv_len=kv_len, logits_positions=positions)
+
+    def _compiled_step(self, n):
+        """Logits (n, V) of one decode step through the compiled forward, over a power-of-two
+        bucket of rows. The padded rows are free: their length is reset to 0 so that the token
+        written there stays inside the cache (add() resets and prefills them when they are used)."""
+        bucket = min(1 << (n - 1).bit_length(), self.batch_size)
+        if bucket not in self.views:
+            view = self.cache.narrow(0, bucket)
+            inputs = self.inputs[:bucket]
+            if self.device.type == "cuda":
+                # CUDA graphs read and write these in place instead of copying them every replay
+                for t in view.tensors() + [inputs]:
+                    torch._dynamo.mark_static_address(t)
+            self.views[bucket] = (inputs, view)
+        if bucket > n:
+            self.cache.lengths[n:bucket].zero_()
+        inputs, view = self.views[bucket]
+        logits = self._forward(inputs, view, self.max_len, positions=-1, model=self.compiled)
+        # CUDA graphs reuse their output buffer on the next replay: keep our own copy
+        return logits[:n].clone()
 
     def _kv_len(self, needed):
         return min(-(-needed // self.kv_bucket) * self.kv_bucket, self.max_len)
+
+    def row_buckets(self):
+        """The row counts the compiled decode step runs at: powers of two, then batch_size."""
+        out, b = [], 1
+        while b < self.batch_size:
+            out.append(b)
+            b *= 2
+        return out + [self.batch_size]
+
+    @torch.inference_mode()
+    def warmup(self, repeats=3):
+        """Compile (and on CUDA record the graphs of) every row bucket now rather than on the
+        first requests. Only while no sequence is active: the rows it decodes are free.
+        With CUDA graphs, call it from the thread that will decode (graphs are per thread)."""
+        if self.compiled is None:
+            return
+        if self.seqs:
+            raise RuntimeError("warmup() needs an empty decoder")
+        self.cache.reset()
+        for bucket in self.row_buckets():
+            for _ in range(repeats):
+                self._compiled_step(bucket)
+        self.cache.reset()
 
     def _copy_row(self, src, dst):
         self.cache.copy_row(src, dst)
@@ -276,8 +334,11 @@ class BatchDecoder:
         n = len(self.seqs)
         if n == 0:
             return []
-        kv_len = self._kv_len(max(self.lens[:n]) + 1)
-        logits = self._forward(self.inputs[:n], self.cache.narrow(0, n), kv_len, positions=-1)
+        if self.compiled is not None:
+            logits = self._compiled_step(n)
+        else:
+            kv_len = self._kv_len(max(self.lens[:n]) + 1)
+            logits = self._forward(self.inputs[:n], self.cache.narrow(0, n), kv_len, positions=-1)
         for r in range(n):
             self.lens[r] += 1
         produced = self._advance(self.seqs, logits)

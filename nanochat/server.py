@@ -175,13 +175,14 @@ def deliver(events):
 
 
 class Scheduler:
-    def __init__(self, model, tokenizer, max_batch=8, seed=42, token_delay=0.0):
+    def __init__(self, model, tokenizer, max_batch=8, seed=42, token_delay=0.0, compile=False):
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.token_delay = token_delay  # seconds slept per decode step (tests and demos only)
         self.waiting = queue.Queue()
-        self.decoder = BatchDecoder(model, tokenizer, batch_size=max_batch, seed=seed)
+        self.decoder = BatchDecoder(model, tokenizer, batch_size=max_batch, seed=seed, compile=compile)
+        self.ready = threading.Event()  # set once the (compiled) decode step is warm
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="nanochat-scheduler", daemon=True)
         # statistics (written by the scheduler thread, read by /stats)
@@ -224,6 +225,8 @@ class Scheduler:
             "mean_rows_per_step": round(rows / steps, 3) if steps else 0.0,
             "max_rows_per_step": max(self.rows_histogram) if self.rows_histogram else 0,
             "rows_per_step_histogram": {str(k): v for k, v in sorted(self.rows_histogram.items())},
+            "ready": self.ready.is_set(),
+            "compiled": self.decoder.compiled is not None,
             "prefill_s": round(self.prefill_s, 3),
             "decode_s": round(self.decode_s, 3),
         }
@@ -270,6 +273,10 @@ class Scheduler:
 
     def _loop(self):
         torch.set_grad_enabled(False)
+        # compile every row bucket before the first request (in this thread: CUDA graphs are
+        # per thread); requests that arrive meanwhile wait in the queue
+        self.decoder.warmup()
+        self.ready.set()
         while not self.stop_event.is_set():
             try:
                 self._admit(block=not self.decoder.seqs)
@@ -328,10 +335,12 @@ def _error(status, message, kind="invalid_request_error"):
 # ---------------------------------------------------------------------------
 # The app
 
-def create_app(model, tokenizer, max_batch=8, model_name="nanochat", token_delay=0.0, seed=42):
-    """The FastAPI app. The scheduler thread starts with the app and stops with it."""
+def create_app(model, tokenizer, max_batch=8, model_name="nanochat", token_delay=0.0, seed=42, compile=False):
+    """The FastAPI app. The scheduler thread starts with the app and stops with it. compile:
+    torch.compile the decode step (engine.BatchDecoder); /health says "ready" once it is warm."""
     context_len = model.config.sequence_len
-    scheduler = Scheduler(model, tokenizer, max_batch=max_batch, seed=seed, token_delay=token_delay)
+    scheduler = Scheduler(model, tokenizer, max_batch=max_batch, seed=seed, token_delay=token_delay,
+                          compile=compile)
     created = int(time.time())
     ui_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ui.html")
 
@@ -380,7 +389,8 @@ def create_app(model, tokenizer, max_batch=8, model_name="nanochat", token_delay
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "max_batch": max_batch, "context_len": context_len}
+        return {"status": "ok", "model": model_name, "max_batch": max_batch, "context_len": context_len,
+                "ready": scheduler.ready.is_set()}
 
     @app.get("/stats")
     async def stats():

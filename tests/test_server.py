@@ -285,6 +285,45 @@ def test_streaming_is_utf8_safe_end_to_end(tokenizer):
         live.close()
 
 
+@pytest.mark.slow
+def test_compiled_server_answers_like_eager(tokenizer):
+    """create_app(compile=True): the scheduler compiles every row bucket before the first
+    request (/health says ready), then answers greedy requests, concurrent ones included,
+    exactly like the eager server."""
+    model = make_model(tokenizer.get_vocab_size(), seed=5, sequence_len=96)
+    questions = ["Hello!", "What is 2+2?", "Tell me a story"]
+
+    def answers(live):
+        out = {}
+
+        def ask(q):
+            r = requests.post(live.url + "/v1/chat/completions", timeout=300,
+                              json={"messages": user(q), "max_tokens": 12, "temperature": 0})
+            out[q] = r.json()["choices"][0]["message"]["content"]
+        threads = [threading.Thread(target=ask, args=(q,)) for q in questions]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return out
+
+    live = LiveServer(create_app(model, tokenizer, max_batch=2))
+    try:
+        eager = answers(live)
+    finally:
+        live.close()
+    live = LiveServer(create_app(model, tokenizer, max_batch=2, compile=True))
+    try:
+        deadline = time.time() + 600
+        while not requests.get(live.url + "/health", timeout=10).json()["ready"]:
+            assert time.time() < deadline, "the compiled server never became ready"
+            time.sleep(0.5)
+        assert live.stats()["compiled"] is True
+        assert answers(live) == eager
+    finally:
+        live.close()
+
+
 def test_serve_command(tokenizer):
     """`nanochat serve` as a user starts it, on a saved checkpoint (the default source search
     finds sft)."""

@@ -21,6 +21,9 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU only: torch threads for the model (default: one fewer than the cores, so the "
                              "HTTP side keeps a core to itself; measured in docs/benchmarks.md)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the decode step (CUDA graphs on CUDA); compiles at startup, "
+                             "/health says ready when done")
     add_model_flags(parser)  # -i and the common flags
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
@@ -37,7 +40,8 @@ def main(argv=None):
     if model.get_device().type == "cpu":
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) - 1))
     name = args.model_name or f"nanochat-{source}"
-    app = create_app(model, tokenizer, max_batch=args.max_batch, model_name=name, token_delay=args.token_delay)
+    app = create_app(model, tokenizer, max_batch=args.max_batch, model_name=name, token_delay=args.token_delay,
+                     compile=args.compile)
     threads = f", {torch.get_num_threads()} CPU threads" if model.get_device().type == "cpu" else ""
     print0(f"serving {name} (step {meta.get('step', '?')}) on http://{args.host}:{args.port}/ "
            f"with up to {args.max_batch} requests per batch{threads}")
