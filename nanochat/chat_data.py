@@ -287,6 +287,13 @@ class ConversationLoader:
         targets = torch.from_numpy(rows[:, 1:].copy())
         if self.mode == "pad":
             targets[torch.from_numpy(masks[:, 1:] == 0)] = -1
+            self.last_targets = int((masks[:, 1:] != 0).sum())
+        else:
+            self.last_targets = targets.numel()
+        # counted on the host, before the copy: the training loop never has to ask the device
+        if torch.device(self.device).type == "cuda":
+            return (inputs.pin_memory().to(self.device, non_blocking=True),
+                    targets.pin_memory().to(self.device, non_blocking=True))
         return inputs.to(self.device), targets.to(self.device)
 
     def state_dict(self) -> dict:
@@ -349,10 +356,6 @@ def estimate_rows(mixture, tokenizer, T, mode, sample=2000, seed=0) -> float:
 
 # ---------------------------------------------------------------------------
 # Losses
-
-def count_targets(targets) -> int:
-    return int((targets != -1).sum())
-
 
 def global_sum(x: float, device) -> float:
     """Sum of a number over all processes (itself without torchrun)."""
@@ -571,11 +574,10 @@ def run_lm_stage(args, stage, section):
     """`train mid` (stage="mid": packed like pretraining, every token a target) and `train sft`
     (stage="sft": padded whole conversations, assistant tokens only). Same loop, flags, metrics
     and resume mechanism as `train base`."""
-    import time
     from nanochat import checkpoint as ck
     from nanochat.common import (autodetect_device_type, compute_cleanup, compute_init, get_compute_dtype,
-                                 init_wandb, synchronize)
-    from nanochat.stages.train_base import format_time, lr_multiplier, muon_momentum
+                                 init_wandb)
+    from nanochat.stages.train_base import StepLog, lr_multiplier, muon_momentum
     check_common_args(args)
     if args.max_seq_len == 0 or args.max_seq_len < -1 or args.max_seq_len == 1:
         raise UserError(f"--max-seq-len must be >= 2 (or -1 for the model's), not {args.max_seq_len}")
@@ -641,19 +643,20 @@ def run_lm_stage(args, stage, section):
                                           **{k: v * args.init_lr_frac for k, v in lrs.items()})
         loader = ConversationLoader(train_mix, tokenizer, B, T, mode=mode, device=device, loop=True)
 
-        smooth_loss, total_time = 0.0, 0.0
+        loop = {}
         if resume_step is not None:
             _, shard, meta = ck.load_checkpoint(out_dir, resume_step, device, load_optimizer=True, rank=rank)
             optimizer.load_state_dict(shard["optimizer"])
             loader.load_state_dict(shard["extra"]["loader"])
             ck.set_rng_state(shard["rng"])
-            smooth_loss, total_time = meta["loop"]["smooth_loss"], meta["loop"]["total_time"]
+            loop = meta["loop"]
             if master:
                 ck.trim_metrics(out_dir, resume_step)
             print0(f"resumed from {out_dir} step {resume_step}")
         elif master:
             clear_tag(out_dir)
         start_step = resume_step or 0
+        log = StepLog(device, total_batch_size, num_iterations, **loop)
         wandb_run = init_wandb(args.run, "nanochat-" + stage, {**user_config, **derived}, master)
         token_bytes = None
         if stage == "mid":
@@ -665,13 +668,12 @@ def run_lm_stage(args, stage, section):
             meta = dict(model_config=model_config, user_config=user_config, derived=derived, step=step,
                         lrs=lrs, source=dict(stage=args.source, model_tag=model_tag, step=src_step),
                         world_size=world_size, val_loss=last_val,
-                        loop=dict(smooth_loss=smooth_loss, total_time=total_time))
+                        loop=log.state())
             ck.save_checkpoint(out_dir, step, model.state_dict(), optimizer.state_dict(), meta, rank=rank,
                                extra={"loader": loader.state_dict()})
             print0(f"saved {out_dir} step {step}")
 
         step, record, last_val, last_chatcore = start_step, None, None, None
-        beta, t_log, steps_since_log = 0.9, time.time(), 0
         while True:
             last = step == num_iterations
             fresh = step == start_step and resume_step is not None
@@ -707,7 +709,7 @@ def run_lm_stage(args, stage, section):
                 save(step)
             if last:
                 break
-            t_log = time.time() if steps_since_log == 0 else t_log
+            log.begin_step()
 
             # --- one optimizer step: fetch all micro-batches first, to count the step's targets
             lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
@@ -715,8 +717,12 @@ def run_lm_stage(args, stage, section):
                 group["lr"] = group["initial_lr"] * lrm
                 if stage == "mid" and group.get("kind") == "muon":
                     group["momentum"] = muon_momentum(step)
-            batches = [next(loader) for _ in range(grad_accum)]
-            num_tokens = int(global_sum(sum(count_targets(y) for _, y in batches), device))
+            batches, local_tokens = [], 0
+            for _ in range(grad_accum):
+                batches.append(next(loader))
+                local_tokens += loader.last_targets  # counted on the host: no wait for the device
+            # (with torchrun, one small all-reduce of the count: the only per-step sync)
+            num_tokens = int(global_sum(local_tokens, device)) if world_size > 1 else local_tokens
             loss_total = torch.zeros((), device=device)
             for x, y in batches:
                 with autocast():
@@ -728,28 +734,17 @@ def run_lm_stage(args, stage, section):
             else:  # nothing to learn from in this step (every target masked): leave the weights alone
                 print0(f"step {step + 1}: no trainable targets in the whole batch; skipped")
             model.zero_grad(set_to_none=True)
-            train_loss = global_sum(float(loss_total), device) / max(1, num_tokens)
-            smooth_loss = beta * smooth_loss + (1 - beta) * train_loss
+            if world_size > 1:
+                dist.all_reduce(loss_total, op=dist.ReduceOp.SUM)
+            log.end_step(loss_total / max(1, num_tokens))
             step += 1
-            steps_since_log += 1
-            if step % args.log_every == 0 or step == num_iterations:
-                synchronize(device)
-                now = time.time()
-                dt = (now - t_log) / steps_since_log
-                total_time += now - t_log
-                t_log, steps_since_log = now, 0
-                smooth_f = smooth_loss / (1 - beta ** step)
-                tok_per_sec = total_batch_size / dt
-                print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.1f}%) | loss {train_loss:.4f} "
-                       f"(smooth {smooth_f:.4f}) | lrm {lrm:.3f} | trained tokens {num_tokens:,} | dt {1000 * dt:.1f}ms | "
-                       f"tok/s {tok_per_sec:,.0f} | eta {format_time(dt * (num_iterations - step))}")
-                record = dict(step=step, loss=train_loss, smooth_loss=smooth_f, lr=lrm, lrm=lrm, dt=dt,
-                              tok_per_sec=tok_per_sec, trained_tokens=num_tokens, total_time=total_time,
-                              tokens=step * total_batch_size, epoch=loader.epoch)
+            if log.due(step, args.log_every):
+                record = log.line(step, lrm, start_step, text=f" | trained tokens {num_tokens:,}",
+                                  trained_tokens=num_tokens, epoch=loader.epoch)
 
         summary = {"model tag": model_tag, "source": derived["source"], "mixture": spec, "steps": num_iterations,
                    "tokens": num_iterations * total_batch_size, "total batch size": total_batch_size,
-                   "training time (min)": round(total_time / 60, 2), "final val loss": last_val,
+                   "training time (min)": round(log.total_time / 60, 2), "final val loss": last_val,
                    "ChatCORE (small)": last_chatcore, "processes": world_size}
         print0("summary: " + " | ".join(f"{k} {v}" for k, v in summary.items() if v is not None))
         if master:

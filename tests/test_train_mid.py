@@ -85,6 +85,7 @@ def test_pack_loader_rows_and_exact_resume(tokenizer, data_dir):
         x, y = next(loader)
         assert x.shape == y.shape == (B, T)
         assert (y != -1).all()  # mid-training: every token is a target
+        assert loader.last_targets == B * T
         assert torch.equal(x[:, 1:], y[:, :-1])
         stream += x.flatten().tolist()
     assert stream.count(bos) >= 4  # conversations start with BOS

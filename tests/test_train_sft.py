@@ -30,6 +30,7 @@ def test_pad_packing_whole_conversations_masks_and_padding(tokenizer, data_dir):
     loader = ConversationLoader(mix, tokenizer, 1, T, mode="pad", loop=False, buffer_size=16)
     rows = padded_rows = truncated = 0
     for x, y in loader:
+        assert loader.last_targets == int((y != -1).sum())  # counted on the host, for the training loop
         x, y = x[0].tolist(), y[0].tolist()
         rows += 1
         assert not never_targets & set(t for t in y if t != -1)

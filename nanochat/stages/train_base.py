@@ -353,8 +353,7 @@ def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_ba
     loader_state = [ld.state_dict() for ld in train_loaders]  # positions of the next batches we take
 
     # --- restore
-    smooth_loss = torch.zeros((), device=device)  # EMA of the train loss, kept on the device
-    total_time = 0.0
+    loop = {}
     if resume_step is not None:
         model_state, shard, meta = ck.load_checkpoint(ckpt_dir, resume_step, device, load_optimizer=True, rank=rank)
         orig_model.load_state_dict(model_state, strict=True)
@@ -367,8 +366,6 @@ def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_ba
             ld.load_state_dict(st)
         ck.set_rng_state(shard["rng"])
         loop = meta["loop"]
-        smooth_loss.fill_(loop["smooth_loss"])
-        total_time = loop["total_time"]
         del model_state, shard
         if master:
             ck.trim_metrics(ckpt_dir, resume_step)
@@ -376,6 +373,7 @@ def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_ba
     elif master:
         clear_tag(ckpt_dir)
     start_step = resume_step or 0
+    log = StepLog(device, total_batch_size, num_iterations, **loop)
 
     wandb_run = init_wandb(args.run, "nanochat", {**user_config, **derived}, master)
     token_bytes = get_token_bytes(device)
@@ -388,7 +386,7 @@ def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_ba
     def save(step):
         meta = dict(model_config=model_config, user_config=user_config, derived=derived, step=step,
                     dataloader=loader_state, world_size=world_size, val_bpb=last_val_bpb,
-                    loop=dict(smooth_loss=float(smooth_loss), total_time=total_time))
+                    loop=log.state())
         ck.save_checkpoint(ckpt_dir, step, orig_model.state_dict(), optimizer.state_dict(), meta,
                            rank=rank, extra={"loader": loader_state})
         print0(f"saved {ckpt_dir} step {step}")
@@ -399,10 +397,6 @@ def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_ba
     last_val_bpb = None
     min_val_bpb = float("inf")
     last_core = None
-    beta = 0.9
-    t_log = time.time()
-    steps_since_log = 0
-    dt_ema = None
     while True:
         last = step == num_iterations
         fresh = step == start_step and resume_step is not None  # this boundary was handled before the stop
@@ -439,7 +433,7 @@ def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_ba
             save(step)
         if last:
             break
-        t_log = time.time() if steps_since_log == 0 else t_log  # evaluations do not count as step time
+        log.begin_step()  # evaluations do not count as step time
 
         # --- one optimizer step
         lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
@@ -463,31 +457,12 @@ def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_ba
         train_loss = loss_sum / grad_accum
         if world_size > 1:
             dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
-        smooth_loss.mul_(beta).add_(train_loss, alpha=1 - beta)
+        log.end_step(train_loss)
         step += 1
-        steps_since_log += 1
 
         # --- logging: the only place that waits for the device
-        if step % args.log_every == 0 or step == num_iterations:
-            synchronize(device)
-            now = time.time()
-            dt = (now - t_log) / steps_since_log
-            total_time += now - t_log
-            t_log, steps_since_log = now, 0
-            loss_f = float(train_loss)
-            smooth_f = float(smooth_loss) / (1 - beta ** step)
-            tok_per_sec = total_batch_size / dt
-            mfu = flops_per_token * tok_per_sec / (peak_flops * world_size) if peak_flops else None
-            if step > start_step + 1:  # the first step includes compilation and warm-up
-                dt_ema = dt if dt_ema is None else 0.9 * dt_ema + 0.1 * dt
-            eta = (dt_ema or dt) * (num_iterations - step)
-            mfu_s = f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""
-            print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.1f}%) | loss {loss_f:.4f} "
-                   f"(smooth {smooth_f:.4f}) | lrm {lrm:.3f} | dt {1000 * dt:.1f}ms | tok/s {tok_per_sec:,.0f}"
-                   f"{mfu_s} | eta {format_time(eta)}")
-            record = dict(step=step, loss=loss_f, smooth_loss=smooth_f, lr=lrm, lrm=lrm, dt=dt,
-                          tok_per_sec=tok_per_sec, mfu=mfu, total_time=total_time,
-                          tokens=step * total_batch_size)
+        if log.due(step, args.log_every):
+            record = log.line(step, lrm, start_step, flops_per_token, peak_flops, world_size)
 
     for ld in train_loaders:
         ld.close()
@@ -497,7 +472,7 @@ def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_ba
         "FLOPs per token": f"{flops_per_token:.3e}", "steps": num_iterations,
         "tokens": num_iterations * total_batch_size, "total batch size": total_batch_size,
         "tokens per parameter": round(num_iterations * total_batch_size / scaling_params, 2),
-        "training time (min)": round(total_time / 60, 2), "final val bpb": last_val_bpb,
+        "training time (min)": round(log.total_time / 60, 2), "final val bpb": last_val_bpb,
         "min val bpb": None if min_val_bpb == float("inf") else min_val_bpb, "CORE": last_core,
         "peak memory (MiB)": peak_mem, "processes": world_size,
     }
@@ -550,6 +525,64 @@ def print_samples(model, tokenizer, device, autocast):
         text = tokenizer.decode(out)
         print0(f"  {prompt!r} -> {text!r}")
     model.train()
+
+
+class StepLog:
+    """The bookkeeping of a training loop's log lines, shared by train base, mid and sft: step
+    timing (evaluations excluded), the EMA of the train loss kept on the device (updated every
+    step without waiting for it), tokens/s, MFU and ETA. `line()` is the only place that waits
+    for the device. The EMA and the total time are saved in checkpoints (state()) so that a
+    resumed run continues the same curve."""
+
+    def __init__(self, device, total_batch_size, num_iterations, smooth_loss=0.0, total_time=0.0, beta=0.9):
+        self.device = device
+        self.total_batch_size = total_batch_size
+        self.num_iterations = num_iterations
+        self.beta = beta
+        self.smooth = torch.full((), float(smooth_loss), device=device)  # biased EMA (debiased when shown)
+        self.total_time = total_time
+        self.t0 = time.time()
+        self.steps = 0          # steps since the last log line
+        self.dt_ema = None      # smoothed seconds per step, for the ETA
+        self.loss = None        # the last step's train loss (a device tensor)
+
+    def begin_step(self):
+        """Call before each optimizer step: the clock runs from the first step after a log line
+        (evaluations between two steps do not count as training time)."""
+        if self.steps == 0:
+            self.t0 = time.time()
+
+    def end_step(self, train_loss):
+        self.loss = train_loss
+        self.smooth.mul_(self.beta).add_(train_loss, alpha=1 - self.beta)
+        self.steps += 1
+
+    def due(self, step, log_every):
+        return step % log_every == 0 or step == self.num_iterations
+
+    def line(self, step, lrm, first_step, flops_per_token=None, peak_flops=None, world_size=1, text="", **extra):
+        """Print the log line of `step` and return its metrics record (extra keys included)."""
+        synchronize(self.device)
+        now = time.time()
+        dt = (now - self.t0) / self.steps
+        self.total_time += now - self.t0
+        self.t0, self.steps = now, 0
+        loss = float(self.loss)
+        smooth = float(self.smooth) / (1 - self.beta ** step)
+        tok_per_sec = self.total_batch_size / dt
+        mfu = flops_per_token * tok_per_sec / (peak_flops * world_size) if (peak_flops and flops_per_token) else None
+        if step > first_step + 1:  # the first step includes compilation and warm-up
+            self.dt_ema = dt if self.dt_ema is None else 0.9 * self.dt_ema + 0.1 * dt
+        eta = (self.dt_ema or dt) * (self.num_iterations - step)
+        mfu_s = f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""
+        print0(f"step {step:05d}/{self.num_iterations:05d} ({100 * step / self.num_iterations:.1f}%) | loss {loss:.4f} "
+               f"(smooth {smooth:.4f}) | lrm {lrm:.3f}{text} | dt {1000 * dt:.1f}ms | tok/s {tok_per_sec:,.0f}"
+               f"{mfu_s} | eta {format_time(eta)}")
+        return dict(step=step, loss=loss, smooth_loss=smooth, lr=lrm, lrm=lrm, dt=dt, tok_per_sec=tok_per_sec,
+                    mfu=mfu, total_time=self.total_time, tokens=step * self.total_batch_size, **extra)
+
+    def state(self):
+        return dict(smooth_loss=float(self.smooth), total_time=self.total_time)
 
 
 def format_time(s):
