@@ -1,6 +1,8 @@
 """Mid-training: mixture composition, the packed conversation loader, and `train mid` end to end
 (a few steps from the tiny base checkpoint, saved, resumed exactly)."""
 import os
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -157,3 +159,68 @@ def test_train_mid_bad_flags(base_checkpoint):
     with pytest.raises(UserError, match="resume|complete checkpoint"):
         train_mid.main(TINY + ["--model-tag", base_checkpoint.tag, "--mixture", "identity:50",
                                "--resume-from-step", "999", "--num-iterations", "1"])
+
+
+def torchrun(stage, *args):
+    """`nanochat train <stage>` under a real 2-process torchrun (gloo on CPU); its stdout."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nanochat",
+           "train", stage, *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_train_mid_two_processes_and_resume(base_checkpoint):
+    """`train mid` under a real 2-process torchrun: each rank packs its own stride of the mixture,
+    the optimizer averages the gradients, every rank saves its optimizer shard and loader state,
+    rank 0 alone writes the metrics; resumed under torchrun it redoes the later steps exactly.
+
+    (No comparison with one process and gradient accumulation, as test_train_distributed does
+    for train base: here rank r packs mixture positions r, r+2, ... into its own rows, so one
+    process reading every position packs different rows, and the two runs see different data.)"""
+    tag = base_checkpoint.tag
+    args = TINY + ["--model-tag", tag, "--mixture", "gsm8k:200,identity:200,simplespelling:100,arc-easy:200",
+                   "--num-iterations", "3", "--save-every", "1", "--eval-every", "-1"]
+    out = torchrun("mid", *args)
+    assert "4 rows x 64 tokens x 2 procs x 1 accum" in out  # 512 tokens per step = 2 ranks' micro-batches
+    d = ck.checkpoint_dir("mid", tag)
+    assert ck.complete_steps(d) == [1, 2, 3]
+    for s in (1, 2, 3):
+        assert ck.load_meta(d, s)["world_size"] == 2
+        for r in (0, 1):
+            shard = ck.load_checkpoint(d, s, load_optimizer=True, rank=r)[1]
+            assert shard["extra"]["loader"]["rank"] == r and shard["extra"]["loader"]["world_size"] == 2
+            assert shard["optimizer"]["state"]  # a real optimizer state, not an empty shard
+        assert not os.path.exists(os.path.join(d, f"optim_{s:06d}_rank2.pt"))
+    shards = [ck.load_checkpoint(d, 3, load_optimizer=True, rank=r)[1] for r in (0, 1)]
+    # the two ranks read different conversations (their strides of the mixture) ...
+    assert shards[0]["extra"]["loader"]["buffer"] != shards[1]["extra"]["loader"]["buffer"]
+    # ... and each keeps the optimizer state of its own share of the parameters
+    states = [[v for st in sh["optimizer"]["state"].values() for v in st.values() if torch.is_tensor(v)] for sh in shards]
+    assert len(states[0]) == len(states[1])
+    assert any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(*states))
+    first = ck.read_metrics(d)
+    assert [r["step"] for r in first] == [1, 2, 3]  # one record per step: rank 0 alone writes
+    first = {r["step"]: r for r in first}
+    assert all(first[s]["trained_tokens"] == 512 for s in (1, 2, 3))  # both ranks' targets, all-reduced
+    assert "val_loss" in first[3] and "val_bpb" in first[3]
+    w3 = torch.load(os.path.join(d, "model_000003.pt"))
+    base = torch.load(os.path.join(base_checkpoint.dir, f"model_{base_checkpoint.step:06d}.pt"))
+    assert not torch.equal(base["lm_head.weight"], w3["lm_head.weight"])  # it trained
+
+    out = torchrun("mid", *args, "--resume-from-step", "1")
+    assert "resumed from" in out
+    second = ck.read_metrics(d)
+    assert [r["step"] for r in second] == [1, 2, 3]
+    second = {r["step"]: r for r in second}
+    for s in (2, 3):
+        assert second[s]["loss"] == first[s]["loss"]
+    assert second[3]["val_loss"] == first[3]["val_loss"] and second[3]["val_bpb"] == first[3]["val_bpb"]
+    resumed = torch.load(os.path.join(d, "model_000003.pt"))
+    assert all(torch.equal(w3[k], resumed[k]) for k in w3)
+    # a 2-process checkpoint is not resumed by one process
+    from nanochat.stages import train_mid
+    with pytest.raises(UserError, match="2 process"):
+        train_mid.main(args + ["--resume"])

@@ -141,3 +141,77 @@ def test_long_questions_are_swapped_deterministically(tokenizer):
             assert conv == task[g]  # a question that fits is kept
     with pytest.raises(UserError, match="no GSM8K question"):
         pick_question(task, order, 0, tokenizer, min(lengths) + 3, 8)
+
+
+def run_rl(*args, procs=2):
+    """`nanochat train rl` in a subprocess: a real 2-process torchrun (gloo on CPU), or 1 process."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] if procs > 1 else []
+    cmd = [sys.executable, *launch, "-m", "nanochat", "train", "rl", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+ROLLOUT_KEYS = ("reward", "seq_len", "max_seq_len", "sampled_tokens")
+
+
+@pytest.mark.slow
+def test_train_rl_two_processes_and_resume(base_checkpoint):
+    """`train rl` under a real 2-process torchrun (gloo on CPU): each rank rolls out its half of
+    the step's questions; rewards, lengths and token counts are reduced over the ranks; rank 0
+    alone writes the metrics; every rank saves its optimizer shard; resumed exactly under torchrun.
+
+    The tiny model earns no reward on GSM8K (no right `#### N`), so every advantage and gradient
+    is 0 and the weights stay the sft ones (a subprocess cannot be given the monkeypatched reward
+    of the test above). That makes the rollouts comparable with a 1-process run at every step: the
+    sampling seed of a question depends only on its global number, so the two processes together
+    must sample exactly what one process samples alone."""
+    tag = base_checkpoint.tag
+    ensure_sft(tag)
+    d = ck.checkpoint_dir("rl", tag)
+    # 2 questions x 2 samples per step, up to 48 tokens: completions of different lengths
+    args = TINY + ["--model-tag", tag, "--num-samples", "2", "--max-new-tokens", "48"]
+    out1 = run_rl(*args, procs=1)
+    assert "1 process(es)" in out1
+    one = {r["step"]: r for r in ck.read_metrics(d)}
+
+    out = run_rl(*args)
+    assert "2 process(es)" in out and "processes 2" in out
+    assert ck.complete_steps(d) == [2, 4]
+    for s in (2, 4):
+        assert ck.load_meta(d, s)["world_size"] == 2
+        for r in (0, 1):
+            assert ck.load_checkpoint(d, s, load_optimizer=True, rank=r)[1]["optimizer"]["state"]
+        assert not os.path.exists(os.path.join(d, f"optim_{s:06d}_rank2.pt"))
+    first = ck.read_metrics(d)
+    assert [r["step"] for r in first] == [1, 2, 3, 4]  # one record per step: rank 0 alone writes
+    first = {r["step"]: r for r in first}
+    assert "pass@1" in first[4] and "pass@2" in first[4]
+    for s in (1, 2, 3, 4):
+        assert first[s]["reward"] == 0.0 and first[s]["loss"] == 0.0  # see the docstring
+        # both ranks rolled out their question: together exactly the one process's rollouts
+        # (sampled tokens, mean and longest completion are reduced over the ranks)
+        for k in ROLLOUT_KEYS:
+            assert first[s][k] == one[s][k], (s, k)
+    sft = ck.checkpoint_dir("sft", tag)
+    w_sft = torch.load(os.path.join(sft, f"model_{ck.find_last_step(sft):06d}.pt"))
+    w4 = torch.load(os.path.join(d, "model_000004.pt"))
+    assert all(torch.equal(w4[k], w_sft[k]) for k in w4)
+
+    out = run_rl(*args, "--resume-from-step", "2")
+    assert "resumed from" in out
+    second = ck.read_metrics(d)
+    assert [r["step"] for r in second] == [1, 2, 3, 4]
+    second = {r["step"]: r for r in second}
+    for s in (3, 4):
+        for k in ("loss",) + ROLLOUT_KEYS:
+            assert second[s][k] == first[s][k], (s, k)
+    assert second[4]["pass@1"] == first[4]["pass@1"] and second[4]["pass@2"] == first[4]["pass@2"]
+    resumed = torch.load(os.path.join(d, "model_000004.pt"))
+    assert all(torch.equal(w4[k], resumed[k]) for k in w4)
+    # a 2-process checkpoint is not resumed by one process
+    from nanochat.common import UserError
+    from nanochat.stages import train_rl
+    with pytest.raises(UserError, match="2 process"):
+        train_rl.main(args + ["--resume"])

@@ -20,6 +20,7 @@ import random
 import time
 
 import torch
+import torch.distributed as dist
 
 from nanochat import checkpoint as ck
 from nanochat.chat_data import (add_lr_flags, add_training_flags, check_common_args, clear_tag, global_sum,
@@ -260,6 +261,10 @@ def train(args, rank, world_size, device):
         reward = global_sum(sum(map(sum, rewards)), device) / max(1, n_all)
         mean_len = global_sum(sum(gen_lens), device) / max(1, n_all)
         max_len = max(gen_lens)
+        if world_size > 1:  # the longest completion of the step over all ranks, not only this rank's
+            t = torch.tensor([max_len], dtype=torch.int64, device=device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            max_len = int(t.item())
         loss_total = global_sum(loss_total, device)
         synchronize(device)
         dt = time.time() - t0
