@@ -102,15 +102,19 @@ class Sequence:
     """A prompt being continued. `out`/`masks`: the generated tokens (without the final stop
     token) and their masks (1 = sampled, 0 = forced by the tool). `done` with `finish_reason`
     "stop" (<|assistant_end|> or <|bos|> sampled) or "length" (max_tokens or the cache is full).
-    `owner`: anything the caller wants to find again (the server's request)."""
+    `owner`: anything the caller wants to find again (the server's request). `seed`: this
+    sequence samples from its own generator seeded with it, so its output does not depend on
+    which other sequences share the batch (None: the decoder's shared generator)."""
 
-    def __init__(self, prompt, max_tokens=None, temperature=1.0, top_k=None, top_p=None, owner=None):
+    def __init__(self, prompt, max_tokens=None, temperature=1.0, top_k=None, top_p=None, owner=None, seed=None):
         if not prompt:
             raise ValueError("the prompt must hold at least one token")
         self.prompt = [int(t) for t in prompt]
         self.max_tokens = max_tokens
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.owner = owner
+        self.seed = seed
+        self.generator = None  # created by BatchDecoder.add when seed is set
         self.out, self.masks = [], []
         self.forced = deque()
         self.done, self.finish_reason = False, None
@@ -264,9 +268,22 @@ class BatchDecoder:
 
     def _advance(self, seqs, logits):
         """Sample one token per sequence from logits (len(seqs), V), apply forced tool tokens,
-        update the sequences. Returns [(seq, token, mask)]."""
-        t, k, p = self._settings(seqs)
-        sampled = sample(logits, t, k, p, generator=self.generator).tolist()
+        update the sequences. Returns [(seq, token, mask)]. Sequences with their own seed are
+        sampled one by one with their own generator; the others together with the shared one."""
+        own = [i for i, q in enumerate(seqs) if q.generator is not None]
+        if not own:
+            t, k, p = self._settings(seqs)
+            sampled = sample(logits, t, k, p, generator=self.generator).tolist()
+        else:
+            sampled = [None] * len(seqs)
+            for i in own:
+                q = seqs[i]
+                sampled[i] = int(sample(logits[i:i + 1], q.temperature, q.top_k, q.top_p, generator=q.generator)[0])
+            shared = [i for i in range(len(seqs)) if seqs[i].generator is None]
+            if shared:
+                t, k, p = self._settings([seqs[i] for i in shared])
+                for i, tok in zip(shared, sample(logits[shared], t, k, p, generator=self.generator).tolist()):
+                    sampled[i] = tok
         produced = []
         for seq, s in zip(seqs, sampled):
             token, mask = seq.choose(s)
@@ -288,6 +305,9 @@ class BatchDecoder:
             room = self.max_len - len(seq.prompt)
             seq.limit = room if seq.max_tokens is None else min(seq.max_tokens, room)
             seq._init_tools(self.specials)
+            if seq.seed is not None and seq.generator is None:
+                seq.generator = torch.Generator(device=self.device)
+                seq.generator.manual_seed(seq.seed)
         # unique prompts first, shortest first (so padded groups waste little), then their copies
         groups = {}
         for seq in new:

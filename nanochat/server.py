@@ -249,7 +249,7 @@ class Scheduler:
                 continue
             s = job.settings
             new.append(Sequence(job.prompt, max_tokens=s["max_tokens"], temperature=s["temperature"],
-                                top_k=s["top_k"] or None, top_p=s["top_p"], owner=job))
+                                top_k=s["top_k"] or None, top_p=s["top_p"], owner=job, seed=s["seed"]))
         if new:
             t0 = time.perf_counter()
             produced = self.decoder.add(new)

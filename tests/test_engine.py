@@ -336,3 +336,26 @@ def test_compiled_decode_equals_eager(model, tokenizer, prompts):
     dec.seqs.clear()
     dec.warmup(repeats=1)  # every bucket again, on free rows; the cache is left empty
     assert dec.cache.lengths.tolist() == [0, 0, 0]
+
+
+def test_seeded_sequence_is_independent_of_its_batch(model, tokenizer, prompts):
+    """A Sequence with its own seed samples from its own generator: its output is the same
+    whether it decodes alone or next to other sequences (seeded or not), and the seed matters."""
+    def run(seqs):
+        dec = BatchDecoder(model, tokenizer, len(seqs), max_len=96, seed=0)
+        dec.specials["stop"] = set()
+        dec.add(seqs)
+        while True:
+            dec.remove_done()
+            if not dec.seqs:
+                break
+            dec.step()
+        return [s.out for s in seqs]
+
+    def seeded(seed, i=1):
+        return Sequence(prompts[i], max_tokens=16, temperature=2.0, top_k=50, seed=seed)
+    alone = run([seeded(123)])[0]
+    mixed = run([Sequence(prompts[0], 16, temperature=2.0), seeded(123), seeded(7, 3),
+                 Sequence(prompts[4], 9, temperature=2.0)])[1]
+    assert mixed == alone and len(alone) == 16
+    assert len({tuple(run([seeded(s)])[0]) for s in range(1, 6)}) > 1  # different seeds, different text

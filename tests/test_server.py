@@ -112,6 +112,29 @@ def test_openai_client_non_stream_and_stream(server):
     assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
 
 
+def test_seed_gives_the_same_reply_alone_and_in_a_busy_batch(server):
+    """`seed` (OpenAI's field, through the official client): a request samples from its own
+    generator, so the same seed gives the same reply whether it ran alone or while other
+    requests shared its batch."""
+    import openai
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+    def ask(seed, text="Tell me a story"):
+        r = client.chat.completions.create(model="nanochat-test", messages=user(text), max_tokens=12,
+                                           temperature=1.8, seed=seed)
+        return r.choices[0].message.content
+    alone = ask(1234)
+    others = [threading.Thread(target=ask, args=(None, f"noise {i}")) for i in range(3)]
+    for t in others:
+        t.start()
+    time.sleep(0.02)  # the others are decoding when the seeded one joins
+    busy = ask(1234)
+    for t in others:
+        t.join()
+    assert busy == alone
+    assert len({ask(s) for s in range(5)}) > 1
+
+
 def test_openai_raw_stream_ends_with_done(server):
     body = {"messages": user(), "max_tokens": 5, "stream": True, "top_k": 0, "temperature": 1.0}
     with requests.post(server.url + "/v1/chat/completions", json=body, stream=True, timeout=60) as r:
