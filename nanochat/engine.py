@@ -203,6 +203,10 @@ class BatchDecoder:
         if compile:
             self.kv_bucket = self.max_len  # static shapes: attend over the whole cache
             self.views = {}  # row bucket -> (inputs, KVCache) views of rows 0..bucket-1, the same objects every step
+            # one graph per row bucket: past dynamo's recompile limit a bucket would silently run
+            # eager, so make room for ours (plus what the process compiled before)
+            limit = torch._dynamo.config.recompile_limit
+            torch._dynamo.config.recompile_limit = max(limit, 8 + len(self.row_buckets()))
             self.compiled = torch.compile(model, dynamic=False,
                                           mode="reduce-overhead" if self.device.type == "cuda" else None)
 

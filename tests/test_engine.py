@@ -316,8 +316,11 @@ def test_compiled_decode_equals_eager(model, tokenizer, prompts):
             dec.step()
         return dec, [s.out for s in seqs]
 
+    from torch._dynamo.utils import counters
     eager_dec, eager = run(False)
+    graphs = counters["stats"]["unique_graphs"]
     compiled_dec, compiled = run(True)
+    assert counters["stats"]["unique_graphs"] >= graphs + 3  # really compiled: one graph per bucket
     assert compiled == eager
     assert [len(o) for o in compiled] == [14, 5, 20]
     assert sorted(compiled_dec.views) == [1, 2, 3]  # every bucket was used

@@ -313,6 +313,7 @@ def test_compiled_server_answers_like_eager(tokenizer):
     """create_app(compile=True): the scheduler compiles every row bucket before the first
     request (/health says ready), then answers greedy requests, concurrent ones included,
     exactly like the eager server."""
+    from torch._dynamo.utils import counters
     model = make_model(tokenizer.get_vocab_size(), seed=5, sequence_len=96)
     questions = ["Hello!", "What is 2+2?", "Tell me a story"]
 
@@ -335,6 +336,7 @@ def test_compiled_server_answers_like_eager(tokenizer):
         eager = answers(live)
     finally:
         live.close()
+    before = counters["stats"]["unique_graphs"]
     live = LiveServer(create_app(model, tokenizer, max_batch=2, compile=True))
     try:
         deadline = time.time() + 600
@@ -342,7 +344,10 @@ def test_compiled_server_answers_like_eager(tokenizer):
             assert time.time() < deadline, "the compiled server never became ready"
             time.sleep(0.5)
         assert live.stats()["compiled"] is True
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs >= before + 2  # buckets 1 and 2 were compiled before the first request
         assert answers(live) == eager
+        assert counters["stats"]["unique_graphs"] == graphs  # warmup() compiled every bucket already
     finally:
         live.close()
 
