@@ -554,11 +554,6 @@ def resolve_start(args, stage, world_size):
     return src_dir, src_step, model_tag, out_dir, resume_step
 
 
-def clear_tag(ckpt_dir):
-    from nanochat.stages.train_base import clear_tag as _clear
-    _clear(ckpt_dir)
-
-
 def log_report(section, data):
     try:
         from nanochat.report import get_report
@@ -650,11 +645,7 @@ def run_lm_stage(args, stage, section):
             loader.load_state_dict(shard["extra"]["loader"])
             ck.set_rng_state(shard["rng"])
             loop = meta["loop"]
-            if master:
-                ck.trim_metrics(out_dir, resume_step)
-            print0(f"resumed from {out_dir} step {resume_step}")
-        elif master:
-            clear_tag(out_dir)
+        ck.begin_run(out_dir, resume_step, master)
         start_step = resume_step or 0
         log = StepLog(device, total_batch_size, num_iterations, **loop)
         wandb_run = init_wandb(args.run, "nanochat-" + stage, {**user_config, **derived}, master)

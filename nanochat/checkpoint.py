@@ -19,7 +19,7 @@ import re
 import numpy as np
 import torch
 
-from nanochat.common import UserError, get_base_dir
+from nanochat.common import UserError, get_base_dir, print0
 
 SOURCES = ("base", "mid", "sft", "rl")
 COMPILE_PREFIX = "_orig_mod."
@@ -346,3 +346,29 @@ def trim_metrics(ckpt_dir, last_step: int) -> None:
     kept = [r for r in read_metrics(ckpt_dir) if r.get("step", -1) <= last_step]
     text = "".join(json.dumps(r) + "\n" for r in kept)
     _atomic_save(text.encode("utf-8"), path, lambda data, f: f.write(data))
+
+
+def clear_tag(ckpt_dir):
+    """A fresh (non-resumed) run replaces whatever an earlier run left under the same tag, so that
+    its steps and metrics never mix with ours. Meta files go first (un-publishing the steps)."""
+    if not os.path.isdir(ckpt_dir):
+        return
+    names = sorted(os.listdir(ckpt_dir), key=lambda n: not n.startswith("meta_"))
+    old = [n for n in names if n.startswith(("meta_", "model_", "optim_")) or n == "metrics.jsonl"]
+    if old:
+        print0(f"fresh run: removing {len(old)} files of an earlier run in {ckpt_dir} (use --resume to continue it)")
+    for n in old:
+        os.remove(os.path.join(ckpt_dir, n))
+
+
+def begin_run(ckpt_dir, resume_step, master=True):
+    """The last thing a training stage does before its loop, once the resumed state has loaded
+    and been checked (so that a refused resume changes nothing on disk): a resumed run cuts
+    metrics.jsonl back to its step, a fresh one clears the tag. Only the master touches files."""
+    if resume_step is None:
+        if master:
+            clear_tag(ckpt_dir)
+        return
+    if master:
+        trim_metrics(ckpt_dir, resume_step)
+    print0(f"resumed from {ckpt_dir} step {resume_step}")

@@ -149,6 +149,22 @@ def test_metrics_append_and_trim(tmp_path):
         assert all(json.loads(line) for line in f)
 
 
+def test_begin_run_trims_on_resume_and_clears_a_fresh_run(tmp_path):
+    d = str(tmp_path / "tag")
+    for s in (1, 2):
+        ck.save_checkpoint(d, s, _tiny_state(s), None, {"step": s})
+    for s in range(1, 5):
+        ck.append_metrics(d, {"step": s})
+    ck.begin_run(d, 2, master=False)  # other ranks never touch the files
+    assert [r["step"] for r in ck.read_metrics(d)] == [1, 2, 3, 4]
+    ck.begin_run(d, 2)  # resumed at step 2: steps 3 and 4 will be logged again
+    assert [r["step"] for r in ck.read_metrics(d)] == [1, 2] and ck.complete_steps(d) == [1, 2]
+    ck.begin_run(d, None, master=False)
+    assert ck.complete_steps(d) == [1, 2]
+    ck.begin_run(d, None)  # fresh run under the same tag: the earlier run's files go
+    assert ck.complete_steps(d) == [] and ck.read_metrics(d) == [] and os.listdir(d) == []
+
+
 def test_load_model_errors_list_what_exists(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     with pytest.raises(UserError, match="nanochat train sft"):

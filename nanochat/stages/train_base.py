@@ -13,7 +13,6 @@ Checkpoints, metrics.jsonl and the resume state go to $NANOCHAT_BASE_DIR/checkpo
 """
 import argparse
 import math
-import os
 import time
 
 import torch
@@ -367,11 +366,7 @@ def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_ba
         ck.set_rng_state(shard["rng"])
         loop = meta["loop"]
         del model_state, shard
-        if master:
-            ck.trim_metrics(ckpt_dir, resume_step)
-        print0(f"resumed from {ckpt_dir} step {resume_step}")
-    elif master:
-        clear_tag(ckpt_dir)
+    ck.begin_run(ckpt_dir, resume_step, master)
     start_step = resume_step or 0
     log = StepLog(device, total_batch_size, num_iterations, **loop)
 
@@ -481,19 +476,6 @@ def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_ba
         log_report(summary, user_config)
     wandb_run.finish()
     return 0
-
-
-def clear_tag(ckpt_dir):
-    """A fresh (non-resumed) run replaces whatever an earlier run left under the same tag, so that
-    its steps and metrics never mix with ours. Meta files go first (un-publishing the steps)."""
-    if not os.path.isdir(ckpt_dir):
-        return
-    names = sorted(os.listdir(ckpt_dir), key=lambda n: not n.startswith("meta_"))
-    old = [n for n in names if n.startswith(("meta_", "model_", "optim_")) or n == "metrics.jsonl"]
-    if old:
-        print0(f"fresh run: removing {len(old)} files of an earlier run in {ckpt_dir} (use --resume to continue it)")
-    for n in old:
-        os.remove(os.path.join(ckpt_dir, n))
 
 
 def run_bpb_eval(model, val_batches, steps, token_bytes, device, autocast):

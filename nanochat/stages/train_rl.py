@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat import checkpoint as ck
-from nanochat.chat_data import (add_lr_flags, add_training_flags, check_common_args, clear_tag, global_sum,
+from nanochat.chat_data import (add_lr_flags, add_training_flags, check_common_args, global_sum,
                                 inherited_lrs, log_report, pg_loss, resolve_start, rl_advantages, rl_batch)
 from nanochat.common import (UserError, autodetect_device_type, compute_cleanup, compute_init, get_compute_dtype,
                              init_wandb, print0, synchronize)
@@ -175,11 +175,7 @@ def train(args, rank, world_size, device):
         optimizer.load_state_dict(shard["optimizer"])
         ck.set_rng_state(shard["rng"])
         total_time = meta["loop"]["total_time"]
-        if master:
-            ck.trim_metrics(out_dir, resume_step)
-        print0(f"resumed from {out_dir} step {resume_step}")
-    elif master:
-        clear_tag(out_dir)
+    ck.begin_run(out_dir, resume_step, master)
     start_step = resume_step or 0
     wandb_run = init_wandb(args.run, "nanochat-rl", {**user_config, **derived}, master)
     engine = Engine(model, tokenizer)
