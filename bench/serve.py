@@ -97,6 +97,11 @@ def one_request(url, i, max_tokens):
     return time.perf_counter() - t0, ttft, tokens
 
 
+def decoded_rows(stats):
+    """Rows decoded over all steps so far, from /stats' rows-per-step histogram."""
+    return sum(int(rows) * steps for rows, steps in stats["rows_per_step_histogram"].items())
+
+
 def percentile(xs, q):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
@@ -185,10 +190,9 @@ def main(argv=None):
             for k in ("prefill_s", "decode_s"):
                 runs[-1]["scheduler_" + k] = round(after[k] - before[k], 3)
             steps = after["decode_steps"] - before["decode_steps"]
+            rows = decoded_rows(after) - decoded_rows(before)
             runs[-1]["decode_steps"] = steps
-            runs[-1]["mean_rows_per_step"] = round(
-                (after["mean_rows_per_step"] * after["decode_steps"] - before["mean_rows_per_step"] * before["decode_steps"])
-                / max(steps, 1), 2)
+            runs[-1]["mean_rows_per_step"] = round(rows / max(steps, 1), 2)
         stats = requests.get(url + "/stats", timeout=10).json()
     finally:
         child.terminate()

@@ -211,6 +211,7 @@ class ConversationLoader:
                             f"{self.world_size} processes")
         self.epoch, self.cursor = 0, 0
         self._exhausted = False
+        self.last_targets = 0  # targets (!= -1) in the last batch, counted on the host
         self._reset_buffer()
 
     def _reset_buffer(self):

@@ -201,7 +201,6 @@ class BatchDecoder:
         self.kv_bucket = KV_LEN_BUCKET_CUDA if self.device.type == "cuda" else 1
         self.compiled = None
         if compile:
-            self.kv_bucket = self.max_len  # static shapes: attend over the whole cache
             self.views = {}  # row bucket -> (inputs, KVCache) views of rows 0..bucket-1, the same objects every step
             # one graph per row bucket: past dynamo's recompile limit a bucket would silently run
             # eager, so make room for ours (plus what the process compiled before)

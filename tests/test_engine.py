@@ -42,6 +42,15 @@ def stop_ids(tokenizer):
     return {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
 
 
+def drain(dec):
+    """Step a BatchDecoder until every sequence in it has finished."""
+    while True:
+        dec.remove_done()
+        if not dec.seqs:
+            return
+        dec.step()
+
+
 def check_against_reference(model, tokenizer, prompt, result, max_tokens):
     """result = prompt + generated (stop token dropped): equal to the reference's first tokens,
     and if it ended early, the reference's next token is a stop token."""
@@ -118,11 +127,7 @@ def test_mixed_settings_in_one_batch(model, tokenizer, prompts):
     seqs = [Sequence(prompts[0], 12, temperature=0), Sequence(prompts[1], 12, temperature=1.0, top_k=5),
             Sequence(prompts[3], 12, temperature=0), Sequence(prompts[4], 12, temperature=0.7, top_p=0.9)]
     dec.add(seqs)
-    while True:
-        dec.remove_done()
-        if not dec.seqs:
-            break
-        dec.step()
+    drain(dec)
     for seq in (seqs[0], seqs[2]):
         check_against_reference(model, tokenizer, seq.prompt, seq.prompt + seq.out, 12)
 
@@ -348,11 +353,7 @@ def test_seeded_sequence_is_independent_of_its_batch(model, tokenizer, prompts):
         dec = BatchDecoder(model, tokenizer, len(seqs), max_len=96, seed=0)
         dec.specials["stop"] = set()
         dec.add(seqs)
-        while True:
-            dec.remove_done()
-            if not dec.seqs:
-                break
-            dec.step()
+        drain(dec)
         return [s.out for s in seqs]
 
     def seeded(seed, i=1):

@@ -367,7 +367,7 @@ def test_serve_command(tokenizer):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "nanochat", "serve", "--port", str(port), "--model-tag", "d2serve",
-                             "--max-batch", "3", "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             "--max-batch", "3"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"
     try:
@@ -388,7 +388,9 @@ def test_serve_command(tokenizer):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    assert "with up to 3 requests per batch, 1 CPU threads" in proc.stdout.read()
+    # default CPU threads: one fewer than the cores, so the HTTP side keeps one
+    threads = max(1, (os.cpu_count() or 1) - 1)
+    assert f"with up to 3 requests per batch, {threads} CPU threads" in proc.stdout.read()
 
 
 def test_serve_rejects_bad_threads(capsys):
