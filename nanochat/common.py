@@ -204,8 +204,15 @@ def compute_init(device_type: str | None = None, seed: int = 42):
 
 
 def compute_cleanup():
+    """End of a (torchrun) process. On a normal exit every rank first waits for the others: a rank
+    that tore down its process group while another was still writing its results was seen to
+    abort at exit (gloo, eval chat, once in several runs). Called from a `finally` while an
+    exception is on its way out, there is no barrier: the other ranks may never arrive."""
+    import sys
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
+        if sys.exc_info()[1] is None and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 
