@@ -11,7 +11,6 @@
 - KVCache: a preallocated cache whose rows may hold sequences of different lengths
 """
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -19,11 +18,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-SOFTCAP = 15.0
+from nanochat.attention import KVCache, attention, cache_mask, window_mask
+from nanochat.common import get_compute_dtype
+from nanochat.loss import lm_loss, logits_of
+from nanochat.optim import MuonAdamW
+
 ROPE_BASE = 100_000
 VE_GATE_CHANNELS = 32        # the value-embedding gate looks at the first 32 channels of x
-LOSS_CHUNK_ELEMENTS = 2**27  # at most this many fp32 logits live at once in the chunked loss
-LOSS_CHUNK_ROWS_CPU = 1024   # on CPU smaller chunks are faster (measured: 1024 rows beat 4096 by ~10-15%)
 
 
 @dataclass
@@ -80,234 +81,6 @@ def apply_rotary(x, cos, sin):
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x[..., :d], x[..., d:]
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
-
-
-# ---------------------------------------------------------------------------
-# Attention kernels. Everything device-specific lives here.
-#
-# A "mask" below is one of:
-#   None                   causal over Tq == Tk tokens (SDPA is_causal: flash kernels everywhere)
-#   bool tensor            True = may attend, broadcastable to (B, H, Tq, Tk) (SDPA, any device)
-#   FlexAttention BlockMask  sliding window on CUDA (only FlexAttention makes windows cheaper)
-
-USE_FLEX_ATTENTION = os.environ.get("NANOCHAT_FLEX_ATTENTION", "1") != "0"
-_flex_fn = None
-_block_masks = {}
-
-
-def _flex_attention():
-    """The FlexAttention kernel (compiled), or None when it cannot be imported."""
-    global _flex_fn
-    if _flex_fn is None:
-        try:
-            from torch.nn.attention.flex_attention import flex_attention
-        except ImportError:
-            _flex_fn = False
-        else:
-            # uncompiled flex_attention is a slow reference implementation; compiled it is a Triton kernel
-            _flex_fn = torch.compile(flex_attention, dynamic=False)
-    return _flex_fn or None
-
-
-def use_flex(device):
-    return device.type == "cuda" and USE_FLEX_ATTENTION and _flex_attention() is not None
-
-
-@torch.compiler.disable
-def sliding_window_block_mask(T, window, device):
-    """FlexAttention block mask: query i sees keys j with i - window < j <= i. Cached per (T, window).
-    Always built eagerly (a graph break inside a compiled model), then reused."""
-    key = (T, window, str(device))
-    if key not in _block_masks:
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        def sliding_causal(b, h, q_idx, kv_idx):
-            return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
-        _block_masks[key] = create_block_mask(sliding_causal, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
-    return _block_masks[key]
-
-
-def attention(q, k, v, mask):
-    """q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D), all in one dtype. Returns (B, H, Tq, D)."""
-    gqa = k.size(1) != q.size(1)
-    if gqa and q.device.type == "mps":
-        # MPS SDPA may not take enable_gqa: repeat the kv heads instead
-        rep = q.size(1) // k.size(1)
-        k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), False
-    if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    if isinstance(mask, torch.Tensor):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-    if torch.compiler.is_compiling():
-        # inside a compiled model: let the outer torch.compile trace flex_attention itself
-        from torch.nn.attention.flex_attention import flex_attention
-        return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
-    return _flex_attention()(q, k, v, block_mask=mask, enable_gqa=gqa)
-
-
-def window_mask(window, T, device):
-    """Training/no-cache mask for `window` over T tokens (None = plain causal)."""
-    if window is None or window >= T:
-        return None
-    if use_flex(device):
-        return sliding_window_block_mask(T, window, device)
-    i = torch.arange(T, device=device)
-    diff = i[:, None] - i[None, :]
-    return (diff >= 0) & (diff < window)
-
-
-def cache_mask(window, q_pos, kv_len):
-    """KV-cache mask (B, 1, T, kv_len): row b's query at absolute position p sees keys j <= p
-    (and p - j < window). Keys beyond a row's own length are never seen since j <= p."""
-    j = torch.arange(kv_len, device=q_pos.device)
-    diff = q_pos[:, :, None] - j
-    allowed = diff >= 0
-    if window is not None:
-        allowed = allowed & (diff < window)
-    return allowed[:, None]
-
-
-_ce_workspace = {}  # device -> flat fp32 buffer reused by SoftcapCrossEntropy on CPU
-
-
-def ce_workspace(device, numel):
-    """A reusable fp32 buffer of at least `numel` elements (CPU only). Freshly allocated
-    tensors this big come straight from the OS (mmap) and every page is faulted in and zeroed
-    by the kernel at first touch; at vocab 32K that was ~20% of a CPU training step."""
-    buf = _ce_workspace.get(device)
-    if buf is None or buf.numel() < numel:
-        buf = _ce_workspace[device] = torch.empty(numel, dtype=torch.float32, device=device)
-    return buf
-
-
-class SoftcapCrossEntropy(torch.autograd.Function):
-    """sum over rows of cross_entropy(SOFTCAP * tanh(x @ W.T / SOFTCAP), targets), ignore index -1.
-
-    Fused and chunked: for each chunk of rows the fp32 logits are made, the loss taken, and the
-    gradients with respect to x and W computed right away (softmax - onehot, times the tanh
-    derivative 1 - tanh^2), reusing two (rows, vocab) buffers in place. The backward pass only
-    scales them by the incoming scalar gradient. Compared with autograd over the plain formula
-    this saves the logits' memory, several full passes over them, and a recomputation.
-    On CPU in fp32 the two buffers live in a workspace kept between calls (see ce_workspace)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, targets, chunk_rows):
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-        else:
-            dtype = x.dtype
-        w = weight.to(dtype)
-        V = w.size(0)
-        grad_x = torch.empty_like(x)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        total = torch.zeros((), dtype=torch.float32, device=x.device)
-        ws = None
-        if x.device.type == "cpu" and dtype == torch.float32 and not torch.compiler.is_compiling():
-            rows = min(chunk_rows, x.size(0))
-            ws = ce_workspace(x.device, 2 * rows * V)
-        for s in range(0, x.size(0), chunk_rows):
-            xc, tc = x[s:s + chunk_rows].to(dtype), targets[s:s + chunk_rows]
-            n = xc.size(0)
-            # t = tanh(logits / cap) = 2 sigmoid(2 logits / cap) - 1: on CPU sigmoid + 2 cheap
-            # passes take a third of tanh's time. The 2/cap scales the (rows, C) input, not the
-            # (rows, V) logits. (Absolute error ~1e-7 near 0, where tanh keeps relative precision:
-            # negligible, the loss depends on absolute logit differences.)
-            xs = xc * (2.0 / SOFTCAP)
-            if ws is not None:
-                t = torch.mm(xs, w.t(), out=ws[:n * V].view(n, V))
-                e = ws[n * V:2 * n * V].view(n, V)
-            else:
-                t = (xs @ w.t()).float()
-                e = torch.empty_like(t)
-            t = t.sigmoid_().mul_(2.0).sub_(1.0)
-            e = torch.mul(t, SOFTCAP, out=e).exp_()
-            # soft-capped logits lie in [-cap, cap], so exp cannot overflow: no max-subtraction
-            valid = tc != -1
-            tgt = tc.clamp(min=0)[:, None]
-            sumexp = e.sum(dim=-1)
-            z_target = t.gather(1, tgt).squeeze(1) * SOFTCAP
-            total += ((sumexp.log() - z_target) * valid).sum()
-            g = e.mul_((valid / sumexp)[:, None])                  # softmax; ignored rows -> 0
-            g.scatter_add_(1, tgt, -valid[:, None].float())       # minus one-hot of the target
-            g.addcmul_(g, t.mul_(t), value=-1.0)                   # through the tanh: x (1 - tanh^2)
-            g = g.to(dtype)
-            grad_x[s:s + chunk_rows] = (g @ w).to(x.dtype)
-            if grad_w.dtype == g.dtype:
-                grad_w.addmm_(g.t(), xc)
-            else:
-                grad_w += (g.t() @ xc).float()
-        ctx.save_for_backward(grad_x, grad_w)
-        ctx.weight_dtype = weight.dtype
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_total.to(grad_x.dtype), (grad_w * grad_total).to(ctx.weight_dtype), None, None
-
-
-# ---------------------------------------------------------------------------
-# KV cache
-
-class KVCache:
-    """Preallocated keys/values: per layer, k[layer] and v[layer] of shape (batch, n_kv_head,
-    max_len, head_dim) in the compute dtype, and `lengths` (batch,) = tokens stored per row. A
-    model forward with this cache writes the T new tokens of row b at positions lengths[b] ..
-    lengths[b]+T-1 (that is also their rotary position), attends to row b's stored keys only, and
-    advances lengths by T at the end. Stored entries beyond a row's length are garbage and never
-    read. One tensor per layer (not one 5-D tensor): torch.compile writes into a whole tensor in
-    place, but writing through a per-layer view of a bigger input made it copy the whole cache
-    every step (2.4 ms vs 0.04 ms for 32 rows x 4 layers on CPU)."""
-
-    def __init__(self, batch_size, num_layers, num_kv_heads, head_dim, max_len, device, dtype):
-        shape = (batch_size, num_kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
-        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
-
-    @property
-    def batch_size(self):
-        return self.lengths.size(0)
-
-    @property
-    def max_len(self):
-        return self.k[0].size(2)
-
-    def tensors(self):
-        return self.k + self.v + [self.lengths]
-
-    def narrow(self, start, n):
-        """A KVCache over rows start .. start+n-1 sharing this one's storage (writes go through)."""
-        view = KVCache.__new__(KVCache)
-        view.k = [t.narrow(0, start, n) for t in self.k]
-        view.v = [t.narrow(0, start, n) for t in self.v]
-        view.lengths = self.lengths.narrow(0, start, n)
-        return view
-
-    def copy_row(self, src, dst):
-        for t in self.k + self.v:
-            t[dst].copy_(t[src])
-        self.lengths[dst] = self.lengths[src]
-
-    def fork(self, src, dsts):
-        """Copy row src into each row of dsts (prefill a prompt once, sample K continuations)."""
-        for dst in dsts:
-            if dst != src:
-                self.copy_row(src, dst)
-
-    def reset(self):
-        """Empty every row of this cache (or of this view)."""
-        self.lengths.zero_()
-
-    def store(self, layer, k, v, q_pos, kv_len):
-        """Write k, v (B, Hkv, T, D) at positions q_pos (B, T) of `layer`; return this layer's
-        keys and values (B, Hkv, kv_len, D) for attention."""
-        rows = torch.arange(k.size(0), device=k.device)[:, None]
-        kc, vc = self.k[layer], self.v[layer]
-        # (B, max_len, Hkv, D) views: index (row, position) pairs, write through
-        kc.transpose(1, 2)[rows, q_pos] = k.transpose(1, 2).to(kc.dtype)
-        vc.transpose(1, 2)[rows, q_pos] = v.transpose(1, 2).to(vc.dtype)
-        return kc[:, :, :kv_len], vc[:, :, :kv_len]
 
 
 # ---------------------------------------------------------------------------
@@ -388,8 +161,8 @@ class GPT(nn.Module):
         self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
         self.windows = config.layer_windows()
         self.checkpoint_activations = False  # torch.utils.checkpoint around each block when training
-        # rows of the (B*T, vocab) logits computed at once by the chunked loss; None = automatic:
-        # LOSS_CHUNK_ELEMENTS // vocab_size, and at most LOSS_CHUNK_ROWS_CPU on CPU
+        # rows of the (B*T, vocab) logits computed at once by the chunked loss; None = automatic
+        # (nanochat.loss.default_chunk_rows)
         self.loss_chunk_rows = None
 
     @torch.no_grad()
@@ -417,7 +190,6 @@ class GPT(nn.Module):
 
     def new_kv_cache(self, batch_size, max_len, dtype=None):
         """A KVCache sized for this model (dtype: default the compute dtype of the device)."""
-        from nanochat.common import get_compute_dtype
         device = self.get_device()
         c = self.config
         dtype = dtype or get_compute_dtype(device.type)
@@ -478,48 +250,14 @@ class GPT(nn.Module):
         return self._loss(norm(x), targets, loss_reduction)
 
     def _logits(self, x):
-        logits = self.lm_head(x).float()
-        if logits.device.type == "cpu" and not torch.is_grad_enabled():
-            # cap * tanh(u / cap) = 2 cap sigmoid(2u / cap) - cap, in place: torch's CPU tanh is
-            # ~3x slower than sigmoid (0.2 ms per decode step of 16 rows at vocab 4K)
-            return logits.mul_(2.0 / SOFTCAP).sigmoid_().mul_(2.0 * SOFTCAP).sub_(SOFTCAP)
-        return SOFTCAP * torch.tanh(logits / SOFTCAP)
-
-    def _chunk_loss(self, x, targets):
-        return F.cross_entropy(self._logits(x), targets, ignore_index=-1, reduction="none")
+        return logits_of(x, self.lm_head.weight)
 
     def _loss(self, x, targets, reduction):
-        """lm_head + softcap + cross-entropy over chunks of rows, so the fp32 logits of the whole
-        batch never exist at once. Training with "mean"/"sum" goes through SoftcapCrossEntropy,
-        which computes the gradients chunk by chunk during the forward pass (no logits kept, no
-        recomputation). "none" with grads (per-token weights, e.g. RL) checkpoints each chunk."""
-        if reduction not in ("mean", "sum", "none"):
-            raise ValueError(f"loss_reduction must be mean, sum or none, not '{reduction}'")
+        """lm_head + softcap + cross-entropy in chunks of rows (nanochat/loss.py)."""
         B, T, C = x.shape
-        xf, tf = x.reshape(B * T, C), targets.reshape(B * T)
-        n = self.loss_chunk_rows or max(1, LOSS_CHUNK_ELEMENTS // self.config.vocab_size)
-        if self.loss_chunk_rows is None and x.device.type == "cpu":
-            n = min(n, LOSS_CHUNK_ROWS_CPU)
-        grad = torch.is_grad_enabled() and (xf.requires_grad or self.lm_head.weight.requires_grad)
-        if grad and reduction != "none":
-            total = SoftcapCrossEntropy.apply(xf, self.lm_head.weight, tf, n)
-            # unlike F.cross_entropy, a batch whose targets are all ignored gives 0 (and zero
-            # grads), not NaN: a fully masked SFT micro-batch must not poison the step
-            return total if reduction == "sum" else total / (tf != -1).sum().clamp(min=1)
-        if B * T <= n:
-            losses = self._chunk_loss(xf, tf)
-        else:
-            parts = []
-            for s in range(0, B * T, n):
-                xc, tc = xf[s:s + n], tf[s:s + n]
-                parts.append(checkpoint(self._chunk_loss, xc, tc, use_reentrant=False) if grad
-                             else self._chunk_loss(xc, tc))
-            losses = torch.cat(parts)
-        if reduction == "none":
-            return losses.view(B, T)
-        if reduction == "sum":
-            return losses.sum()
-        return losses.sum() / (tf != -1).sum().clamp(min=1)
+        losses = lm_loss(x.reshape(B * T, C), self.lm_head.weight, targets.reshape(B * T), reduction,
+                         self.loss_chunk_rows)
+        return losses.view(B, T) if reduction == "none" else losses
 
     # ---- accounting
 
@@ -584,8 +322,7 @@ class GPT(nn.Module):
                         weight_decay=0.0, adam_betas=(0.8, 0.95), compile=None):
         """compile: torch.compile the optimizer's update functions (None = MuonAdamW's default,
         on CUDA only). On CPU the eager AdamW update makes ~7 temporaries per parameter; compiled
-        it is one fused loop (measured 0.55 s -> 0.03 s per step for d4's 33 M AdamW params)."""
-        from nanochat.optim import MuonAdamW
+        it is one fused loop (docs/benchmarks.md)."""
         return MuonAdamW(self.optimizer_groups(unembedding_lr, embedding_lr, matrix_lr, scalar_lr,
                                                weight_decay, adam_betas), compile=compile)
 

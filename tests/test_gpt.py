@@ -5,8 +5,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import flex_attention as flex
 
-from nanochat.gpt import GPT, GPTConfig, KVCache
+import nanochat.attention as attn
+from nanochat.attention import KVCache
+from nanochat.gpt import GPT, GPTConfig
 
 V = 300  # vocabulary used directly in the config: no tokenizer needed
 
@@ -452,18 +455,16 @@ def test_flex_attention_sliding_window_path(monkeypatch):
     # the CUDA path for windows (FlexAttention block masks), run here with the eager (uncompiled)
     # FlexAttention on CPU, forward only (CPU FlexAttention has no backward): same logits as the
     # SDPA boolean-mask path
-    flex = pytest.importorskip("torch.nn.attention.flex_attention")
-    import nanochat.gpt as gpt
     model = make_model(n_layer=3, window_pattern="SSL", short_window=5, n_kv_head=2)
     model.eval()
     idx = torch.randint(0, V, (2, 24))
     with torch.no_grad():
         ref = model(idx)
-        monkeypatch.setattr(gpt, "use_flex", lambda device: True)
-        monkeypatch.setattr(gpt, "_flex_fn", flex.flex_attention)
-        monkeypatch.setattr(gpt, "_block_masks", {})
+        monkeypatch.setattr(attn, "use_flex", lambda device: True)
+        monkeypatch.setattr(attn, "_flex_fn", flex.flex_attention)
+        monkeypatch.setattr(attn, "_block_masks", {})
         got = model(idx)
-    assert list(gpt._block_masks) == [(24, 5, "cpu")]  # the block mask was built once and used
+    assert list(attn._block_masks) == [(24, 5, "cpu")]  # the block mask was built once and used
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 

@@ -1,0 +1,144 @@
+"""Attention for the GPT: causal masks, sliding windows, FlexAttention, and the KV cache.
+
+Everything device-specific about attention lives here; gpt.py only asks for `attention(q, k, v,
+mask)` with a mask from `window_mask` (training, no cache) or `cache_mask` (a KV cache).
+
+A "mask" is one of:
+  None                     causal over Tq == Tk tokens (SDPA is_causal: flash kernels everywhere)
+  bool tensor              True = may attend, broadcastable to (B, H, Tq, Tk) (SDPA, any device)
+  FlexAttention BlockMask  sliding window on CUDA (only FlexAttention makes windows cheaper)
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+USE_FLEX_ATTENTION = os.environ.get("NANOCHAT_FLEX_ATTENTION", "1") != "0"
+_flex_fn = None
+_block_masks = {}
+
+
+def _flex_attention():
+    """The compiled FlexAttention kernel (uncompiled flex_attention is a slow reference
+    implementation; compiled it is a Triton kernel)."""
+    global _flex_fn
+    if _flex_fn is None:
+        _flex_fn = torch.compile(flex_attention, dynamic=False)
+    return _flex_fn
+
+
+def use_flex(device):
+    return device.type == "cuda" and USE_FLEX_ATTENTION
+
+
+@torch.compiler.disable
+def sliding_window_block_mask(T, window, device):
+    """FlexAttention block mask: query i sees keys j with i - window < j <= i. Cached per (T, window).
+    Always built eagerly (a graph break inside a compiled model), then reused."""
+    key = (T, window, str(device))
+    if key not in _block_masks:
+        def sliding_causal(b, h, q_idx, kv_idx):
+            return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
+        _block_masks[key] = create_block_mask(sliding_causal, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
+    return _block_masks[key]
+
+
+def attention(q, k, v, mask):
+    """q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D), all in one dtype. Returns (B, H, Tq, D)."""
+    gqa = k.size(1) != q.size(1)
+    if gqa and q.device.type == "mps":
+        # MPS SDPA may not take enable_gqa: repeat the kv heads instead
+        rep = q.size(1) // k.size(1)
+        k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), False
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if isinstance(mask, torch.Tensor):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    if torch.compiler.is_compiling():
+        # inside a compiled model: let the outer torch.compile trace flex_attention itself
+        return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
+    return _flex_attention()(q, k, v, block_mask=mask, enable_gqa=gqa)
+
+
+def window_mask(window, T, device):
+    """Training/no-cache mask for `window` over T tokens (None = plain causal)."""
+    if window is None or window >= T:
+        return None
+    if use_flex(device):
+        return sliding_window_block_mask(T, window, device)
+    i = torch.arange(T, device=device)
+    diff = i[:, None] - i[None, :]
+    return (diff >= 0) & (diff < window)
+
+
+def cache_mask(window, q_pos, kv_len):
+    """KV-cache mask (B, 1, T, kv_len): row b's query at absolute position p sees keys j <= p
+    (and p - j < window). Keys beyond a row's own length are never seen since j <= p."""
+    j = torch.arange(kv_len, device=q_pos.device)
+    diff = q_pos[:, :, None] - j
+    allowed = diff >= 0
+    if window is not None:
+        allowed = allowed & (diff < window)
+    return allowed[:, None]
+
+
+class KVCache:
+    """Preallocated keys/values: per layer, k[layer] and v[layer] of shape (batch, n_kv_head,
+    max_len, head_dim) in the compute dtype, and `lengths` (batch,) = tokens stored per row. A
+    model forward with this cache writes the T new tokens of row b at positions lengths[b] ..
+    lengths[b]+T-1 (that is also their rotary position), attends to row b's stored keys only, and
+    advances lengths by T at the end. Stored entries beyond a row's length are garbage and never
+    read. One tensor per layer (not one 5-D tensor): torch.compile writes into a whole tensor in
+    place, but writing through a per-layer view of a bigger input made it copy the whole cache
+    every step (docs/benchmarks.md)."""
+
+    def __init__(self, batch_size, num_layers, num_kv_heads, head_dim, max_len, device, dtype):
+        shape = (batch_size, num_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    @property
+    def batch_size(self):
+        return self.lengths.size(0)
+
+    @property
+    def max_len(self):
+        return self.k[0].size(2)
+
+    def tensors(self):
+        return self.k + self.v + [self.lengths]
+
+    def narrow(self, start, n):
+        """A KVCache over rows start .. start+n-1 sharing this one's storage (writes go through)."""
+        view = KVCache.__new__(KVCache)
+        view.k = [t.narrow(0, start, n) for t in self.k]
+        view.v = [t.narrow(0, start, n) for t in self.v]
+        view.lengths = self.lengths.narrow(0, start, n)
+        return view
+
+    def copy_row(self, src, dst):
+        for t in self.k + self.v:
+            t[dst].copy_(t[src])
+        self.lengths[dst] = self.lengths[src]
+
+    def fork(self, src, dsts):
+        """Copy row src into each row of dsts (prefill a prompt once, sample K continuations)."""
+        for dst in dsts:
+            if dst != src:
+                self.copy_row(src, dst)
+
+    def reset(self):
+        """Empty every row of this cache (or of this view)."""
+        self.lengths.zero_()
+
+    def store(self, layer, k, v, q_pos, kv_len):
+        """Write k, v (B, Hkv, T, D) at positions q_pos (B, T) of `layer`; return this layer's
+        keys and values (B, Hkv, kv_len, D) for attention."""
+        rows = torch.arange(k.size(0), device=k.device)[:, None]
+        kc, vc = self.k[layer], self.v[layer]
+        # (B, max_len, Hkv, D) views: index (row, position) pairs, write through
+        kc.transpose(1, 2)[rows, q_pos] = k.transpose(1, 2).to(kc.dtype)
+        vc.transpose(1, 2)[rows, q_pos] = v.transpose(1, 2).to(vc.dtype)
+        return kc[:, :, :kv_len], vc[:, :, :kv_len]

@@ -1,0 +1,150 @@
+"""The language-model loss: lm_head, logit soft-capping and cross-entropy, computed in chunks.
+
+`reference_loss` is the readable definition (full fp32 logits, `F.cross_entropy`); `lm_loss` is
+what the model runs, tested to give the same loss and gradients:
+- the (B*T, vocab) fp32 logits never exist at once: rows are processed `chunk_rows` at a time;
+- with gradients and a mean/sum reduction, `SoftcapCrossEntropy` computes the gradients of each
+  chunk right away in its forward pass (no logits kept, nothing recomputed in the backward);
+- with gradients and reduction "none" (per-token weights, e.g. RL), each chunk is checkpointed.
+"""
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+SOFTCAP = 15.0
+CHUNK_ELEMENTS = 2**27  # at most this many fp32 logits live at once
+CHUNK_ROWS_CPU = 1024   # on CPU smaller chunks are faster (docs/benchmarks.md)
+
+
+def softcap(logits):
+    """SOFTCAP * tanh(logits / SOFTCAP) of fp32 logits. On CPU without grads it is computed in
+    place as 2 cap sigmoid(2u / cap) - cap: torch's CPU tanh is ~3x slower than sigmoid."""
+    if logits.device.type == "cpu" and not torch.is_grad_enabled():
+        return logits.mul_(2.0 / SOFTCAP).sigmoid_().mul_(2.0 * SOFTCAP).sub_(SOFTCAP)
+    return SOFTCAP * torch.tanh(logits / SOFTCAP)
+
+
+def logits_of(x, weight):
+    """Soft-capped fp32 logits of normalized hidden states x (..., C) through lm_head `weight`."""
+    return softcap(F.linear(x, weight).float())
+
+
+def reference_loss(x, weight, targets, reduction="mean"):
+    """The definition: cross_entropy(softcap(x @ W.T), targets), ignore index -1. A mean over
+    zero targets is 0 (not NaN), like lm_loss."""
+    losses = F.cross_entropy(logits_of(x, weight), targets, ignore_index=-1, reduction="none")
+    if reduction == "none":
+        return losses
+    total = losses.sum()
+    return total if reduction == "sum" else total / (targets != -1).sum().clamp(min=1)
+
+
+_workspace = {}  # device -> flat fp32 buffer reused by SoftcapCrossEntropy on CPU
+
+
+def cpu_workspace(device, numel):
+    """A reusable fp32 buffer of at least `numel` elements (CPU only). Freshly allocated
+    tensors this big come straight from the OS (mmap) and every page is faulted in and zeroed
+    by the kernel at first touch, a large share of a CPU training step at vocab 32K."""
+    buf = _workspace.get(device)
+    if buf is None or buf.numel() < numel:
+        buf = _workspace[device] = torch.empty(numel, dtype=torch.float32, device=device)
+    return buf
+
+
+class SoftcapCrossEntropy(torch.autograd.Function):
+    """sum over rows of cross_entropy(SOFTCAP * tanh(x @ W.T / SOFTCAP), targets), ignore index -1.
+
+    Fused and chunked: for each chunk of rows the fp32 logits are made, the loss taken, and the
+    gradients with respect to x and W computed right away (softmax - onehot, times the tanh
+    derivative 1 - tanh^2), reusing two (rows, vocab) buffers in place. The backward pass only
+    scales them by the incoming scalar gradient. Compared with autograd over the plain formula
+    this saves the logits' memory, several full passes over them, and a recomputation.
+    On CPU in fp32 the two buffers live in a workspace kept between calls (see cpu_workspace)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, chunk_rows):
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+        else:
+            dtype = x.dtype
+        w = weight.to(dtype)
+        V = w.size(0)
+        grad_x = torch.empty_like(x)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        ws = None
+        if x.device.type == "cpu" and dtype == torch.float32 and not torch.compiler.is_compiling():
+            rows = min(chunk_rows, x.size(0))
+            ws = cpu_workspace(x.device, 2 * rows * V)
+        for s in range(0, x.size(0), chunk_rows):
+            xc, tc = x[s:s + chunk_rows].to(dtype), targets[s:s + chunk_rows]
+            n = xc.size(0)
+            # t = tanh(logits / cap) = 2 sigmoid(2 logits / cap) - 1: on CPU sigmoid + 2 cheap
+            # passes take a third of tanh's time. The 2/cap scales the (rows, C) input, not the
+            # (rows, V) logits. (Absolute error ~1e-7 near 0, where tanh keeps relative precision:
+            # negligible, the loss depends on absolute logit differences.)
+            xs = xc * (2.0 / SOFTCAP)
+            if ws is not None:
+                t = torch.mm(xs, w.t(), out=ws[:n * V].view(n, V))
+                e = ws[n * V:2 * n * V].view(n, V)
+            else:
+                t = (xs @ w.t()).float()
+                e = torch.empty_like(t)
+            t = t.sigmoid_().mul_(2.0).sub_(1.0)
+            e = torch.mul(t, SOFTCAP, out=e).exp_()
+            # soft-capped logits lie in [-cap, cap], so exp cannot overflow: no max-subtraction
+            valid = tc != -1
+            tgt = tc.clamp(min=0)[:, None]
+            sumexp = e.sum(dim=-1)
+            z_target = t.gather(1, tgt).squeeze(1) * SOFTCAP
+            total += ((sumexp.log() - z_target) * valid).sum()
+            g = e.mul_((valid / sumexp)[:, None])                  # softmax; ignored rows -> 0
+            g.scatter_add_(1, tgt, -valid[:, None].float())       # minus one-hot of the target
+            g.addcmul_(g, t.mul_(t), value=-1.0)                   # through the tanh: x (1 - tanh^2)
+            g = g.to(dtype)
+            grad_x[s:s + chunk_rows] = (g @ w).to(x.dtype)
+            if grad_w.dtype == g.dtype:
+                grad_w.addmm_(g.t(), xc)
+            else:
+                grad_w += (g.t() @ xc).float()
+        ctx.save_for_backward(grad_x, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad_total.to(grad_x.dtype), (grad_w * grad_total).to(ctx.weight_dtype), None, None
+
+
+def default_chunk_rows(vocab_size, device):
+    n = max(1, CHUNK_ELEMENTS // vocab_size)
+    return min(n, CHUNK_ROWS_CPU) if device.type == "cpu" else n
+
+
+def lm_loss(x, weight, targets, reduction="mean", chunk_rows=None):
+    """reference_loss(x, weight, targets, reduction) for x (N, C), targets (N,), in chunks of
+    `chunk_rows` rows (None = default_chunk_rows). A mean over zero targets is 0 with zero
+    gradients, not NaN: a fully masked SFT micro-batch must not poison the step."""
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"loss_reduction must be mean, sum or none, not '{reduction}'")
+    N = x.size(0)
+    n = chunk_rows or default_chunk_rows(weight.size(0), x.device)
+    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if grad and reduction != "none":
+        total = SoftcapCrossEntropy.apply(x, weight, targets, n)
+        return total if reduction == "sum" else total / (targets != -1).sum().clamp(min=1)
+
+    def chunk(xc, tc):
+        return F.cross_entropy(logits_of(xc, weight), tc, ignore_index=-1, reduction="none")
+    if N <= n:
+        losses = chunk(x, targets)
+    else:
+        losses = torch.cat([checkpoint(chunk, x[s:s + n], targets[s:s + n], use_reentrant=False) if grad
+                            else chunk(x[s:s + n], targets[s:s + n]) for s in range(0, N, n)])
+    if reduction == "none":
+        return losses
+    if reduction == "sum":
+        return losses.sum()
+    return losses.sum() / (targets != -1).sum().clamp(min=1)
