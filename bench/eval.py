@@ -71,9 +71,9 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
 
+    from nanochat.chat_eval import load_task, pick_problems, run_categorical, run_generative
     from nanochat.core_eval import evaluate_core
     from nanochat.engine import Engine
-    from nanochat.stages.eval_chat import load_task, pick_problems, run_categorical, run_generative
     from nanochat.tokenizer import get_tokenizer
 
     _, _, _, _, device = compute_init(args.device_type)

@@ -19,12 +19,11 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import torch  # noqa: E402
+import torch
 
-from nanochat.common import autodetect_device_type, get_compute_dtype, synchronize  # noqa: E402
-from nanochat.engine import BatchDecoder, Sequence  # noqa: E402
-from nanochat.gpt import GPT, GPTConfig  # noqa: E402
+from nanochat.common import autodetect_device_type, get_compute_dtype, synchronize
+from nanochat.engine import BatchDecoder, Sequence
+from nanochat.gpt import GPT, GPTConfig
 
 
 class SpecialsOnly:
@@ -41,6 +40,9 @@ class SpecialsOnly:
 
     def get_bos_token_id(self):
         return self.ids["<|bos|>"]
+
+    def stop_ids(self):
+        return {self.ids["<|assistant_end|>"], self.ids["<|bos|>"]}
 
     def decode(self, ids):
         return ""  # the calculator then returns None: no tool output is forced

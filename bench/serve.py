@@ -25,7 +25,6 @@ import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 
 def get_or_train_tokenizer(vocab_size):
@@ -45,6 +44,7 @@ def serve(args):
     """The child process: build the model, start uvicorn."""
     import torch
     import uvicorn
+
     from nanochat.common import autodetect_device_type
     from nanochat.server import create_app
     device = torch.device(args.device_type or autodetect_device_type())

@@ -7,12 +7,10 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from nanochat.dataset import iter_texts  # noqa: E402
-from nanochat.tokenizer import Tokenizer, capped_texts  # noqa: E402
+from nanochat.dataset import iter_texts
+from nanochat.tokenizer import Tokenizer, capped_texts
 
 
 def main():

@@ -15,15 +15,13 @@ import os
 import platform
 import resource
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import torch  # noqa: E402
+import torch
 
-from nanochat.common import get_compute_dtype, get_peak_flops, synchronize  # noqa: E402
-from nanochat.gpt import GPT, GPTConfig  # noqa: E402
-from nanochat.stages.train_base import model_dims  # noqa: E402
+from nanochat.common import get_compute_dtype, get_peak_flops, synchronize
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.training import model_dims
 
 
 def main(argv=None):

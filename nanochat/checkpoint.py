@@ -18,8 +18,11 @@ import re
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from nanochat.common import UserError, get_base_dir, print0
+from nanochat.common import UserError, add_common_flags, compute_init, get_base_dir, print0
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import get_tokenizer
 
 SOURCES = ("base", "mid", "sft", "rl")
 COMPILE_PREFIX = "_orig_mod."
@@ -135,7 +138,6 @@ def save_checkpoint(ckpt_dir, step, model_state, optim_state, meta, rank=0, extr
     meta file, every rank writes its optimizer shard with its RNG states (and `extra`, e.g. a
     per-rank dataloader state). The meta file comes last, after a barrier, so the step only
     becomes visible once all of its files are complete."""
-    import torch.distributed as dist
     distributed = dist.is_available() and dist.is_initialized()
     os.makedirs(ckpt_dir, exist_ok=True)
     if rank == 0 and os.path.exists(_meta_path(ckpt_dir, step)):
@@ -242,8 +244,6 @@ def load_checkpoint(ckpt_dir, step, device="cpu", load_optimizer=False, rank=0):
 def build_model(ckpt_dir, step, device, phase="eval"):
     """(model, tokenizer, meta) from a saved step: the model is built on the meta device,
     materialized on `device`, loaded (fp32 master weights) and put in train or eval mode."""
-    from nanochat.gpt import GPT, GPTConfig
-    from nanochat.tokenizer import get_tokenizer
     if phase not in ("train", "eval"):
         raise ValueError(f"phase must be 'train' or 'eval', not {phase!r}")
     device = torch.device(device)
@@ -302,6 +302,37 @@ def load_model(source, device, phase="eval", model_tag=None, step=None):
     and its latest complete step."""
     ckpt_dir, _, step = resolve_checkpoint(source, model_tag, step)
     return build_model(ckpt_dir, step, device, phase)
+
+
+# ---------------------------------------------------------------------------
+# The model of `chat`, `serve` and `export hf`: -i SOURCE, or the first of sft, mid, base
+
+DEFAULT_CHAT_SOURCES = ("sft", "mid", "base")
+
+
+def add_model_flags(parser):
+    parser.add_argument("-i", "--source", default=None, choices=list(SOURCES),
+                        help="which checkpoints to load (default: the first of sft, mid, base that exists)")
+    add_common_flags(parser)
+
+
+def pick_source(source):
+    """-i SOURCE as given, else the first of sft, mid, base that has a checkpoint."""
+    if source:
+        return source
+    for s in DEFAULT_CHAT_SOURCES:
+        if list_model_tags(os.path.join(checkpoints_root(), s)):
+            return s
+    raise UserError(f"no sft, mid or base checkpoint under {checkpoints_root()} "
+                    f"(train one with `nanochat train base`, or name one with -i)")
+
+
+def load_chat_model(args):
+    """(model, tokenizer, meta, source) for the flags of add_model_flags, on --device-type."""
+    source = pick_source(args.source)
+    _, _, _, _, device = compute_init(args.device_type)
+    model, tokenizer, meta = load_model(source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+    return model, tokenizer, meta, source
 
 
 # ---------------------------------------------------------------------------

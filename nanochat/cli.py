@@ -7,7 +7,7 @@ module has `main(argv) -> int | None` with its own argparse parser, so `--help` 
 import importlib
 import sys
 
-from nanochat.common import UserError
+from nanochat import __version__
 
 # verb -> {sub-verb: one-line description}; None means the verb takes no sub-verb
 VERBS = {
@@ -63,7 +63,6 @@ def resolve(argv):
         print(usage())
         raise SystemExit(0)
     if argv[0] in ("-V", "--version"):
-        from nanochat import __version__
         print(f"nanochat {__version__}")
         raise SystemExit(0)
     verb = argv[0]
@@ -88,6 +87,8 @@ def resolve(argv):
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     module_name, prog, rest = resolve(argv)
+    # imported only now, with the stage (and torch): `nanochat --help` stays instant
+    from nanochat.common import UserError
     module = importlib.import_module(module_name)
     sys.argv = [prog] + rest  # so argparse in the stage prints the right program name
     try:

@@ -1,10 +1,13 @@
-"""Shared plumbing: folders, device and dtype, distributed setup, printing, wandb.
-
-torch is imported inside the functions that need it so that `nanochat --help` stays instant.
-"""
+"""Shared plumbing: folders, downloads, device and dtype, distributed setup, printing, wandb."""
 import argparse
+import contextlib
 import os
 import sys
+import time
+
+import requests
+import torch
+import torch.distributed as dist
 
 
 class UserError(Exception):
@@ -12,7 +15,7 @@ class UserError(Exception):
 
 
 # ---------------------------------------------------------------------------
-# Where files live (DESIGN.md: "Where things live")
+# Where files live (docs/design.md)
 
 def get_base_dir() -> str:
     """$NANOCHAT_BASE_DIR, default ~/.cache/nanochat; created on first use."""
@@ -64,8 +67,6 @@ def download_file(url: str, path: str, timeout: float = 30.0, retries: int = 5, 
     (backoff * 2**(attempt-1) seconds, `retries` times after the first try); other 4xx answers
     fail at once. Every downloader of the project (shards, task splits, the word list, the CORE
     bundle) goes through here. Raises NotFound on 404, DownloadError with the last reason otherwise."""
-    import time
-    import requests
     tmp = f"{path}.tmp.{os.getpid()}"
     reason = "no attempt"
     for attempt in range(retries + 1):
@@ -127,7 +128,6 @@ def print0(*args, **kwargs):
 # Device, dtype, distributed
 
 def autodetect_device_type() -> str:
-    import torch
     if torch.cuda.is_available():
         return "cuda"
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -137,7 +137,6 @@ def autodetect_device_type() -> str:
 
 def resolve_device_type(device_type: str | None) -> str:
     """'' / None / 'auto' -> autodetect; otherwise check the request is possible."""
-    import torch
     if not device_type or device_type == "auto":
         return autodetect_device_type()
     if device_type not in ("cpu", "cuda", "mps"):
@@ -156,7 +155,6 @@ _DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "fp
 def get_compute_dtype(device_type: str):
     """bf16 on CUDA with compute capability >= 8.0, fp32 everywhere else (CPUs here do bf16
     matmuls ~100x slower than fp32). NANOCHAT_DTYPE=bfloat16|float32|float16 overrides."""
-    import torch
     env = os.environ.get("NANOCHAT_DTYPE")
     if env:
         if env.lower() not in _DTYPES:
@@ -169,8 +167,6 @@ def get_compute_dtype(device_type: str):
 
 def autocast_ctx(device):
     """bf16 autocast where the compute dtype is bf16/fp16 (CUDA); a no-op context on CPU/fp32."""
-    import contextlib
-    import torch
     dtype = get_compute_dtype(device.type)
     if dtype == torch.float32:
         return contextlib.nullcontext()
@@ -180,8 +176,6 @@ def autocast_ctx(device):
 def compute_init(device_type: str | None = None, seed: int = 42):
     """Set up the device (and the process group under torchrun).
     Returns (is_distributed, rank, local_rank, world_size, device)."""
-    import torch
-    import torch.distributed as dist
     device_type = resolve_device_type(device_type)
     is_dist, rank, local_rank, world_size = get_dist_info()
     torch.manual_seed(seed)
@@ -208,8 +202,6 @@ def compute_cleanup():
     that tore down its process group while another was still writing its results was seen to
     abort at exit (gloo, eval chat, once in several runs). Called from a `finally` while an
     exception is on its way out, there is no barrier: the other ranks may never arrive."""
-    import sys
-    import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         if sys.exc_info()[1] is None and dist.get_world_size() > 1:
             dist.barrier()
@@ -217,7 +209,6 @@ def compute_cleanup():
 
 
 def synchronize(device):
-    import torch
     if device.type == "cuda":
         torch.cuda.synchronize()
     elif device.type == "mps":
@@ -226,7 +217,6 @@ def synchronize(device):
 
 def get_peak_flops(device) -> float | None:
     """Peak dense bf16 FLOP/s of one accelerator, for MFU. None when unknown (CPU, unlisted GPU)."""
-    import torch
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device).lower()
@@ -268,7 +258,7 @@ GPU_PEAK_BF16_FLOPS = [
 
 
 # ---------------------------------------------------------------------------
-# Flags that mean the same in every stage (DESIGN.md)
+# Flags that mean the same in every stage (docs/design.md)
 
 def add_common_flags(parser: argparse.ArgumentParser, model: bool = True) -> None:
     parser.add_argument("--device-type", default="", choices=["", "cpu", "cuda", "mps"],

@@ -24,16 +24,20 @@ length, at most `batch_tokens` tokens of padded batch per forward). Under torchr
 takes every world_size-th item and the correct counts are summed over ranks.
 """
 import csv
+import io
 import json
 import math
 import os
 import random
+import shutil
+import zipfile
 
 import torch
 import torch.distributed as dist
 import yaml
 
-from nanochat.common import DownloadError, UserError, download_file, downloads_off, get_data_dir, print0
+from nanochat.common import DownloadError, UserError, atomic_write_text, download_file, downloads_off, get_data_dir, print0
+from nanochat.dataset import check_writable
 
 FEWSHOT_SEED = 1234     # few-shot examples of item i come from random.Random(FEWSHOT_SEED + i)
 SUBSAMPLE_SEED = 1337   # --max-per-task takes the first N items of this fixed shuffle
@@ -54,9 +58,6 @@ def ensure_eval_bundle(data_dir=None, url=None, timeout=60.0, retries=5, backoff
     """Path of $NANOCHAT_DATA/eval_bundle, downloading and unpacking it first if it is absent.
     The zip is validated, unpacked into a temporary folder and renamed into place, so the bundle
     is either complete or absent. URL override: $NANOCHAT_EVAL_BUNDLE_URL."""
-    import shutil
-    import zipfile
-    from nanochat.dataset import check_writable
     data_dir = data_dir or get_data_dir()
     target = os.path.join(data_dir, "eval_bundle")
     if os.path.isfile(os.path.join(target, "core.yaml")):
@@ -363,8 +364,6 @@ def core_summary(results) -> str:
 
 def write_core_csv(results, path):
     """One row per evaluated task plus a final CORE row; written atomically."""
-    import io
-    from nanochat.common import atomic_write_text
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["task", "type", "num_items", "accuracy", "centered", "baseline"])

@@ -2,9 +2,9 @@
 
 Two layers:
 
-* `BestFitPacker` / `pack_rows`: the packing core. It takes token sequences that each start with
-  BOS (pretraining documents, or rendered conversations in mid-training) and fills rows of exactly
-  `row_len` tokens, no padding.
+* `BestFitPacker`: the packing core. It takes token sequences that each start with BOS
+  (pretraining documents, or rendered conversations in mid-training and SFT) and fills rows of
+  exactly `row_len` tokens: no padding, or (pad=True, SFT) whole documents and padding.
 * `PretrainLoader`: reads the parquet shards (row groups strided across ranks), tokenizes them in a
   background thread, packs with the core and yields (inputs, targets) LongTensors of shape (B, T)
   on the device, with `state_dict()` / `load_state_dict()` for exact resume.
@@ -27,11 +27,13 @@ predecessor sits at the end of the previous row), the same as the BOS that opens
 Upstream nanochat instead crops that document and drops the rest (`cut=False` here reproduces
 that), which loses about a third of the tokens at T=2048.
 """
+import os
 import queue
 import threading
 from bisect import bisect_left, insort
 
 import numpy as np
+import torch
 
 from nanochat.common import UserError, get_dist_info
 from nanochat.dataset import num_row_groups, read_row_group_texts, split_shards
@@ -41,11 +43,17 @@ class BestFitPacker:
     """Packs documents (token sequences starting with BOS, each with a unique sortable `key`) into
     rows of `row_len` tokens. Feed with `add`, take rows with `pack_row`; the keys of what is still
     buffered (`state()`) are enough to rebuild the packer exactly, given the documents again.
-    Counters: tokens_in (added), tokens_out (written to rows), tokens_dropped (cut=False crops)."""
+    Counters: tokens_in (added), tokens_out (written to rows), tokens_dropped (cut=False crops).
 
-    def __init__(self, row_len: int, cut: bool = True):
+    When no buffered document fits the space left in a row: cut=True cuts the shortest one and
+    continues it in the next row; cut=False crops it (the rest is dropped); pad=True (whole
+    documents only, each at most row_len tokens) leaves the rest of the row as the caller filled
+    it (padding), with mask 0."""
+
+    def __init__(self, row_len: int, cut: bool = True, pad: bool = False):
         self.row_len = row_len
         self.cut = cut
+        self.pad = pad
         self._entries = []      # sorted (length, key): best fit = bisect on length
         self._docs = {}         # key -> (tokens int32 array, mask array or None)
         self.pending = None     # [key, tokens, mask, offset]: the continuation that opens the next row
@@ -59,6 +67,8 @@ class BestFitPacker:
         tokens = np.asarray(tokens, dtype=np.int32)
         if len(tokens) == 0:
             return
+        if self.pad and len(tokens) > self.row_len:
+            raise ValueError(f"pad=True packs whole documents: {len(tokens)} tokens do not fit a row of {self.row_len}")
         insort(self._entries, (len(tokens), key))
         self._docs[key] = (tokens, None if mask is None else np.asarray(mask, dtype=np.int8))
         self.available += len(tokens)
@@ -79,9 +89,9 @@ class BestFitPacker:
 
     def pack_row(self, out, out_mask=None) -> bool:
         """Fill `out` (a 1-D array of row_len) and optionally `out_mask`. False (and `out` untouched)
-        when fewer than row_len tokens are buffered: add more documents first."""
+        when fewer than row_len tokens are buffered (pad=True: none at all): add more documents first."""
         C = self.row_len
-        if self.available < C:
+        if (not self._entries) if self.pad else self.available < C:
             return False
         pos = 0
         if self.pending is not None:
@@ -95,8 +105,10 @@ class BestFitPacker:
         while pos < C:
             space = C - pos
             i = bisect_left(self._entries, (space + 1,)) - 1  # largest document with length <= space
-            if i < 0:  # nothing fits whole: cut the shortest, which leaves the shortest continuation
-                i = 0
+            if i < 0:
+                if self.pad:
+                    break  # the rest of the row is padding
+                i = 0  # nothing fits whole: cut the shortest, which leaves the shortest continuation
             length, key = self._entries.pop(i)
             tokens, mask = self._docs.pop(key)
             n = min(length, space)
@@ -122,33 +134,6 @@ class BestFitPacker:
                 "pending": None if self.pending is None else (self.pending[0], self.pending[3])}
 
 
-def pack_rows(docs, row_len: int, buffer_size: int = 1000, cut: bool = True, masks: bool = False):
-    """Generic packing: `docs` is any iterable of token lists each starting with BOS (or of
-    (tokens, mask) pairs when masks=True). Yields int32 rows of row_len tokens (or (row, mask_row)
-    pairs), keeping about `buffer_size` documents buffered to choose from. Stops when what is left
-    cannot fill a row (those tokens are the only ones not used). For rows of T+1 tokens, train on
-    row[:-1] -> row[1:]."""
-    packer = BestFitPacker(row_len, cut)
-    it, serial, exhausted = iter(docs), 0, False
-    while True:
-        while not exhausted and (len(packer) < buffer_size or packer.available < row_len):
-            try:
-                item = next(it)
-            except StopIteration:
-                exhausted = True
-                break
-            if masks:
-                packer.add(item[0], serial, mask=item[1])
-            else:
-                packer.add(item, serial)
-            serial += 1
-        row = np.empty(row_len, dtype=np.int32)
-        mask_row = np.empty(row_len, dtype=np.int8) if masks else None
-        if not packer.pack_row(row, mask_row):
-            return
-        yield (row, mask_row) if masks else row
-
-
 class PretrainLoader:
     """Iterator of (inputs, targets) LongTensors (B, T) on `device`, from the parquet shards.
 
@@ -165,7 +150,6 @@ class PretrainLoader:
     def __init__(self, tokenizer, B: int, T: int, split: str = "train", device="cpu", rank=None,
                  world_size=None, buffer_size: int = 1000, tokenizer_threads: int = 4, prefetch: int = 2,
                  loop: bool = True, cut: bool = True, data_dir=None, folder=None):
-        import torch
         _, env_rank, _, env_world = get_dist_info()
         self.rank = env_rank if rank is None else rank
         self.world_size = env_world if world_size is None else world_size
@@ -266,7 +250,6 @@ class PretrainLoader:
         return self
 
     def __next__(self):
-        import torch
         C = self.T + 1
         rows = np.empty((self.B, C), dtype=np.int64)
         for i in range(self.B):
@@ -298,7 +281,6 @@ class PretrainLoader:
     def state_dict(self) -> dict:
         """Small, JSON-serializable state of this rank's loader, taken between batches. Each rank
         has its own: save one per rank. Documents are referenced by (shard, row group, row)."""
-        import os
         st = self.packer.state()
         groups = {}
         for u, row, shard, rg in st["buffer"]:
@@ -318,7 +300,6 @@ class PretrainLoader:
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where the saved loader was: re-reads and re-tokenizes the buffered
         documents. The shards, split, T, world size and rank must be the same as when saved."""
-        import os
         mine = {"split": self.split, "rank": self.rank, "world_size": self.world_size, "T": self.T,
                 "buffer_size": self.buffer_size, "cut": self.packer.cut,
                 "shards": [os.path.basename(p) for p in self.shards]}

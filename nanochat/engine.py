@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.calculator import calculate
+from nanochat.common import get_compute_dtype
 
 # Upper bound on (rows x padded prompt length) prefilled in one forward. Only the last prompt
 # position of each row goes through lm_head (logits_positions), so this bounds the activations.
@@ -43,8 +44,8 @@ def sample(logits, temperature, top_k=None, top_p=None, generator=None):
     Top-k keeps exactly the k largest logits (torch.topk's order); top-p then keeps the smallest
     set of likeliest tokens whose probability reaches p. When every row has a top-k, only the
     (B, max k) candidates are softmaxed and sampled, never the whole vocabulary (torch.multinomial
-    draws one exponential per entry: at vocab 4K x 16 rows that alone was ~1.4 ms per step on
-    CPU). One torch.multinomial call for all rows; for a single row with a top-k this consumes
+    draws one exponential per entry, a large part of a CPU decode step: docs/benchmarks.md).
+    One torch.multinomial call for all rows; for a single row with a top-k this consumes
     the generator exactly like GPT.generate does."""
     B, V = logits.shape
     device = logits.device
@@ -184,7 +185,6 @@ class BatchDecoder:
         self.max_len = max_len or model.config.sequence_len
         self.device = model.get_device()
         # weights stay fp32; on CUDA the matmuls run in bf16 under autocast (like training does)
-        from nanochat.common import get_compute_dtype
         self.dtype = get_compute_dtype(self.device.type)
         self.cache = model.new_kv_cache(batch_size, self.max_len)
         self.inputs = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
@@ -192,7 +192,7 @@ class BatchDecoder:
         self.generator.manual_seed(seed)
         enc = tokenizer.encode_special
         self.specials = {
-            "stop": {enc("<|assistant_end|>"), enc("<|bos|>")},
+            "stop": tokenizer.stop_ids(),
             "python_start": enc("<|python_start|>"), "python_end": enc("<|python_end|>"),
             "output_start": enc("<|output_start|>"), "output_end": enc("<|output_end|>"),
         }
@@ -386,6 +386,31 @@ class BatchDecoder:
 # ---------------------------------------------------------------------------
 # The user-facing API
 
+# The prompts whose greedy continuations `train base` and `eval base` show
+SAMPLE_PROMPTS = [
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+]
+
+
+def greedy_samples(model, tokenizer, prompts=SAMPLE_PROMPTS, max_tokens=16):
+    """Each prompt followed by its greedy continuation (GPT.generate, up to a <|bos|>)."""
+    bos = tokenizer.get_bos_token_id()
+    samples = []
+    for prompt in prompts:
+        out = []
+        for tok in model.generate(tokenizer.encode(prompt, prepend=bos), max_tokens=max_tokens, temperature=0.0):
+            if tok == bos:
+                break
+            out.append(tok)
+        samples.append(prompt + tokenizer.decode(out))
+    return samples
+
 class Engine:
     def __init__(self, model, tokenizer):
         self.model = model
@@ -427,7 +452,7 @@ class Engine:
         results = [list(tokens) for _ in range(num_samples)]
         masks = [[0] * len(tokens) for _ in range(num_samples)]
         done = [False] * num_samples
-        stop = {self.tokenizer.encode_special("<|assistant_end|>"), self.tokenizer.get_bos_token_id()}
+        stop = self.tokenizer.stop_ids()
         for col, mcol in self.generate(tokens, num_samples, max_tokens, temperature, top_k, top_p, seed):
             for i, (tok, m) in enumerate(zip(col, mcol)):
                 if done[i]:

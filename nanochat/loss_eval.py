@@ -1,4 +1,6 @@
-"""Bits per byte: the language-model loss in a unit that does not depend on the tokenizer.
+"""Evaluation losses: bits per byte (pretraining), and the mean token loss of chat data.
+
+Bits per byte is the language-model loss in a unit that does not depend on the tokenizer.
 
 Mean cross-entropy per token changes when the vocabulary changes (a bigger vocabulary has fewer,
 harder tokens), so it cannot compare two tokenizers. Dividing the summed loss by the number of
@@ -50,3 +52,20 @@ def evaluate_bpb(model, batches, steps, token_bytes) -> float:
     if nbytes == 0:
         return float("inf")
     return nats / (math.log(2) * nbytes)
+
+
+@torch.no_grad()
+def evaluate_loss(model, batches, steps, device) -> float:
+    """Mean cross-entropy over the non-ignored targets of `steps` batches (summed over ranks)."""
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    batches = iter(batches)
+    for _ in range(steps):
+        try:
+            x, y = next(batches)
+        except StopIteration:
+            break
+        total[0] += model(x, y, loss_reduction="sum").double()
+        total[1] += (y != -1).sum()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return float(total[0] / total[1]) if total[1] > 0 else math.nan

@@ -17,6 +17,10 @@ import shutil
 import subprocess
 import time
 
+import psutil
+import torch
+
+from nanochat.checkpoint import read_metrics
 from nanochat.common import atomic_write_text, get_base_dir, get_dist_info
 
 # The order sections appear in report.md; unknown sections go after these, by time written.
@@ -66,7 +70,7 @@ def bloat() -> dict:
             chars += len(text)
     deps = 0
     try:
-        import tomllib
+        import tomllib  # Python 3.11+; without it the count is left at 0
         with open(os.path.join(REPO_DIR, "pyproject.toml"), "rb") as f:
             deps = len(tomllib.load(f)["project"]["dependencies"])
     except Exception:
@@ -75,8 +79,6 @@ def bloat() -> dict:
 
 
 def environment() -> dict:
-    import psutil
-    import torch
     env = {
         "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
         "git commit": (_git("rev-parse", "--short", "HEAD") or "unknown"),
@@ -216,25 +218,12 @@ def latest_metrics_files(base_dir: str | None = None) -> dict:
     return found
 
 
-def read_metrics(path: str) -> list[dict]:
-    rows = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue  # a torn last line from a crash
-    return rows
-
-
 def plot_metrics(out_dir: str, base_dir: str | None = None) -> list[tuple[str, str]]:
     """Draw training loss and validation curves per stage from metrics.jsonl. Returns [(title, png)]."""
     files = latest_metrics_files(base_dir)
     if not files:
         return []
-    import matplotlib
+    import matplotlib  # here, not at the top: pyplot takes seconds to import and only `report generate` draws
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     pictures = []
@@ -242,7 +231,8 @@ def plot_metrics(out_dir: str, base_dir: str | None = None) -> list[tuple[str, s
                                ("val_loss", "Validation loss", "loss"), ("reward", "RL mean reward", "reward")]:
         series = {}
         for stage, path in files.items():
-            pts = [(r["step"], r[key]) for r in read_metrics(path) if r.get(key) is not None and "step" in r]
+            pts = [(r["step"], r[key]) for r in read_metrics(os.path.dirname(path))
+                   if r.get(key) is not None and "step" in r]
             if pts:
                 series[stage] = pts
         if not series:

@@ -20,8 +20,10 @@ import os
 import queue
 import threading
 import time
+import traceback
 import uuid
 from collections import Counter
+from contextlib import asynccontextmanager
 
 import torch
 from fastapi import FastAPI, Request
@@ -296,7 +298,6 @@ class Scheduler:
                 if self.token_delay:
                     time.sleep(self.token_delay)
             except Exception as e:  # never let one bad step kill the server: fail the running requests
-                import traceback
                 traceback.print_exc()
                 deliver([(seq.owner, ("error", f"generation failed: {type(e).__name__}: {e}"))
                          for seq in self.decoder.seqs])
@@ -344,7 +345,6 @@ def create_app(model, tokenizer, max_batch=8, model_name="nanochat", token_delay
     created = int(time.time())
     ui_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ui.html")
 
-    from contextlib import asynccontextmanager
 
     @asynccontextmanager
     async def lifespan(app):

@@ -10,7 +10,13 @@ import json
 import os
 import time
 
+import rustbpe
+import tiktoken
+import torch
+from tqdm import tqdm
+
 from nanochat.common import UserError, atomic_write_text, get_base_dir
+from nanochat.dataset import iter_texts
 
 SPECIAL_TOKENS = [
     "<|bos|>",            # starts every document
@@ -35,7 +41,6 @@ def tokenizer_dir() -> str:
 
 class Tokenizer:
     def __init__(self, mergeable_ranks: dict, pattern: str = SPLIT_PATTERN, name: str = "nanochat"):
-        import tiktoken
         self.mergeable_ranks = mergeable_ranks
         self.pattern = pattern
         n = len(mergeable_ranks)
@@ -49,7 +54,6 @@ class Tokenizer:
     @classmethod
     def train(cls, text_iterator, vocab_size: int, pattern: str = SPLIT_PATTERN):
         """Learn vocab_size - 9 mergeable tokens (256 bytes + merges) from an iterator of strings."""
-        import rustbpe
         if vocab_size < MIN_VOCAB_SIZE:
             raise UserError(f"vocab size {vocab_size} is too small: it must be at least {MIN_VOCAB_SIZE} "
                             f"(256 byte tokens + {len(SPECIAL_TOKENS)} special tokens + 1 merge)")
@@ -63,7 +67,6 @@ class Tokenizer:
         return cls(ranks, pattern)
 
     def save(self, directory: str) -> None:
-        import torch
         os.makedirs(directory, exist_ok=True)
         lines = [f"{base64.b64encode(tok).decode()} {rank}" for tok, rank in
                  sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1])]
@@ -110,6 +113,11 @@ class Tokenizer:
         if name not in self.special_ids:
             raise ValueError(f"unknown special token {name!r}; known: {SPECIAL_TOKENS}")
         return self.special_ids[name]
+
+    def stop_ids(self) -> set[int]:
+        """The tokens that end an assistant reply when sampled: <|assistant_end|>, and <|bos|> (a
+        base model starts a new document)."""
+        return {self.special_ids["<|assistant_end|>"], self.bos_id}
 
     def _as_id(self, x):
         return self.encode_special(x) if isinstance(x, str) else int(x)
@@ -256,7 +264,6 @@ def get_tokenizer(directory: str | None = None) -> Tokenizer:
 
 
 def get_token_bytes(device="cpu", directory: str | None = None):
-    import torch
     directory = directory or tokenizer_dir()
     path = os.path.join(directory, "token_bytes.pt")
     if not os.path.exists(path):
@@ -280,8 +287,6 @@ def capped_texts(texts, max_chars: int, doc_cap: int, progress=None):
 def train_from_shards(vocab_size: int, max_chars: int, doc_cap: int, data_dir=None, folder=None,
                       show_progress: bool = True) -> tuple[Tokenizer, int, float]:
     """Train on the training split of the pretraining shards. Returns (tokenizer, chars, seconds)."""
-    from tqdm import tqdm
-    from nanochat.dataset import iter_texts
     if max_chars <= 0 or doc_cap <= 0:
         raise UserError("--max-chars and --doc-cap must be positive")
     counted = {"chars": 0}

@@ -5,6 +5,7 @@ from tasks.hub import load_split
 
 
 class ARC(Task):
+    eval_type = "categorical"
 
     def __init__(self, subset="ARC-Easy", split="test", **kwargs):
         super().__init__(**kwargs)
@@ -13,13 +14,6 @@ class ARC(Task):
         if split not in ("train", "validation", "test"):
             raise ValueError(f"ARC split must be train, validation or test, not {split!r}")
         self.rows = load_split("allenai/ai2_arc", subset, split)
-
-    @property
-    def eval_type(self):
-        return "categorical"
-
-    def num_examples(self):
-        return len(self.rows)
 
     def get_example(self, index):
         row = self.rows[index]

@@ -1,29 +1,29 @@
-"""The Task base class, mixtures of tasks, and small helpers shared by the task files.
+"""The Task base class and small helpers shared by the task files (mixtures of tasks are
+nanochat/chat_data.py's `Mixture`).
 
 A task is a list of conversations `{"messages": [{"role", "content"}, ...]}` plus a way to score
 a model's answer. `Task(start, stop, step)` views a slice of the underlying examples, so
 `ARC(...)` is the whole split and `ARC(..., stop=100)` its first hundred items.
 """
-import random
 import re
 
 
 class Task:
-    """Subclasses implement `num_examples()`, `get_example(index)` (raw index into the dataset),
-    `eval_type` and `evaluate(conversation, assistant_response)`."""
+    """Subclasses keep their examples in `self.rows` (or implement `num_examples()`), implement
+    `get_example(index)` (raw index into the dataset) and `evaluate(conversation,
+    assistant_response)`, and set `eval_type`: 'generative' (sample text) or 'categorical' (pick
+    one of the conversation's "letters")."""
+
+    eval_type = "generative"
+    rows = ()
 
     def __init__(self, start=0, stop=None, step=1):
         if start < 0 or (stop is not None and stop < start) or step < 1:
             raise ValueError(f"bad task slice start={start} stop={stop} step={step}")
         self.start, self.stop, self.step = start, stop, step
 
-    @property
-    def eval_type(self) -> str:
-        """'categorical' (pick one of the conversation's "letters") or 'generative' (sample text)."""
-        raise NotImplementedError
-
     def num_examples(self) -> int:
-        raise NotImplementedError
+        return len(self.rows)
 
     def get_example(self, index: int) -> dict:
         raise NotImplementedError
@@ -46,55 +46,6 @@ class Task:
     def __iter__(self):
         for i in range(len(self)):
             yield self[i]
-
-
-class TaskSequence(Task):
-    """The examples of several tasks one after the other (e.g. a curriculum)."""
-
-    def __init__(self, tasks, **kwargs):
-        super().__init__(**kwargs)
-        self.tasks = list(tasks)
-        self.offsets = []
-        total = 0
-        for t in self.tasks:
-            self.offsets.append(total)
-            total += len(t)
-        self.total = total
-
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return self.total
-
-    def get_example(self, index):
-        for t, off in zip(reversed(self.tasks), reversed(self.offsets)):
-            if index >= off:
-                return t[index - off]
-        raise IndexError(index)
-
-
-class TaskMixture(Task):
-    """Every example of every task, in one deterministic shuffled order. List a task twice to
-    see its examples twice per pass (oversampling a small task such as identity)."""
-
-    def __init__(self, tasks, seed=42, **kwargs):
-        super().__init__(**kwargs)
-        self.tasks = list(tasks)
-        self.index_map = [(ti, ei) for ti, t in enumerate(self.tasks) for ei in range(len(t))]
-        random.Random(seed).shuffle(self.index_map)
-
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return len(self.index_map)
-
-    def get_example(self, index):
-        ti, ei = self.index_map[index]
-        return self.tasks[ti][ei]
 
 
 # ---------------------------------------------------------------------------

@@ -42,18 +42,10 @@ def read_conversations(filepath: str) -> list[list[dict]]:
 
 
 class CustomJSON(Task):
-
     def __init__(self, filepath, **kwargs):
         super().__init__(**kwargs)
         self.filepath = filepath
-        self.conversations = read_conversations(filepath)
-
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return len(self.conversations)
+        self.rows = read_conversations(filepath)
 
     def get_example(self, index):
-        return {"messages": self.conversations[index]}
+        return {"messages": self.rows[index]}

@@ -47,7 +47,6 @@ def answers_equal(a: str | None, b: str | None) -> bool:
 
 
 class GSM8K(Task):
-
     def __init__(self, subset="main", split="test", **kwargs):
         super().__init__(**kwargs)
         if subset not in ("main", "socratic"):
@@ -55,13 +54,6 @@ class GSM8K(Task):
         if split not in ("train", "test"):
             raise ValueError(f"GSM8K split must be train or test, not {split!r}")
         self.rows = load_split("openai/gsm8k", subset, split)
-
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return len(self.rows)
 
     def get_example(self, index):
         row = self.rows[index]

@@ -6,6 +6,7 @@ sandbox of nanochat/execution.py.
 """
 import re
 
+from nanochat.execution import execute_code
 from tasks.common import Task
 from tasks.hub import load_split
 
@@ -44,18 +45,10 @@ def build_program(prompt: str, completion: str, test: str, entry_point: str) -> 
 
 
 class HumanEval(Task):
-
     def __init__(self, split="test", timeout=10.0, **kwargs):
         super().__init__(**kwargs)
         self.rows = load_split("openai/openai_humaneval", "openai_humaneval", split)
         self.timeout = timeout
-
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return len(self.rows)
 
     def get_example(self, index):
         row = self.rows[index]
@@ -65,7 +58,6 @@ class HumanEval(Task):
                 "entry_point": row["entry_point"]}
 
     def evaluate(self, conversation, assistant_response):
-        from nanochat.execution import execute_code  # only scoring needs the sandbox
         program = build_program(conversation["prompt"], assistant_response, conversation["test"],
                                 conversation["entry_point"])
         result = execute_code(program, timeout=self.timeout)

@@ -188,7 +188,6 @@ def _vary(rng, text: str) -> str:
 
 
 class IdentityConversations(Task):
-
     def __init__(self, size=1000, split="train", persona_path=None, **kwargs):
         super().__init__(**kwargs)
         if split not in ("train", "test"):
@@ -206,10 +205,6 @@ class IdentityConversations(Task):
             return template.format(**self.fields, **extra)
         except (KeyError, IndexError) as e:
             raise UserError(f"persona file lacks {e} used by the identity templates") from e
-
-    @property
-    def eval_type(self):
-        return "generative"
 
     def num_examples(self):
         return self.size

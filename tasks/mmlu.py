@@ -6,6 +6,7 @@ from tasks.hub import load_split
 
 
 class MMLU(Task):
+    eval_type = "categorical"
 
     def __init__(self, subset="all", split="test", **kwargs):
         super().__init__(**kwargs)
@@ -18,13 +19,6 @@ class MMLU(Task):
         rows = load_split("cais/mmlu", subset, split)
         # The auxiliary_train subset wraps each row in a struct column named "train".
         self.rows = [r["train"] if isinstance(r.get("train"), dict) else r for r in rows]
-
-    @property
-    def eval_type(self):
-        return "categorical"
-
-    def num_examples(self):
-        return len(self.rows)
 
     def get_example(self, index):
         row = self.rows[index]

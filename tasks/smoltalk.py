@@ -5,24 +5,16 @@ from tasks.hub import load_split
 
 
 class SmolTalk(Task):
-
     def __init__(self, split="train", **kwargs):
         super().__init__(**kwargs)
         if split not in ("train", "test"):
             raise ValueError(f"SmolTalk split must be train or test, not {split!r}")
         rows = load_split("HuggingFaceTB/smol-smoltalk", "default", split)
-        self.conversations = []
+        self.rows = []
         for row in rows:
             messages = merge_system([{"role": m["role"], "content": m["content"]} for m in row["messages"]])
             if check_conversation(messages) is None:  # the hub data is clean; skip rather than crash if not
-                self.conversations.append(messages)
-
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return len(self.conversations)
+                self.rows.append(messages)
 
     def get_example(self, index):
-        return {"messages": self.conversations[index]}
+        return {"messages": self.rows[index]}

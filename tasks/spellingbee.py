@@ -123,10 +123,6 @@ class WordTask(Task):
         self.size, self.split = size, split
         self.words = load_words(words_path(data_dir), split)
 
-    @property
-    def eval_type(self):
-        return "generative"
-
     def num_examples(self):
         return self.size
 

@@ -8,39 +8,11 @@ checkpoint unless -i names a source.
 """
 import argparse
 import codecs
-import os
 import sys
 
-from nanochat.common import UserError, add_common_flags, compute_init
-
-DEFAULT_SOURCES = ("sft", "mid", "base")
-
-
-def pick_source(source):
-    """-i SOURCE as given, else the first of sft, mid, base that has a checkpoint."""
-    if source:
-        return source
-    from nanochat.checkpoint import checkpoints_root, list_model_tags
-    for s in DEFAULT_SOURCES:
-        if list_model_tags(os.path.join(checkpoints_root(), s)):
-            return s
-    raise UserError(f"no sft, mid or base checkpoint under {checkpoints_root()} "
-                    f"(train one with `nanochat train base`, or name one with -i)")
-
-
-def load_chat_model(args):
-    """(model, tokenizer, meta, source) for the common flags plus -i."""
-    from nanochat.checkpoint import load_model
-    source = pick_source(args.source)
-    _, _, _, _, device = compute_init(args.device_type)
-    model, tokenizer, meta = load_model(source, device, phase="eval", model_tag=args.model_tag, step=args.step)
-    return model, tokenizer, meta, source
-
-
-def add_model_flags(parser):
-    parser.add_argument("-i", "--source", default=None, choices=["base", "mid", "sft", "rl"],
-                        help="which checkpoints to load (default: the first of sft, mid, base that exists)")
-    add_common_flags(parser)
+from nanochat.checkpoint import add_model_flags, load_chat_model
+from nanochat.common import UserError
+from nanochat.engine import Engine
 
 
 def reply(engine, tokenizer, messages, args, seed, out=sys.stdout):
@@ -51,7 +23,7 @@ def reply(engine, tokenizer, messages, args, seed, out=sys.stdout):
         raise UserError(f"the conversation ({len(prompt)} tokens) no longer fits the model's context "
                         f"({context}); type `clear` to start over")
     max_tokens = min(args.max_tokens, context - len(prompt))
-    stop = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+    stop = tokenizer.stop_ids()
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # never print half a character
     tokens = []
     for col, _ in engine.generate(prompt, max_tokens=max_tokens, temperature=args.temperature,
@@ -83,7 +55,6 @@ def main(argv=None):
     if args.max_tokens < 1:
         raise UserError("--max-tokens must be >= 1")
 
-    from nanochat.engine import Engine
     model, tokenizer, meta, source = load_chat_model(args)
     engine = Engine(model, tokenizer)
 

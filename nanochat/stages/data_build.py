@@ -16,6 +16,8 @@ import os
 import random
 import re
 
+import pyarrow.parquet as pq
+
 from nanochat.common import UserError
 from nanochat.dataset import check_writable, pretrain_dir, shard_name, write_shard
 
@@ -48,7 +50,6 @@ def read_documents(path: str):
     opener = gzip.open if name.endswith(".gz") else open
     try:
         if name.endswith(".parquet"):
-            import pyarrow.parquet as pq
             f = pq.ParquetFile(path)
             if "text" not in f.schema_arrow.names:
                 raise UserError(f"{path}: no 'text' column (columns: {', '.join(f.schema_arrow.names)})")

@@ -10,7 +10,10 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
+from tqdm import tqdm
+
 from nanochat.common import DownloadError, UserError
+from nanochat.core_eval import ensure_eval_bundle
 from nanochat.dataset import (DEFAULT_DATASET, HUB_DATASETS, check_writable, download_shard, is_valid_shard,
                               pretrain_dir, shard_name)
 
@@ -35,7 +38,6 @@ def main(argv=None):
                              "`nanochat eval base` fetches it on first use)")
     args = parser.parse_args(argv)
     if args.eval_bundle:
-        from nanochat.core_eval import ensure_eval_bundle
         print(f"CORE eval bundle: {ensure_eval_bundle(retries=args.retries, backoff=args.backoff, timeout=args.timeout)}")
 
     hub_url, max_shard = HUB_DATASETS[args.dataset]
@@ -54,7 +56,6 @@ def main(argv=None):
         return 0
     check_writable(out)
 
-    from tqdm import tqdm
     failed = {}
 
     def fetch(i):

@@ -12,18 +12,19 @@ import argparse
 import os
 import time
 
-from nanochat.common import (UserError, add_common_flags, autocast_ctx, compute_cleanup, compute_init, get_base_dir,
-                             print0)
-from nanochat.stages.train_base import SAMPLE_PROMPTS  # the same prompts as during training
+from nanochat.checkpoint import build_model, resolve_checkpoint
+from nanochat.common import UserError, add_common_flags, autocast_ctx, compute_cleanup, compute_init, get_base_dir, print0
+from nanochat.core_eval import core_summary, evaluate_core, write_core_csv
+from nanochat.dataloader import PretrainLoader
+from nanochat.engine import greedy_samples
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.report import get_report
+from nanochat.tokenizer import get_token_bytes
 
 EVALS = ("core", "bpb", "sample")
 
 
-
 def eval_bpb_splits(model, tokenizer, device, split_tokens, batch_size, world_size):
-    from nanochat.dataloader import PretrainLoader
-    from nanochat.loss_eval import evaluate_bpb
-    from nanochat.tokenizer import get_token_bytes
     T = model.config.sequence_len
     tokens_per_step = batch_size * T * world_size
     steps = max(1, split_tokens // tokens_per_step)
@@ -39,21 +40,6 @@ def eval_bpb_splits(model, tokenizer, device, split_tokens, batch_size, world_si
             loader.close()
         print0(f"{split} bpb: {out[split]:.4f}  ({steps} steps x {tokens_per_step:,} tokens, {time.time() - t0:.1f}s)")
     return out
-
-
-def sample_texts(model, tokenizer, device, max_tokens=16):
-    bos = tokenizer.get_bos_token_id()
-    samples = []
-    with autocast_ctx(device):
-        for prompt in SAMPLE_PROMPTS:
-            ids = tokenizer.encode(prompt, prepend=bos)
-            out = []
-            for tok in model.generate(ids, max_tokens=max_tokens, temperature=0.0):
-                if tok == bos:
-                    break
-                out.append(tok)
-            samples.append(prompt + tokenizer.decode(out))
-    return samples
 
 
 def core_table(results) -> str:
@@ -91,7 +77,6 @@ def main(argv=None):
     if args.split_tokens <= 0 or args.device_batch_size <= 0:
         raise UserError("--split-tokens and --device-batch-size must be positive")
 
-    from nanochat.checkpoint import build_model, resolve_checkpoint
     is_dist, rank, local_rank, world_size, device = compute_init(args.device_type)
     ckpt_dir, model_tag, step = resolve_checkpoint(args.source, args.model_tag, args.step)
     model, tokenizer, meta = build_model(ckpt_dir, step, device, phase="eval")
@@ -103,13 +88,13 @@ def main(argv=None):
         bpb = eval_bpb_splits(model, tokenizer, device, args.split_tokens, args.device_batch_size, world_size)
         record["train bpb"], record["val bpb"] = bpb["train"], bpb["val"]
     if "sample" in evals:
-        samples = sample_texts(model, tokenizer, device) if rank == 0 else []
+        with autocast_ctx(device):
+            samples = greedy_samples(model, tokenizer) if rank == 0 else []
         print0("Samples (greedy):")
         for s in samples:
             print0(f"  {s!r}")
         extra.append("Samples (greedy):\n\n" + "\n".join(f"    {s!r}" for s in samples))
     if "core" in evals:
-        from nanochat.core_eval import core_summary, evaluate_core, write_core_csv
         t0 = time.time()
         with autocast_ctx(device):
             results = evaluate_core(model, tokenizer, device, config_path=args.core_config,
@@ -127,7 +112,6 @@ def main(argv=None):
             record["CORE csv"] = path
 
     if rank == 0:
-        from nanochat.report import get_report
         get_report().log("Base model evaluation", [record] + extra)
     compute_cleanup()
     return 0

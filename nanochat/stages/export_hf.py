@@ -15,7 +15,15 @@ import json
 import os
 import shutil
 
-from nanochat.common import UserError, atomic_write_text, print0
+import torch
+from safetensors.torch import save_file
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import Tokenizer as HFTokenizer
+
+from nanochat.checkpoint import load_model, pick_source, resolve_checkpoint
+from nanochat.common import UserError, add_common_flags, atomic_write_text, print0
+from nanochat.gpt import ROPE_BASE, VE_GATE_CHANNELS
+from nanochat.loss import SOFTCAP
 
 HF_CODE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hf")
 REMOTE_CODE = ("configuration_nanochat.py", "modeling_nanochat.py")
@@ -62,8 +70,6 @@ def bpe_vocab_and_merges(mergeable_ranks):
 def build_hf_tokenizer(tokenizer):
     """A `tokenizers.Tokenizer` that encodes text to the same ids as our tiktoken encoding, has
     our special tokens at the same ids, and prepends <|bos|> when asked to add special tokens."""
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
-    from tokenizers import Tokenizer as HFTokenizer
     vocab, merges = bpe_vocab_and_merges(tokenizer.mergeable_ranks)
     hf = HFTokenizer(models.BPE(vocab, merges, fuse_unk=False))
     if hasattr(hf.model, "ignore_merges"):
@@ -190,9 +196,6 @@ def check_out_dir(out, force):
 
 def export(model, tokenizer, meta, source, model_tag, step, out, dtype="float32"):
     """Write the Hugging Face folder `out` (created if needed). Returns the list of files written."""
-    import torch
-    from safetensors.torch import save_file
-    from nanochat import gpt
     os.makedirs(out, exist_ok=True)
     config = dataclasses.asdict(model.config)  # short_window already resolved by GPTConfig
     bos, eos, stop, pad = special_ids(tokenizer, source)
@@ -208,7 +211,7 @@ def export(model, tokenizer, meta, source, model_tag, step, out, dtype="float32"
         auto_map={"AutoConfig": "configuration_nanochat.NanochatConfig",
                   "AutoModelForCausalLM": "modeling_nanochat.NanochatForCausalLM"},
         **config,
-        softcap=gpt.SOFTCAP, rope_base=float(gpt.ROPE_BASE), ve_gate_channels=gpt.VE_GATE_CHANNELS,
+        softcap=SOFTCAP, rope_base=float(ROPE_BASE), ve_gate_channels=VE_GATE_CHANNELS,
         bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, tie_word_embeddings=False, use_cache=True,
         torch_dtype=dtype, dtype=dtype,  # transformers 4 reads torch_dtype, 5 reads dtype
     )
@@ -253,7 +256,6 @@ def export(model, tokenizer, meta, source, model_tag, step, out, dtype="float32"
 
 
 def main(argv=None):
-    from nanochat.common import add_common_flags
     parser = argparse.ArgumentParser(prog="nanochat export hf",
                                      description="Export a checkpoint as a Hugging Face transformers model folder.")
     parser.add_argument("-i", "--source", default=None, choices=["base", "mid", "sft", "rl"],
@@ -265,14 +267,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     check_out_dir(args.out, args.force)
-    for module, pip_name in (("safetensors", "safetensors"), ("tokenizers", "tokenizers")):
-        try:
-            __import__(module)
-        except ImportError:
-            raise UserError(f"exporting needs the `{pip_name}` package: pip install safetensors transformers")
 
-    from nanochat.checkpoint import load_model, resolve_checkpoint
-    from nanochat.stages.chat import pick_source
     source = pick_source(args.source)
     _, model_tag, step = resolve_checkpoint(source, args.model_tag, args.step)
     print0(f"loading {source}/{model_tag} step {step}")

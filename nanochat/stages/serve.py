@@ -5,8 +5,12 @@
 import argparse
 import os
 
+import torch
+import uvicorn
+
+from nanochat.checkpoint import add_model_flags, load_chat_model
 from nanochat.common import UserError, print0
-from nanochat.stages.chat import add_model_flags, load_chat_model
+from nanochat.server import create_app
 
 
 def main(argv=None):
@@ -33,9 +37,6 @@ def main(argv=None):
     if not 0 <= args.port <= 65535:
         raise UserError("--port must be in [0, 65535]")
 
-    import torch
-    import uvicorn
-    from nanochat.server import create_app
     model, tokenizer, meta, source = load_chat_model(args)
     if model.get_device().type == "cpu":
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) - 1))

@@ -4,7 +4,12 @@ import gzip
 import json
 import os
 
+import tiktoken
+import tiktoken.load
+
 from nanochat.common import downloads_off, get_data_dir, print0
+from nanochat.dataset import iter_texts
+from nanochat.report import get_report
 from nanochat.tokenizer import get_tokenizer
 
 CODE_SAMPLE = '''
@@ -53,7 +58,6 @@ def sample_texts(data_dir=None):
     data_dir = data_dir or get_data_dir()
     texts = {}
     try:
-        from nanochat.dataset import iter_texts
         docs, n = [], 0
         for doc in iter_texts("val", data_dir=data_dir):
             docs.append(doc)
@@ -79,11 +83,6 @@ def sample_texts(data_dir=None):
 def load_reference(name):
     """A tiktoken reference encoding, or None when it cannot be loaded. tiktoken downloads its
     files on first use and caches them; with downloads off (NANOCHAT_OFFLINE) only the cache is used."""
-    try:
-        import tiktoken
-        import tiktoken.load
-    except ImportError:
-        return None
     fetch = tiktoken.load.read_file
     if downloads_off():
         def fetch_refused(blobpath):
@@ -125,10 +124,6 @@ def main(argv=None):
     if missing:
         print0(f"not compared: {', '.join(missing)} (tiktoken could not load them: it downloads their files "
                f"on first use, which failed or is off with NANOCHAT_OFFLINE)")
-    try:
-        from nanochat.report import get_report
-        get_report().log("Tokenizer evaluation", [{f"{name} bytes/token": round(r['ours']['bytes_per_token'], 3)
-                                                   for name, r in results.items()}])
-    except ImportError:
-        pass
+    get_report().log("Tokenizer evaluation", [{f"{name} bytes/token": round(r['ours']['bytes_per_token'], 3)
+                                               for name, r in results.items()}])
     return 0

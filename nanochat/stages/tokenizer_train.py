@@ -3,6 +3,7 @@ import argparse
 import os
 
 from nanochat.common import UserError, print0
+from nanochat.report import get_report
 from nanochat.tokenizer import Tokenizer, tokenizer_dir, train_from_shards
 
 
@@ -32,10 +33,6 @@ def main(argv=None):
     sample = "Hello world! 12345 naïve café 你好 🙂"
     assert loaded.decode(loaded.encode(sample)) == sample
     print0(f"trained on {chars:,} characters in {seconds:.1f}s; vocab size {tok.get_vocab_size():,}; saved to {out}")
-    try:
-        from nanochat.report import get_report
-        get_report().log("Tokenizer training", [vars(args), {"train chars": chars, "train time (s)": round(seconds, 2),
-                                                            "vocab size": tok.get_vocab_size()}])
-    except ImportError:
-        pass
+    get_report().log("Tokenizer training", [vars(args), {"train chars": chars, "train time (s)": round(seconds, 2),
+                                                        "vocab size": tok.get_vocab_size()}])
     return 0

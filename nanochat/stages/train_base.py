@@ -12,29 +12,24 @@ width = depth * aspect ratio rounded up to the head size, heads, the horizon (to
 Checkpoints, metrics.jsonl and the resume state go to $NANOCHAT_BASE_DIR/checkpoints/base/<tag>.
 """
 import argparse
-import math
-import time
 
 import torch
 import torch.distributed as dist
 
 from nanochat import checkpoint as ck
-from nanochat.common import (UserError, add_common_flags, autodetect_device_type, compute_cleanup,
-                             compute_init, get_compute_dtype, get_peak_flops, init_wandb, print0,
-                             synchronize)
-
-# reference point for the batch-size rule: 2^19 tokens per step for a d20-sized run
-REF_BATCH_TOKENS = 2 ** 19
-REF_TRAIN_TOKENS = 5e9
-SAMPLE_PROMPTS = [
-    "The capital of France is",
-    "The chemical symbol of gold is",
-    "If yesterday was Friday, then tomorrow will be",
-    "The opposite of hot is",
-    "The planets of the solar system are:",
-    "My favorite color is",
-    "If 5*x + 3 = 13, then x is",
-]
+from nanochat.common import (UserError, add_common_flags, autocast_ctx, autodetect_device_type, compute_cleanup,
+                             compute_init, get_compute_dtype, get_peak_flops, init_wandb, print0)
+from nanochat.core_eval import evaluate_core
+from nanochat.dataloader import PretrainLoader  # see docs/data.md
+from nanochat.dataset import list_shards
+from nanochat.engine import greedy_samples
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.tokenizer import get_token_bytes, get_tokenizer
+from nanochat.training import (StepLog, add_compile_flag, add_schedule_flags, check_horizon, check_loop_args,
+                               check_schedule_args, derive_total_batch_size, is_due, log_report, lr_multiplier,
+                               model_dims, muon_momentum, resolve_resume, scaled_weight_decay, set_lrs,
+                               write_record)
 
 
 def build_parser():
@@ -67,9 +62,7 @@ def build_parser():
     g.add_argument("--scalar-lr", type=float, default=0.5, help="AdamW lr of the per-layer scalars (default 0.5)")
     g.add_argument("--weight-decay", type=float, default=0.2,
                    help="Muon weight decay at depth 12; scaled by (12/depth)^2, at most 1.0 (default 0.2)")
-    g.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps of linear lr warmup (default 0)")
-    g.add_argument("--warmdown-ratio", type=float, default=0.4, help="fraction of steps of linear lr decay at the end (default 0.4)")
-    g.add_argument("--final-lr-frac", type=float, default=0.0, help="lr multiplier at the last step (default 0)")
+    add_schedule_flags(g, warmdown_ratio=0.4)
     g.add_argument("--seed", type=int, default=42, help="weights init seed (default 42)")
     g = p.add_argument_group("evaluation and logging")
     g.add_argument("--eval-every", type=int, default=250, help="val bits per byte every N steps, -1 = only at the end (default 250)")
@@ -84,8 +77,7 @@ def build_parser():
     g.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint of this model tag")
     g.add_argument("--resume-from-step", type=int, default=None, help="continue from this checkpoint step")
     g = p.add_argument_group("speed and memory")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model (default: on for CUDA, off elsewhere)")
+    add_compile_flag(g)
     g.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block's activations in the backward pass: less memory, ~30%% more compute")
     g.add_argument("--dry-run", action="store_true", help="print the derived configuration and exit")
@@ -93,51 +85,9 @@ def build_parser():
 
 
 # ---------------------------------------------------------------------------
-# Derived configuration (pure functions: tested on their own)
-
-def model_dims(depth, aspect_ratio, head_dim):
-    """(model_dim, n_head): depth * aspect_ratio rounded up to a multiple of head_dim."""
-    dim = math.ceil(depth * aspect_ratio / head_dim) * head_dim
-    return dim, dim // head_dim
-
-
-def derive_total_batch_size(train_tokens, tokens_per_fwdbwd):
-    """Batch size grows with the horizon like D^0.383 (the power law in "Power Lines", Bergsma et
-    al. 2025), anchored at 2^19 tokens for ~5B tokens; rounded to a power of two, at least one
-    micro-batch per process, and a multiple of (device batch * seq len * processes)."""
-    target = REF_BATCH_TOKENS * (max(train_tokens, 1.0) / REF_TRAIN_TOKENS) ** 0.383
-    target = 2 ** round(math.log2(target))
-    return max(1, round(target / tokens_per_fwdbwd)) * tokens_per_fwdbwd
-
-
-def lr_multiplier(it, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac):
-    """Linear warmup, constant, linear warmdown to final_lr_frac. `it` counts from 0."""
-    warmup = round(warmup_ratio * num_iterations)
-    warmdown = round(warmdown_ratio * num_iterations)
-    if it < warmup:
-        return (it + 1) / warmup
-    if it <= num_iterations - warmdown:
-        return 1.0
-    progress = (num_iterations - it) / warmdown
-    return progress + (1 - progress) * final_lr_frac
-
-
-def muon_momentum(it):
-    """0.85 -> 0.95 over the first 300 steps (high momentum early makes training unstable)."""
-    frac = min(it / 300, 1.0)
-    return (1 - frac) * 0.85 + frac * 0.95
-
-
-def scaled_weight_decay(weight_decay, depth):
-    # Longer runs (bigger models) need less decay per step for the same total shrinkage over the
-    # horizon; steps grow ~depth^2, hence (12/depth)^2. Capped so tiny models are not crushed.
-    return min(weight_decay * (12 / depth) ** 2, 1.0)
-
-
-# ---------------------------------------------------------------------------
 # Memory helpers (CUDA)
 
-def probe_device_batch_size(model, seq_len, vocab_size, device, autocast, tokens_per_step_multiple):
+def probe_device_batch_size(model, seq_len, vocab_size, device, tokens_per_step_multiple):
     """Largest power-of-two micro-batch whose forward+backward fits, leaving room for the
     optimizer state (~2 fp32 copies of the parameters) and 10% slack; it must also divide
     the total batch (checked by the caller). Probed without compile (compiled code uses less)."""
@@ -151,7 +101,7 @@ def probe_device_batch_size(model, seq_len, vocab_size, device, autocast, tokens
         torch.cuda.reset_peak_memory_stats(device)
         try:
             x = torch.randint(0, vocab_size, (b, seq_len), device=device)
-            with autocast():
+            with autocast_ctx(device):
                 loss = model(x, x)
             loss.backward()
             peak = torch.cuda.max_memory_allocated(device)
@@ -192,17 +142,8 @@ def main(argv=None):
             raise UserError(f"--device-batch-size must be a positive integer or 'auto', not '{args.device_batch_size}'")
         if args.device_batch_size < 1:
             raise UserError(f"--device-batch-size must be >= 1, not {args.device_batch_size}")
-    for name in ("warmup_ratio", "warmdown_ratio"):
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            raise UserError(f"--{name.replace('_', '-')} must be between 0 and 1")
-    if args.warmup_ratio + args.warmdown_ratio > 1.0:
-        raise UserError("--warmup-ratio + --warmdown-ratio must be at most 1")
-    if args.num_iterations == 0 or args.num_iterations < -1:
-        raise UserError(f"--num-iterations must be >= 1 (or -1 to derive it), not {args.num_iterations}")
-    if args.log_every < 1:
-        raise UserError("--log-every must be >= 1")
-    if args.resume and args.resume_from_step is not None:
-        raise UserError("give --resume or --resume-from-step, not both")
+    check_schedule_args(args)
+    check_loop_args(args)
     model_dim, n_head = model_dims(args.depth, args.aspect_ratio, args.head_dim)
     n_kv_head = args.n_kv_head if args.n_kv_head is not None else n_head
     if n_kv_head < 1 or n_head % n_kv_head:
@@ -212,8 +153,6 @@ def main(argv=None):
         raise UserError(f"--window-pattern must be made of S and L, not '{args.window_pattern}'")
 
     # --- tokenizer and data must exist before we spin anything up
-    from nanochat.tokenizer import get_token_bytes, get_tokenizer
-    from nanochat.dataset import list_shards
     tokenizer = get_tokenizer()
     list_shards()
     vocab_size = tokenizer.get_vocab_size()
@@ -222,22 +161,15 @@ def main(argv=None):
     master = rank == 0
     try:
         return train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_batch,
-                     model_dim, n_head, n_kv_head, window_pattern, get_token_bytes)
+                     model_dim, n_head, n_kv_head, window_pattern)
     finally:
         compute_cleanup()
 
 
 def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_batch,
-          model_dim, n_head, n_kv_head, window_pattern, get_token_bytes):
-    from nanochat.gpt import GPT, GPTConfig
-    from nanochat.dataloader import PretrainLoader  # see docs/data.md
+          model_dim, n_head, n_kv_head, window_pattern):
     device_type = device.type
     dtype = get_compute_dtype(device_type)
-    autocast_on = dtype != torch.float32
-
-    def autocast():
-        return torch.autocast(device_type=device_type, dtype=dtype, enabled=autocast_on)
-
     model_tag = args.model_tag or f"d{args.depth}"
     ckpt_dir = ck.checkpoint_dir("base", model_tag)
     T = args.max_seq_len
@@ -247,26 +179,14 @@ def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_ba
         model_config["short_window"] = args.short_window
 
     # --- resume: which step, and does it fit the flags?
-    resume_step = None
-    if args.resume or args.resume_from_step is not None:
-        steps = ck.complete_steps(ckpt_dir)
-        if not steps:
-            raise UserError(f"nothing to resume: no complete checkpoint in {ckpt_dir} "
-                            f"(train without --resume first, or check --model-tag)")
-        resume_step = steps[-1] if args.resume else args.resume_from_step
-        if resume_step not in steps:
-            raise UserError(f"no complete checkpoint for step {resume_step} in {ckpt_dir}; "
-                            f"complete steps: {', '.join(map(str, steps))}")
-        meta = ck.load_meta(ckpt_dir, resume_step)
+    resume_step, meta = resolve_resume(ckpt_dir, args, world_size)
+    if resume_step is not None:
         saved_cfg = meta["model_config"]
         diffs = [f"{k}: checkpoint {saved_cfg.get(k)!r} vs now {v!r}" for k, v in model_config.items()
                  if saved_cfg.get(k) != v]
         if diffs:
             raise UserError("the architecture flags differ from the checkpoint's: " + "; ".join(diffs))
         model_config = dict(saved_cfg)
-        if meta.get("world_size", 1) != world_size:
-            raise UserError(f"the checkpoint was saved by {meta.get('world_size')} process(es); "
-                            f"resume with the same number (now {world_size})")
 
     # --- the model: built on meta, materialized, initialized
     config = GPTConfig(**model_config)
@@ -294,7 +214,7 @@ def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_ba
         if args.total_batch_size > 0 and args.total_batch_size % (T * world_size):
             raise UserError(f"--total-batch-size {args.total_batch_size} is not a multiple of "
                             f"max-seq-len * processes = {T * world_size}")
-        B = probe_device_batch_size(model, T, vocab_size, device, autocast, multiple)
+        B = probe_device_batch_size(model, T, vocab_size, device, multiple)
         print0(f"--device-batch-size auto: {B}")
     tokens_per_fwdbwd = B * T * world_size
     total_batch_size = args.total_batch_size if args.total_batch_size > 0 else \
@@ -309,8 +229,7 @@ def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_ba
         num_iterations = max(1, round(args.target_flops / (flops_per_token * total_batch_size)))
     else:
         num_iterations = max(1, round(ratio_tokens / total_batch_size))
-    if resume_step is not None and resume_step > num_iterations:
-        raise UserError(f"the checkpoint is at step {resume_step}, past --num-iterations {num_iterations}")
+    check_horizon(resume_step, num_iterations)
     weight_decay = scaled_weight_decay(args.weight_decay, args.depth)
     eval_tokens = args.eval_tokens if args.eval_tokens > 0 else 20 * total_batch_size
     eval_steps = max(1, eval_tokens // tokens_per_fwdbwd)
@@ -376,7 +295,7 @@ def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_ba
     x, y = next(train_loaders[0])
 
     def will_save(step):
-        return step == num_iterations or (args.save_every > 0 and step % args.save_every == 0 and step > 0)
+        return is_due(step, args.save_every, step == num_iterations)
 
     def save(step):
         meta = dict(model_config=model_config, user_config=user_config, derived=derived, step=step,
@@ -396,20 +315,22 @@ def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_ba
         last = step == num_iterations
         fresh = step == start_step and resume_step is not None  # this boundary was handled before the stop
         # --- evaluations at step boundaries (before training step `step + 1`)
-        if not fresh and (last or (args.eval_every > 0 and step % args.eval_every == 0)):
+        if not fresh and is_due(step, args.eval_every, last, at_start=True):
             if val_batches is None:
-                val_batches = load_val_batches(PretrainLoader, tokenizer, B, T, eval_steps)
-            val_bpb = run_bpb_eval(model, val_batches, eval_steps, token_bytes,
-                                   device, autocast)
+                val_batches = load_val_batches(tokenizer, B, T, eval_steps)
+            model.eval()
+            with autocast_ctx(device):
+                val_bpb = evaluate_bpb(model, ((x.to(device), y.to(device)) for x, y in val_batches), eval_steps,
+                                       token_bytes)
+            model.train()
             last_val_bpb = val_bpb
             min_val_bpb = min(min_val_bpb, val_bpb)
             print0(f"step {step:05d}/{num_iterations:05d} | val bpb {val_bpb:.4f}")
             record = record or {"step": step}
             record["val_bpb"] = val_bpb
-        if not fresh and args.core_metric_every > 0 and (last or (step > 0 and step % args.core_metric_every == 0)):
-            from nanochat.core_eval import evaluate_core
+        if not fresh and is_due(step, args.core_metric_every, last, at_end=False):
             orig_model.eval()
-            with autocast():
+            with autocast_ctx(device):
                 res = evaluate_core(orig_model, tokenizer, device, max_per_task=args.core_metric_max_per_task)
             orig_model.train()
             last_core = res["core"]
@@ -417,13 +338,14 @@ def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_ba
                    f"({res['num_available']}/{res['num_tasks']} tasks)")
             record = record or {"step": step}
             record["core"] = res["core"]
-        if not fresh and args.sample_every > 0 and master and (last or (step > 0 and step % args.sample_every == 0)):
-            print_samples(orig_model, tokenizer, device, autocast)
-        if record is not None:
-            if master:
-                ck.append_metrics(ckpt_dir, record)
-                wandb_run.log(record, step=record["step"])
-            record = None
+        if not fresh and master and is_due(step, args.sample_every, last, at_end=False):
+            orig_model.eval()
+            with autocast_ctx(device):
+                for sample in greedy_samples(orig_model, tokenizer):
+                    print0(f"  {sample!r}")
+            orig_model.train()
+        write_record(ckpt_dir, record, wandb_run, master)
+        record = None
         if not fresh and will_save(step):
             save(step)
         if last:
@@ -432,14 +354,10 @@ def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_ba
 
         # --- one optimizer step
         lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-        momentum = muon_momentum(step)
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
-            if group.get("kind") == "muon":
-                group["momentum"] = momentum
+        set_lrs(optimizer, lrm, muon_momentum(step))
         loss_sum = torch.zeros((), device=device)
         for micro in range(grad_accum):
-            with autocast():
+            with autocast_ctx(device):
                 loss = model(x, y)
             loss_sum += loss.detach()
             (loss / grad_accum).backward()
@@ -473,112 +391,19 @@ def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_ba
     }
     print0("summary: " + " | ".join(f"{k} {v}" for k, v in summary.items() if v is not None))
     if master:
-        log_report(summary, user_config)
+        log_report("Base model training", [user_config, summary])
     wandb_run.finish()
     return 0
 
 
-def run_bpb_eval(model, val_batches, steps, token_bytes, device, autocast):
-    from nanochat.loss_eval import evaluate_bpb
-    model.eval()
-    with autocast():
-        bpb = evaluate_bpb(model, ((x.to(device), y.to(device)) for x, y in val_batches), steps, token_bytes)
-    model.train()
-    return bpb
-
-
-def load_val_batches(loader_cls, tokenizer, B, T, steps):
+def load_val_batches(tokenizer, B, T, steps):
     """The validation batches, read once and kept on the CPU: every evaluation sees the same
     tokens, and we do not re-tokenize them each time."""
-    loader = loader_cls(tokenizer, B, T, split="val", device="cpu", loop=False, prefetch=1)
+    loader = PretrainLoader(tokenizer, B, T, split="val", device="cpu", loop=False, prefetch=1)
     try:
         return [b for _, b in zip(range(steps), loader)]
     finally:
         loader.close()
-
-
-def print_samples(model, tokenizer, device, autocast):
-    model.eval()
-    bos = tokenizer.get_bos_token_id()
-    for prompt in SAMPLE_PROMPTS:
-        tokens = tokenizer.encode(prompt, prepend=bos)
-        with autocast():
-            out = list(model.generate(tokens, max_tokens=16, temperature=0.0))  # greedy: new ids only
-        text = tokenizer.decode(out)
-        print0(f"  {prompt!r} -> {text!r}")
-    model.train()
-
-
-class StepLog:
-    """The bookkeeping of a training loop's log lines, shared by train base, mid and sft: step
-    timing (evaluations excluded), the EMA of the train loss kept on the device (updated every
-    step without waiting for it), tokens/s, MFU and ETA. `line()` is the only place that waits
-    for the device. The EMA and the total time are saved in checkpoints (state()) so that a
-    resumed run continues the same curve."""
-
-    def __init__(self, device, total_batch_size, num_iterations, smooth_loss=0.0, total_time=0.0, beta=0.9):
-        self.device = device
-        self.total_batch_size = total_batch_size
-        self.num_iterations = num_iterations
-        self.beta = beta
-        self.smooth = torch.full((), float(smooth_loss), device=device)  # biased EMA (debiased when shown)
-        self.total_time = total_time
-        self.t0 = time.time()
-        self.steps = 0          # steps since the last log line
-        self.dt_ema = None      # smoothed seconds per step, for the ETA
-        self.loss = None        # the last step's train loss (a device tensor)
-
-    def begin_step(self):
-        """Call before each optimizer step: the clock runs from the first step after a log line
-        (evaluations between two steps do not count as training time)."""
-        if self.steps == 0:
-            self.t0 = time.time()
-
-    def end_step(self, train_loss):
-        self.loss = train_loss
-        self.smooth.mul_(self.beta).add_(train_loss, alpha=1 - self.beta)
-        self.steps += 1
-
-    def due(self, step, log_every):
-        return step % log_every == 0 or step == self.num_iterations
-
-    def line(self, step, lrm, first_step, flops_per_token=None, peak_flops=None, world_size=1, text="", **extra):
-        """Print the log line of `step` and return its metrics record (extra keys included)."""
-        synchronize(self.device)
-        now = time.time()
-        dt = (now - self.t0) / self.steps
-        self.total_time += now - self.t0
-        self.t0, self.steps = now, 0
-        loss = float(self.loss)
-        smooth = float(self.smooth) / (1 - self.beta ** step)
-        tok_per_sec = self.total_batch_size / dt
-        mfu = flops_per_token * tok_per_sec / (peak_flops * world_size) if (peak_flops and flops_per_token) else None
-        if step > first_step + 1:  # the first step includes compilation and warm-up
-            self.dt_ema = dt if self.dt_ema is None else 0.9 * self.dt_ema + 0.1 * dt
-        eta = (self.dt_ema or dt) * (self.num_iterations - step)
-        mfu_s = f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""
-        print0(f"step {step:05d}/{self.num_iterations:05d} ({100 * step / self.num_iterations:.1f}%) | loss {loss:.4f} "
-               f"(smooth {smooth:.4f}) | lrm {lrm:.3f}{text} | dt {1000 * dt:.1f}ms | tok/s {tok_per_sec:,.0f}"
-               f"{mfu_s} | eta {format_time(eta)}")
-        return dict(step=step, loss=loss, smooth_loss=smooth, lr=lrm, lrm=lrm, dt=dt, tok_per_sec=tok_per_sec,
-                    mfu=mfu, total_time=self.total_time, tokens=step * self.total_batch_size, **extra)
-
-    def state(self):
-        return dict(smooth_loss=float(self.smooth), total_time=self.total_time)
-
-
-def format_time(s):
-    s = int(max(s, 0))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-def log_report(summary, user_config):
-    """Append a section to the report card (nanochat/report.py, when present)."""
-    try:
-        from nanochat.report import get_report
-    except ImportError:
-        return
-    get_report().log(section="Base model training", data=[user_config, summary])
 
 
 if __name__ == "__main__":

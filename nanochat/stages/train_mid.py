@@ -13,10 +13,12 @@ identity x2, spelling; offline: $NANOCHAT_DATA/chat/*, ARC, GSM8K, identity x2, 
 printed at start. Every token of the rendered conversations is trained on, as in pretraining.
 Learning rates are inherited from the base checkpoint; the schedule is constant then a linear
 warmdown over the last 20%. Output: $NANOCHAT_BASE_DIR/checkpoints/mid/<tag> (docs/chat_training.md).
+The training loop, shared with `train sft`, is nanochat/chat_train.py.
 """
 import argparse
 
-from nanochat.chat_data import add_lm_stage_flags, add_lr_flags, add_training_flags, run_lm_stage
+from nanochat.chat_train import add_chat_train_flags, train
+from nanochat.training import add_lr_flags, add_schedule_flags, add_training_flags
 
 
 def build_parser():
@@ -24,17 +26,15 @@ def build_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_flags(p, "mid", ["base"], device_batch_size=32, total_batch_size=524288, eval_every=150, save_every=-1)
     g = add_lr_flags(p, init_lr_frac=1.0)
-    g.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps of linear warmup (default 0)")
-    g.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of steps of linear decay at the end (default 0.2)")
-    g.add_argument("--final-lr-frac", type=float, default=0.0, help="lr multiplier at the last step (default 0)")
-    g = add_lm_stage_flags(p, "mid")
+    add_schedule_flags(g, warmdown_ratio=0.2)
+    g = add_chat_train_flags(p, "mid")
     g.add_argument("--chatcore-every", type=int, default=-1, help="small ChatCORE every N steps and at the end, -1 = never (default -1)")
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    return run_lm_stage(args, "mid", "Midtraining")
+    return train(args, "mid", "Midtraining")
 
 
 if __name__ == "__main__":

@@ -20,13 +20,16 @@ import random
 import time
 
 import torch
-import torch.distributed as dist
 
 from nanochat import checkpoint as ck
-from nanochat.chat_data import (add_lr_flags, add_training_flags, check_common_args, global_sum,
-                                inherited_lrs, log_report, pg_loss, resolve_start, rl_advantages, rl_batch)
-from nanochat.common import (UserError, autodetect_device_type, compute_cleanup, compute_init, get_compute_dtype,
+from nanochat.chat_eval import pick_problems
+from nanochat.common import (UserError, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
                              init_wandb, print0, synchronize)
+from nanochat.engine import Engine
+from nanochat.training import (add_lr_flags, add_training_flags, announce_start, check_common_args, check_horizon, format_time,
+                               global_max, global_sum, inherited_lrs, is_due, log_report, resolve_start,
+                               set_lrs, write_record)
+from tasks.gsm8k import GSM8K
 
 
 def build_parser():
@@ -49,6 +52,49 @@ def build_parser():
     return p
 
 
+# ---------------------------------------------------------------------------
+# The policy-gradient objective
+
+
+def rl_advantages(rewards, std_normalize=False, eps=1e-6):
+    """rewards (G, K) for G questions x K samples -> advantages: reward - the group's mean,
+    divided by the group's (population) std + eps when std_normalize."""
+    rewards = torch.as_tensor(rewards, dtype=torch.float32)
+    adv = rewards - rewards.mean(dim=-1, keepdim=True)
+    if std_normalize:
+        adv = adv / (rewards.std(dim=-1, unbiased=False, keepdim=True) + eps)
+    return adv
+
+
+def pg_loss(logprobs, targets, advantages, num_tokens, world_size=1):
+    """Policy-gradient loss of a micro-batch: -(advantage x logprob) summed over the sampled tokens
+    (targets != -1: prompt and forced tool-output tokens are -1), divided by the number of sampled
+    tokens of the whole step (all micro-batches and ranks; times world_size as the optimizer
+    averages over ranks). logprobs, targets (B, T); advantages (B,)."""
+    valid = (targets != -1).to(logprobs.dtype)
+    objective = (logprobs * valid * advantages.to(logprobs.dtype)[:, None]).sum()
+    return -objective * (world_size / max(1, num_tokens))
+
+
+def rl_batch(sequences, masks, pad_id):
+    """Token lists (prompt + completion) and their masks (1 = sampled) -> (inputs, targets) (N, L-1)
+    right-padded: inputs padded with pad_id, targets -1 wherever the next token was not sampled."""
+    L = max(len(s) for s in sequences)
+    inputs = torch.full((len(sequences), L - 1), pad_id, dtype=torch.long)
+    targets = torch.full((len(sequences), L - 1), -1, dtype=torch.long)
+    for i, (seq, m) in enumerate(zip(sequences, masks)):
+        ids = torch.tensor(seq, dtype=torch.long)
+        mk = torch.tensor(m, dtype=torch.bool)
+        n = len(seq) - 1
+        inputs[i, :n] = ids[:-1]
+        targets[i, :n] = torch.where(mk[1:], ids[1:], torch.full_like(ids[1:], -1))
+    return inputs, targets
+
+
+# ---------------------------------------------------------------------------
+# Rollouts and evaluation
+
+
 def pick_question(task, order, g, tokenizer, max_seq_len, need):
     """(conversation, prompt ids) of global example g. A question whose prompt leaves fewer than
     `need` tokens to answer in the context is swapped for another, chosen deterministically from g
@@ -69,7 +115,7 @@ def sample_group(engine, tokenizer, prompt, num_samples, max_tokens, temperature
     masks = [[0] * len(prompt) for _ in range(num_samples)]
     completions = [[] for _ in range(num_samples)]
     stopped = [False] * num_samples
-    stop = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+    stop = tokenizer.stop_ids()
     for col, mcol in engine.generate(prompt, num_samples=num_samples, max_tokens=max_tokens,
                                      temperature=temperature, top_k=top_k, seed=seed):
         for i, (tok, m) in enumerate(zip(col, mcol)):
@@ -124,10 +170,6 @@ def main(argv=None):
 
 
 def train(args, rank, world_size, device):
-    from nanochat.engine import Engine
-    from nanochat.stages.eval_chat import pick_problems
-    from nanochat.stages.train_base import format_time
-    from tasks.gsm8k import GSM8K
     master = rank == 0
     if args.examples_per_step % world_size:
         raise UserError(f"--examples-per-step {args.examples_per_step} must be a multiple of the number of "
@@ -138,10 +180,6 @@ def train(args, rank, world_size, device):
     src_meta = ck.load_meta(src_dir, src_step)
     model_config = load_meta["model_config"]
     max_seq_len = args.max_seq_len if args.max_seq_len > 0 else model_config["sequence_len"]
-    dtype = get_compute_dtype(device.type)
-
-    def autocast():
-        return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     train_task = GSM8K("main", "train")
     val_task = GSM8K("main", "test")
@@ -152,23 +190,17 @@ def train(args, rank, world_size, device):
         num_iterations = args.num_iterations
     else:
         num_iterations = max(1, int(args.num_epochs * len(train_task)) // args.examples_per_step)
-    if resume_step is not None and resume_step > num_iterations:
-        raise UserError(f"the checkpoint is at step {resume_step}, past --num-iterations {num_iterations}")
+    check_horizon(resume_step, num_iterations)
     lrs = inherited_lrs(src_meta, args)
     user_config = dict(vars(args))
-    derived = dict(model_tag=model_tag, source=f"{args.source}/{model_tag}@{src_step}", num_iterations=num_iterations,
-                   max_seq_len=max_seq_len, world_size=world_size, train_questions=len(train_task),
-                   lrs={k: v * args.init_lr_frac for k, v in lrs.items()})
-    print0(f"from {args.source}/{model_tag} step {src_step} -> {out_dir}")
-    print0(f"{num_iterations} steps x {args.examples_per_step} GSM8K questions x {args.num_samples} samples "
-           f"(of {len(train_task):,} questions); {world_size} process(es)")
-    print0("learning rates: " + ", ".join(f"{k} {v:.4g}" for k, v in derived["lrs"].items())
-           + f" (inherited x {args.init_lr_frac})")
+    plan = (f"{num_iterations} steps x {args.examples_per_step} GSM8K questions x {args.num_samples} samples "
+            f"(of {len(train_task):,} questions); {world_size} process(es)")
+    derived = announce_start(args, model_tag, src_step, out_dir, lrs, world_size, plan, num_iterations=num_iterations,
+                             max_seq_len=max_seq_len, train_questions=len(train_task))
     if args.dry_run:
-        print0(derived)
         return 0
 
-    optimizer = model.setup_optimizer(weight_decay=args.weight_decay, **{k: v * args.init_lr_frac for k, v in lrs.items()})
+    optimizer = model.setup_optimizer(weight_decay=args.weight_decay, **derived["lrs"])
     total_time = 0.0
     if resume_step is not None:
         _, shard, meta = ck.load_checkpoint(out_dir, resume_step, device, load_optimizer=True, rank=rank)
@@ -195,9 +227,9 @@ def train(args, rank, world_size, device):
     while True:
         last = step == num_iterations
         fresh = step == start_step and resume_step is not None
-        if not fresh and (last or (args.eval_every > 0 and step % args.eval_every == 0)):
+        if not fresh and is_due(step, args.eval_every, last, at_start=True):
             model.eval()
-            with autocast():
+            with autocast_ctx(device):
                 p1, pk = evaluate_pass_at_k(engine, tokenizer, val_task, eval_problems, args.eval_samples,
                                             args.max_new_tokens, max_seq_len, args.temperature, top_k, args.seed, device)
             model.train()
@@ -205,12 +237,9 @@ def train(args, rank, world_size, device):
             print0(f"step {step:05d}/{num_iterations:05d} | GSM8K test pass@1 {p1:.4f} | pass@{args.eval_samples} {pk:.4f}")
             record = record or {"step": step}
             record.update({"pass@1": p1, f"pass@{args.eval_samples}": pk})
-        if record is not None:
-            if master:
-                ck.append_metrics(out_dir, record)
-                wandb_run.log(record, step=record["step"])
-            record = None
-        if not fresh and (last or (args.save_every > 0 and step > 0 and step % args.save_every == 0)):
+        write_record(out_dir, record, wandb_run, master)
+        record = None
+        if not fresh and is_due(step, args.save_every, last):
             save(step)
         if last:
             break
@@ -219,7 +248,7 @@ def train(args, rank, world_size, device):
         t0 = time.time()
         sequences, masks, rewards, gen_lens = [], [], [], []
         model.eval()
-        with autocast():
+        with autocast_ctx(device):
             for j in range(per_rank):
                 g = step * args.examples_per_step + rank * per_rank + j  # global example number
                 conv, prompt = pick_question(train_task, order, g, tokenizer, max_seq_len, min(args.max_new_tokens, 32))
@@ -235,15 +264,14 @@ def train(args, rank, world_size, device):
 
         # --- policy gradient, micro-batches of --device-batch-size sequences
         lrm = 1.0 - step / num_iterations
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
+        set_lrs(optimizer, lrm)
         inputs, targets = rl_batch(sequences, masks, pad)
         num_tokens = int(global_sum(int((targets != -1).sum()), device))
         loss_total = 0.0
         for s in range(0, len(sequences), args.device_batch_size):
             x = inputs[s:s + args.device_batch_size].to(device)
             y = targets[s:s + args.device_batch_size].to(device)
-            with autocast():
+            with autocast_ctx(device):
                 logprobs = -model(x, y, loss_reduction="none")
             loss = pg_loss(logprobs.float(), y, adv[s:s + args.device_batch_size].to(device), num_tokens, world_size)
             loss.backward()
@@ -256,11 +284,7 @@ def train(args, rank, world_size, device):
         n_all = global_sum(len(gen_lens), device)
         reward = global_sum(sum(map(sum, rewards)), device) / max(1, n_all)
         mean_len = global_sum(sum(gen_lens), device) / max(1, n_all)
-        max_len = max(gen_lens)
-        if world_size > 1:  # the longest completion of the step over all ranks, not only this rank's
-            t = torch.tensor([max_len], dtype=torch.int64, device=device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            max_len = int(t.item())
+        max_len = global_max(max(gen_lens), device)  # the longest completion of the step over all ranks
         loss_total = global_sum(loss_total, device)
         synchronize(device)
         dt = time.time() - t0
@@ -270,7 +294,7 @@ def train(args, rank, world_size, device):
                    f"completion len {mean_len:.1f} (max {max_len}) | sampled tokens {num_tokens:,} | lrm {lrm:.3f} | "
                    f"dt {dt:.2f}s | eta {format_time(dt * (num_iterations - step))}")
             record = dict(step=step, reward=reward, loss=loss_total, seq_len=mean_len, max_seq_len=max_len,
-                          sampled_tokens=num_tokens, lr=lrm, lrm=lrm, dt=dt, total_time=total_time)
+                          sampled_tokens=num_tokens, lrm=lrm, dt=dt, total_time=total_time)
 
     summary = {"model tag": model_tag, "source": derived["source"], "steps": num_iterations,
                "questions per step": args.examples_per_step, "samples per question": args.num_samples,

@@ -11,10 +11,12 @@ Whole conversations are packed best-fit into rows of max-seq-len + 1 tokens; the
 is padding, never half an answer (a conversation longer than a row is truncated to it). The loss
 is the mean over the step's assistant tokens. Learning rates: the source checkpoint's, times
 --init-lr-frac (0.02), decaying linearly to 0. Output: checkpoints/sft/<tag> (docs/chat_training.md).
+The training loop, shared with `train mid`, is nanochat/chat_train.py.
 """
 import argparse
 
-from nanochat.chat_data import add_lm_stage_flags, add_lr_flags, add_training_flags, run_lm_stage
+from nanochat.chat_train import add_chat_train_flags, train
+from nanochat.training import add_lr_flags, add_schedule_flags, add_training_flags
 
 
 def build_parser():
@@ -22,17 +24,15 @@ def build_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_flags(p, "sft", ["mid", "base"], device_batch_size=4, total_batch_size=65536, eval_every=100, save_every=-1)
     g = add_lr_flags(p, init_lr_frac=0.02)
-    g.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps of linear warmup (default 0)")
-    g.add_argument("--warmdown-ratio", type=float, default=1.0, help="fraction of steps of linear decay at the end (default 1: all)")
-    g.add_argument("--final-lr-frac", type=float, default=0.0, help="lr multiplier at the last step (default 0)")
-    g = add_lm_stage_flags(p, "sft")
+    add_schedule_flags(g, warmdown_ratio=1.0)
+    g = add_chat_train_flags(p, "sft")
     g.add_argument("--chatcore-every", type=int, default=200, help="small ChatCORE every N steps and at the end, -1 = never (default 200)")
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    return run_lm_stage(args, "sft", "Chat SFT")
+    return train(args, "sft", "Chat SFT")
 
 
 if __name__ == "__main__":

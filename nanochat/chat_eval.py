@@ -1,0 +1,160 @@
+"""Chat evaluation: ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval, SpellingBee and ChatCORE.
+Used by `nanochat eval chat` and by the small ChatCORE that `train mid`/`train sft` run.
+
+Categorical tasks (ARC, MMLU) are scored from the logits alone: at the position right after
+<|assistant_start|> the answer letters' logits are compared and the largest wins (no sampling,
+many prompts per padded forward). Generative tasks (GSM8K, HumanEval, SpellingBee) sample
+`num_samples` completions per problem with the Engine (continuous batching over all prompts);
+a problem counts as solved if any sample passes the task's check (pass@k).
+
+Centered accuracy = (acc - b) / (1 - b). b for a categorical task is the accuracy of guessing:
+the mean over the scored problems of 1/number-of-choices (0.25 for 4-way items; ARC's few 3- and
+5-choice items count with 1/3 and 1/5). b = 0 for generative tasks. ChatCORE = the mean centered
+accuracy over the tasks run (the six of TASK_NAMES for the real ChatCORE).
+"""
+import math
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import UserError, autocast_ctx, get_dist_info
+from nanochat.core_eval import centered
+from nanochat.engine import Engine
+from tasks.arc import ARC
+from tasks.gsm8k import GSM8K
+from tasks.humaneval import HumanEval
+from tasks.mmlu import MMLU
+from tasks.spellingbee import SpellingBee
+
+TASK_NAMES = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]
+SPELLINGBEE_EVAL_SIZE = 256  # the test split's problems are generated; this many are scored
+
+
+def load_task(name):
+    if name in ("ARC-Easy", "ARC-Challenge"):
+        return ARC(subset=name, split="test")
+    if name == "MMLU":
+        return MMLU(subset="all", split="test")
+    if name == "GSM8K":
+        return GSM8K(subset="main", split="test")
+    if name == "HumanEval":
+        return HumanEval()
+    if name == "SpellingBee":
+        return SpellingBee(size=SPELLINGBEE_EVAL_SIZE, split="test")
+    raise UserError(f"unknown task '{name}' (choose from {', '.join(TASK_NAMES)})")
+
+
+def pick_problems(n, max_problems):
+    """All problem indices, or max_problems evenly spaced ones (MMLU's test split is sorted by
+    subject: the first N would all be abstract algebra)."""
+    if max_problems is None or max_problems <= 0 or max_problems >= n:
+        return list(range(n))
+    return [i * n // max_problems for i in range(max_problems)]
+
+
+def letter_token_ids(tokenizer, letters):
+    ids = []
+    for letter in letters:
+        toks = tokenizer.encode(letter)
+        if len(toks) != 1:
+            raise ValueError(f"answer letter {letter!r} is not a single token ({toks}) in this tokenizer")
+        ids.append(toks[0])
+    return ids
+
+
+@torch.no_grad()
+def run_categorical(model, tokenizer, task, indices, device, batch_size=32, progress=None):
+    """(correct, total, sum of 1/num_choices) over task[indices]: each prompt's prediction is the
+    letter whose token has the largest logit at the last prompt position. Prompts longer than
+    the model's context keep their last sequence_len tokens."""
+    max_len = model.config.sequence_len
+    pad = tokenizer.get_bos_token_id()
+    correct, total, baseline = 0, 0, 0.0
+    for s in range(0, len(indices), batch_size):
+        convs = [task[i] for i in indices[s:s + batch_size]]
+        prompts = [tokenizer.render_for_completion(c)[-max_len:] for c in convs]
+        T = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), T), pad, dtype=torch.long)
+        for r, p in enumerate(prompts):
+            ids[r, :len(p)] = torch.tensor(p, dtype=torch.long)
+        logits = model(ids.to(device))  # (B, T, V); right padding never reaches earlier positions
+        last = torch.tensor([len(p) - 1 for p in prompts], device=logits.device)
+        final = logits[torch.arange(len(prompts), device=logits.device), last].float().cpu()  # (B, V)
+        for conv, row in zip(convs, final):
+            letters = conv["letters"]
+            scores = row[letter_token_ids(tokenizer, letters)]
+            pred = letters[int(scores.argmax())]
+            correct += int(bool(task.evaluate(conv, pred)))
+            total += 1
+            baseline += 1.0 / len(letters)
+        if progress:
+            progress(total)
+    return correct, total, baseline
+
+
+def run_generative(engine, tokenizer, task, indices, num_samples=1, max_new_tokens=512, temperature=0.0,
+                   top_k=50, batch_size=32, seed=42, progress=None, chunk=64):
+    """(correct, total, 0.0) over task[indices]: num_samples completions per problem, solved if
+    any passes task.evaluate (pass@k). Problems go to the Engine `chunk` at a time (so progress
+    can be shown), all their samples continuously batched `batch_size` rows at a time."""
+    max_len = engine.model.config.sequence_len
+    keep = max(1, max_len - max_new_tokens)  # prompt + completion must fit the context
+    correct, total = 0, 0
+    for s in range(0, len(indices), chunk):
+        convs = [task[i] for i in indices[s:s + chunk]]
+        prompts = [tokenizer.render_for_completion(c)[-keep:] for c in convs]
+        flat = [p for p in prompts for _ in range(num_samples)]
+        results, _ = engine.generate_many(flat, max_tokens=min(max_new_tokens, max_len - 1), temperature=temperature,
+                                          top_k=top_k, seed=seed + s, batch_size=batch_size)
+        for k, (conv, p) in enumerate(zip(convs, prompts)):
+            outs = results[k * num_samples:(k + 1) * num_samples]
+            ok = any(bool(task.evaluate(conv, tokenizer.decode(o[len(p):]))) for o in outs)
+            correct += int(ok)
+            total += 1
+        if progress:
+            progress(total)
+    return correct, total, 0.0
+
+
+def evaluate_task(engine, task, problems, device, num_samples=1, max_new_tokens=512, temperature=0.0, top_k=50,
+                  batch_size=32, progress=None):
+    """One task over `problems` (indices into it; under torchrun each rank takes every
+    world_size-th one and the counts are summed over ranks). Returns {accuracy, centered,
+    baseline, num_problems, num_correct, eval_type}."""
+    _, rank, _, world = get_dist_info()
+    mine = problems[rank::world]
+    model, tokenizer = engine.model, engine.tokenizer
+    with autocast_ctx(device):
+        if task.eval_type == "categorical":
+            c, t, b = run_categorical(model, tokenizer, task, mine, device, batch_size, progress)
+        else:
+            c, t, b = run_generative(engine, tokenizer, task, mine, num_samples, max_new_tokens, temperature, top_k,
+                                     batch_size, progress=progress)
+    counts = torch.tensor([c, t, b], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized() and world > 1:
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    c, t, b = counts.tolist()
+    acc, baseline = c / max(t, 1), b / max(t, 1)
+    return {"accuracy": acc, "centered": centered(acc, baseline), "baseline": baseline,
+            "num_problems": int(t), "num_correct": int(c), "eval_type": task.eval_type}
+
+
+def chatcore(results) -> float:
+    """Mean centered accuracy over the tasks in `results` ({task: {"centered": x, ...}})."""
+    vals = [r["centered"] for r in results.values()]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
+def small_chatcore(model, tokenizer, device, task_names, max_problems, max_new_tokens=128, batch_size=32):
+    """The ChatCORE of `eval chat` over a few evenly spaced problems per task, greedy: what
+    `train mid`/`train sft` report during training. Returns ({task: accuracy}, score)."""
+    engine = Engine(model, tokenizer)
+    was_training = model.training
+    model.eval()
+    results = {}
+    for name in task_names:
+        task = load_task(name)
+        results[name] = evaluate_task(engine, task, pick_problems(len(task), max_problems), device,
+                                      max_new_tokens=max_new_tokens, top_k=None, batch_size=batch_size)
+    model.train(was_training)
+    return {name: r["accuracy"] for name, r in results.items()}, chatcore(results)
