@@ -42,8 +42,8 @@ def base_dir():
 def tokenizer(data_dir):
     """A real BPE tokenizer (vocab 1,024) trained on ~2M characters of the first real shard, saved
     to $NANOCHAT_BASE_DIR/tokenizer so get_tokenizer() / get_token_bytes() find it."""
-    from nanochat.tokenizer import Tokenizer, capped_texts, get_tokenizer, tokenizer_dir
     from nanochat.dataset import iter_texts
+    from nanochat.tokenizer import Tokenizer, capped_texts, get_tokenizer, tokenizer_dir
     out = tokenizer_dir()
     if not os.path.exists(os.path.join(out, "merges.tiktoken")):
         tok = Tokenizer.train(capped_texts(iter_texts("train", data_dir=data_dir), 2_000_000, 10_000), TEST_VOCAB_SIZE)
@@ -62,6 +62,7 @@ def base_checkpoint(tokenizer):
     read-only: train later stages into their own folders (mid/, sft/, ...)."""
     import json
     import types
+
     from nanochat import checkpoint as ck
     from nanochat.stages import train_base
     tag = "d2"

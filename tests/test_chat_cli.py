@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
+from helpers import make_model
 from nanochat.checkpoint import checkpoint_dir, load_model, save_checkpoint
 from nanochat.engine import Engine
-from test_engine import make_model
 
 
 @pytest.fixture(scope="module")

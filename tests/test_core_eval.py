@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 
 from nanochat import core_eval
-from nanochat.core_eval import (centered, core_summary, encode_option, evaluate_core, fewshot_indices,
-                                load_bundle, render_texts, score_sequences, write_core_csv)
+from nanochat.core_eval import (centered, core_summary, encode_option, evaluate_core, fewshot_indices, load_bundle,
+                                render_texts, score_sequences, write_core_csv)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -10,7 +10,8 @@ import pytest
 from nanochat import cli
 from nanochat.common import UserError
 from nanochat.dataset import iter_texts, list_shards, shard_name, write_shard
-from nanochat.stages.data_build import cut_document, main as build
+from nanochat.stages.data_build import cut_document
+from nanochat.stages.data_build import main as build
 
 
 @pytest.fixture(scope="module")

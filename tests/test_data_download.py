@@ -1,13 +1,12 @@
 """`nanochat data download` against a real HTTP server on 127.0.0.1 serving real parquet shards:
 healthy, flaky (5xx first), truncating, stalling, and 404 servers. Never the internet."""
 import os
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pyarrow.parquet as pq
 import pytest
 
+from helpers import FileServer
 from nanochat import cli
 from nanochat.common import UserError
 from nanochat.dataset import HUB_DATASETS, is_valid_shard, list_shards, shard_name, write_shard
@@ -30,61 +29,9 @@ def shard_bytes(data_dir, tmp_path_factory):
     return files
 
 
-class Server:
-    """modes: name -> list of behaviours for successive requests ('ok', '503', '404', 'truncate',
-    'stall'); the last one repeats. Unlisted names are served 'ok' when they exist, else 404."""
-
-    def __init__(self, files):
-        self.files, self.modes, self.hits = files, {}, {}
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_GET(self):
-                name = self.path.rsplit("/", 1)[-1]
-                n = outer.hits.get(name, 0)
-                outer.hits[name] = n + 1
-                plan = outer.modes.get(name, ["ok"])
-                mode = plan[min(n, len(plan) - 1)]
-                body = outer.files.get(name)
-                if body is None or mode == "404":
-                    self.send_response(404)
-                    self.send_header("Content-Length", "9")
-                    self.end_headers()
-                    self.wfile.write(b"not found")
-                    return
-                if mode == "503":
-                    self.send_response(503)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                if mode == "stall":
-                    time.sleep(2.0)
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if mode == "truncate":  # promise the whole file, send half, hang up
-                    self.wfile.write(body[: len(body) // 2])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    return
-                self.wfile.write(body)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/datasets/x/resolve/main"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
 def server(shard_bytes):
-    s = Server(shard_bytes)
+    s = FileServer(shard_bytes)
     yield s
     s.close()
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from nanochat.common import UserError
-from nanochat.dataloader import BestFitPacker, PretrainLoader, pack_rows
+from nanochat.dataloader import BestFitPacker, PretrainLoader
 from nanochat.dataset import list_shards, shard_name, write_shard
 
 BOS = 0
@@ -47,6 +47,28 @@ def small_folder(root, data_dir, n_train_shards, docs_per_shard, rows_per_group,
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory, data_dir):
     return small_folder(tmp_path_factory.mktemp("shards"), data_dir, 3, 120, 16, 2000)
+
+
+def pack_rows(docs, row_len, buffer_size=1000, cut=True, masks=False, pad=False):
+    """Every row a BestFitPacker makes of `docs` (token lists, or (tokens, mask) pairs with masks=True),
+    keeping about `buffer_size` documents buffered; stops when what is left cannot fill a row."""
+    packer = BestFitPacker(row_len, cut=cut, pad=pad)
+    it = iter(enumerate(docs))
+    while True:
+        while len(packer) < buffer_size or packer.available < row_len:
+            nxt = next(it, None)
+            if nxt is None:
+                break
+            key, item = nxt
+            if masks:
+                packer.add(item[0], key, mask=item[1])
+            else:
+                packer.add(item, key)
+        row = np.full(row_len, -1, dtype=np.int64)
+        mask = np.zeros(row_len, dtype=np.int8) if (masks or pad) else None
+        if not packer.pack_row(row, mask):
+            return
+        yield (row, mask) if (masks or pad) else row
 
 
 def rows_of(batches):
@@ -130,6 +152,19 @@ def test_crop_mode_drops_and_masks_travel():
         for t, m in zip(row, mask):
             if t != BOS:
                 assert owner[int(t)] == m
+
+
+def test_pad_mode_packs_whole_documents_best_fit_then_pads():
+    docs = [[BOS, 1, 2, 3, 4, 5], [BOS, 6, 7], [BOS, 8, 9, 10], [BOS, 11, 12, 13, 14, 15, 16, 17, 18]]
+    rows = [(r.tolist(), m.tolist()) for r, m in pack_rows(docs, 10, buffer_size=10, pad=True)]
+    # row 1: the largest that fits (9), then nothing fits in 1 -> padding (left as the caller filled
+    # it, mask 0); row 2: 6, then the largest that fits in 4 (4); row 3: the last document alone
+    assert rows[0] == ([BOS, 11, 12, 13, 14, 15, 16, 17, 18, -1], [1] * 9 + [0])
+    assert rows[1] == ([BOS, 1, 2, 3, 4, 5, BOS, 8, 9, 10], [1] * 10)
+    assert rows[2] == ([BOS, 6, 7] + [-1] * 7, [1] * 3 + [0] * 7)
+    assert len(rows) == 3  # a pad-mode packer empties itself: every document is used whole
+    with pytest.raises(ValueError, match="whole documents"):
+        BestFitPacker(4, pad=True).add([BOS, 1, 2, 3, 4], 0)
 
 
 def test_utilization_real_shard(data_dir, tokenizer):

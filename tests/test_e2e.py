@@ -141,11 +141,26 @@ def test_report_card(run):
     assert all(base64.b64decode(p)[:8] == b"\x89PNG\r\n\x1a\n" for p in pictures)
 
 
+EXPECTED_REPLY = """
+from nanochat.checkpoint import load_model
+from nanochat.engine import Engine
+model, tokenizer, _ = load_model("sft", "cpu")
+prompt = tokenizer.render_for_completion({"messages": [{"role": "user", "content": "What is 12*13?"}]})
+results, _ = Engine(model, tokenizer).generate_batch(prompt, max_tokens=32, temperature=0.6, top_k=50, seed=42)
+print(tokenizer.decode(results[0][len(prompt):]))
+"""
+
+
 def test_chat_prompt(run):
+    """`nanochat chat -p` on the pipeline's SFT model (the default source) prints exactly the reply
+    the Engine samples for that prompt with chat's defaults (temperature 0.6, top-k 50, seed 42)."""
     p = subprocess.run([sys.executable, "-m", "nanochat", "chat", "-p", "What is 12*13?", "--max-tokens", "32"],
                        cwd=run["cwd"], env=run["env"], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert p.stdout.strip(), f"empty reply; stderr: {p.stderr[-2000:]}"
+    want = subprocess.run([sys.executable, "-c", EXPECTED_REPLY], cwd=run["cwd"], env=run["env"],
+                          capture_output=True, text=True, timeout=300)
+    assert want.returncode == 0, want.stderr[-3000:]
+    assert want.stdout.strip() and p.stdout == want.stdout
 
 
 def _free_port():

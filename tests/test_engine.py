@@ -3,25 +3,8 @@ and the calculator tool's state machine."""
 import pytest
 import torch
 
+from helpers import Scripted, make_model
 from nanochat.engine import BatchDecoder, Engine, Sequence, sample
-from nanochat.gpt import GPT, GPTConfig
-
-
-def make_model(vocab_size, seed=0, sequence_len=128):
-    """A tiny GPT with large random weights: its logits are far apart, so greedy decoding is not
-    decided by rounding noise (a freshly initialised GPT has near-equal logits)."""
-    torch.manual_seed(seed)
-    cfg = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=2, n_head=4, n_kv_head=2,
-                    n_embd=64, window_pattern="SL", short_window=8)
-    with torch.device("meta"):
-        model = GPT(cfg)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.4)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -122,14 +105,34 @@ def test_static_cache_decode_equals_reference(model, tokenizer, prompts, bucket)
 
 
 def test_mixed_settings_in_one_batch(model, tokenizer, prompts):
-    """Greedy rows stay exact while sampled rows share their forward passes."""
-    dec = BatchDecoder(model, tokenizer, batch_size=4, seed=3)
-    seqs = [Sequence(prompts[0], 12, temperature=0), Sequence(prompts[1], 12, temperature=1.0, top_k=5),
-            Sequence(prompts[3], 12, temperature=0), Sequence(prompts[4], 12, temperature=0.7, top_p=0.9)]
-    dec.add(seqs)
-    drain(dec)
+    """Greedy rows stay exact while sampled rows share their forward passes, and each sampled row
+    obeys its own settings: every token of the top-k row is among the 5 likeliest, every token of
+    the top-p row inside its nucleus (at its temperature), per the no-cache reference logits."""
+    def run():
+        dec = BatchDecoder(model, tokenizer, batch_size=4, seed=3)
+        seqs = [Sequence(prompts[0], 12, temperature=0), Sequence(prompts[1], 12, temperature=1.0, top_k=5),
+                Sequence(prompts[3], 12, temperature=0), Sequence(prompts[4], 12, temperature=0.7, top_p=0.9)]
+        dec.add(seqs)
+        drain(dec)
+        return seqs
+    seqs = run()
     for seq in (seqs[0], seqs[2]):
         check_against_reference(model, tokenizer, seq.prompt, seq.prompt + seq.out, 12)
+    greedy = {i: list(model.generate(seqs[i].prompt, 12, temperature=0)) for i in (1, 3)}
+    with torch.no_grad():
+        for i, check in ((1, "top_k"), (3, "top_p")):
+            seq = seqs[i]
+            assert len(seq.out) == 12 or seq.finish_reason == "stop"
+            for n, tok in enumerate(seq.out):
+                logits = model(torch.tensor([seq.prompt + seq.out[:n]]))[0, -1]
+                if check == "top_k":
+                    assert tok in torch.topk(logits, 5).indices.tolist(), (n, tok)
+                else:
+                    probs = torch.softmax(logits / 0.7, dim=-1)
+                    likelier = probs[probs > probs[tok]].sum()  # the mass of the tokens ranked above it
+                    assert likelier < 0.9, (n, tok, float(likelier))
+            assert seq.out != greedy[i][:len(seq.out)]  # really sampled, not greedy
+    assert [s.out for s in run()] == [s.out for s in seqs]  # the decoder's seed fixes every row
 
 
 def test_seeds(model, tokenizer, prompts):
@@ -199,38 +202,7 @@ def test_top_k_sampling_distribution_and_per_row_k():
 
 
 # ---------------------------------------------------------------------------
-# Tool use and stop tokens, with a scripted model. The real GPT runs underneath (so the KV cache
-# is exercised), but its logits are overridden so that generated position i is script[i]: this
-# tests the engine's state machine, not the model.
-
-class Scripted(torch.nn.Module):
-    def __init__(self, model, prompt_len, script):
-        super().__init__()
-        self.inner = model
-        self.config = model.config
-        self.prompt_len = prompt_len
-        self.script = script
-
-    def get_device(self):
-        return self.inner.get_device()
-
-    def new_kv_cache(self, *args, **kwargs):
-        return self.inner.new_kv_cache(*args, **kwargs)
-
-    def forward(self, idx, kv_cache=None, kv_len=None, logits_positions=None):
-        before = kv_cache.lengths.clone()
-        self.inner(idx, kv_cache=kv_cache, kv_len=kv_len)  # fills the cache like the real model
-        B, T = idx.shape
-        if logits_positions is None or isinstance(logits_positions, int):
-            pos = [T - 1 if logits_positions is None else logits_positions % T] * B
-        else:
-            pos = logits_positions.tolist()
-        logits = torch.zeros(B, self.config.vocab_size)
-        for b in range(B):
-            g = int(before[b]) + pos[b] + 1 - self.prompt_len  # index of the token these logits predict
-            logits[b, self.script[max(0, min(g, len(self.script) - 1))]] = 100.0
-        return logits if logits_positions is not None else logits[:, None].expand(B, T, -1)
-
+# Tool use and stop tokens, with a scripted model (helpers.Scripted)
 
 def run_script(model, tokenizer, prompt, script, max_tokens=40):
     engine = Engine(Scripted(model, len(prompt), script), tokenizer)

@@ -7,9 +7,9 @@ import zipfile
 
 import pytest
 
+from helpers import FileServer
 from nanochat.common import UserError
 from nanochat.core_eval import ensure_eval_bundle, load_bundle
-from test_data_download import Server
 
 
 def bundle_zip(with_core_yaml=True, evil=False):
@@ -37,7 +37,7 @@ def downloads_on(monkeypatch):
 
 @pytest.fixture
 def server():
-    s = Server({"eval_bundle.zip": bundle_zip(), "broken.zip": bundle_zip(with_core_yaml=False),
+    s = FileServer({"eval_bundle.zip": bundle_zip(), "broken.zip": bundle_zip(with_core_yaml=False),
                 "evil.zip": bundle_zip(evil=True), "notzip.zip": b"hello" * 100})
     yield s
     s.close()

@@ -10,9 +10,11 @@ import pytest
 import torch
 import torch.nn as nn
 
+from nanochat import chat_eval
+from nanochat.chat_eval import TASK_NAMES, chatcore, letter_token_ids, pick_problems, run_categorical
+from nanochat.core_eval import centered
 from nanochat.stages import eval_chat
-from nanochat.stages.eval_chat import (TASK_NAMES, centered, chatcore, letter_token_ids, pick_problems,
-                                       run_categorical, split_names)
+from nanochat.stages.eval_chat import split_names
 from tasks.common import Task, evaluate_letter, render_mc
 
 
@@ -164,8 +166,8 @@ def test_generative_pass_at_k_with_the_real_engine(tokenizer):
     words = ["the", "and", "of", "a", "to", "in"]
     task = CountingTask(words)
     k = 4
-    c, t, b = eval_chat.run_generative(engine, tokenizer, task, list(range(len(words))), num_samples=k,
-                                       max_new_tokens=8, temperature=1.0, top_k=None, batch_size=8, seed=7)
+    c, t, b = chat_eval.run_generative(engine, tokenizer, task, list(range(len(words))), num_samples=k,
+                                      max_new_tokens=8, temperature=1.0, top_k=None, batch_size=8, seed=7)
     assert t == len(words) and b == 0.0
     prompts = [tokenizer.render_for_completion(task[i]) for i in range(len(words))]
     flat = [p for p in prompts for _ in range(k)]

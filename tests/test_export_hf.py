@@ -17,7 +17,6 @@ os.environ.setdefault("HF_MODULES_CACHE", os.path.join(os.environ["NANOCHAT_BASE
 
 import pytest
 import torch
-
 import transformers  # noqa: F401  (ImportError here = failure: CI installs it with the dev extra)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 

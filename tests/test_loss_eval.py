@@ -7,29 +7,11 @@ import sys
 import textwrap
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
+from helpers import BigramStub
 from nanochat.loss_eval import evaluate_bpb
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class BigramStub(nn.Module):
-    """logits[b, t] = table[idx[b, t]]: a fixed random table, so every loss is known."""
-
-    def __init__(self, vocab_size, seed=0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.table = nn.Parameter(torch.randn(vocab_size, vocab_size, generator=g))
-
-    def forward(self, idx, targets=None, loss_reduction="mean"):
-        logits = self.table[idx]
-        if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
-                               reduction=loss_reduction)
-        return loss.view(targets.shape) if loss_reduction == "none" else loss
 
 
 def make_batches(tokenizer, n, B=2, T=16, seed=0):
@@ -105,7 +87,7 @@ def test_bpb_distributed_sums_over_ranks(tokenizer, tmp_path):
     script.write_text(textwrap.dedent(f"""
         import os, sys, torch, torch.distributed as dist
         sys.path.insert(0, {os.path.join(REPO, 'tests')!r})
-        from test_loss_eval import BigramStub
+        from helpers import BigramStub
         from nanochat.loss_eval import evaluate_bpb
         from nanochat.tokenizer import get_token_bytes
         dist.init_process_group("gloo")

@@ -5,10 +5,10 @@ import os
 import subprocess
 import sys
 
+import dist_optim_worker as worker
 import pytest
 import torch
 
-import dist_optim_worker as worker
 from nanochat.optim import MuonAdamW, polar_express
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_optim_worker.py")

@@ -6,38 +6,12 @@ import socket
 import threading
 import time
 
+import openai
 import pytest
 import requests
-import uvicorn
 
+from helpers import LiveServer, Scripted, make_model
 from nanochat.server import MAX_MESSAGES, TextStream, create_app
-from test_engine import Scripted, make_model
-
-
-class LiveServer:
-    """uvicorn in a thread, on a socket bound here first (a free port with no race)."""
-
-    def __init__(self, app):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "uvicorn did not start"
-            time.sleep(0.02)
-
-    def stats(self):
-        return requests.get(self.url + "/stats", timeout=10).json()
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +63,6 @@ def test_classic_sse_protocol(server):
 
 
 def test_openai_client_non_stream_and_stream(server):
-    openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
     assert [m.id for m in client.models.list()] == ["nanochat-test"]
     messages = [{"role": "system", "content": "You are terse."}] + user("What is 2+2?")
@@ -260,7 +233,6 @@ def test_limits_answer_400_json(server, path):
 
 
 def test_openai_client_sees_400(server):
-    openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="nanochat-test", messages=user(), temperature=3.0)
@@ -359,6 +331,7 @@ def test_serve_command(tokenizer):
     import os
     import subprocess
     import sys
+
     from nanochat.checkpoint import checkpoint_dir, save_checkpoint
     model = make_model(tokenizer.get_vocab_size(), seed=9, sequence_len=128)
     save_checkpoint(checkpoint_dir("sft", "d2serve"), 3, model.state_dict(), None,

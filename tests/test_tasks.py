@@ -6,9 +6,10 @@ import os
 
 import pytest
 
+from nanochat.chat_data import Mixture
 from nanochat.common import UserError
 from tasks.arc import ARC
-from tasks.common import Task, TaskMixture, TaskSequence, check_conversation, content_text, render_mc
+from tasks.common import Task, check_conversation, content_text, render_mc
 from tasks.customjson import CustomJSON
 from tasks.gsm8k import GSM8K, annotated_to_parts, extract_answer
 from tasks.humaneval import HumanEval, build_program, extract_code
@@ -332,8 +333,8 @@ class Numbers(Task):
         return {"messages": [{"role": "user", "content": f"{self.tag}{index}"}, {"role": "assistant", "content": "ok"}]}
 
 
-def tags(task):
-    return [ex["messages"][0]["content"] for ex in task]
+def tags(examples):
+    return [ex["messages"][0]["content"] for ex in examples]
 
 
 def test_task_slicing():
@@ -347,32 +348,30 @@ def test_task_slicing():
     assert len(ARC("ARC-Easy", "test", stop=100)) == 100
 
 
+def mixture(sources, seed):
+    """A chat_data.Mixture over ready-made tasks: [(label, task, repeats)]."""
+    return Mixture("test", "train", seed=seed, sources=sources)
+
+
 def test_mixture_composition_and_determinism():
     a, b = Numbers(30, "a"), Numbers(5, "b")
-    mix = TaskMixture([a, b, b], seed=1)
-    got = tags(mix)
+    mix = mixture([("a", a, 1), ("b", b, 2)], seed=1)
+    got = tags(mix[i] for i in range(len(mix)))
     assert len(mix) == 40
     assert sorted(got) == sorted(tags(a) + tags(b) * 2)  # every example, b twice
-    assert got == tags(TaskMixture([a, b, b], seed=1))     # deterministic
-    assert got != tags(TaskMixture([a, b, b], seed=2))     # the seed matters
-    assert got != tags(a) + tags(b) * 2                    # actually shuffled
+    again = mixture([("a", a, 1), ("b", b, 2)], seed=1)
+    assert got == tags(again[i] for i in range(40))     # deterministic
+    other = mixture([("a", a, 1), ("b", b, 2)], seed=2)
+    assert got != tags(other[i] for i in range(40))     # the seed matters
+    assert got != tags(a) + tags(b) * 2                  # actually shuffled
     first_half = got[:20]
-    assert any(t.startswith("b") for t in first_half)      # interleaved, not blocked
-    assert tags(TaskMixture([a, b], seed=1, stop=10)) == tags(TaskMixture([a, b], seed=1))[:10]
-
-
-def test_sequence():
-    a, b = Numbers(3, "a"), Numbers(2, "b", start=1)
-    seq = TaskSequence([a, b])
-    assert tags(seq) == ["a0", "a1", "a2", "b1"]
-    assert len(seq) == 4
+    assert any(t.startswith("b") for t in first_half)    # interleaved, not blocked
 
 
 def test_mixture_of_real_tasks():
-    mix = TaskMixture([ARC("ARC-Easy", "train", stop=50), GSM8K("main", "train", stop=50),
-                       SpellingBee(size=50), IdentityConversations(size=50)])
+    mix = Mixture("arc-easy:50,gsm8k:50,spellingbee:50,identity:50", "train")
     assert len(mix) == 200
-    assert all(check_conversation(ex["messages"]) is None for ex in mix)
+    assert all(check_conversation(mix[i]["messages"]) is None for i in range(len(mix)))
 
 
 # ---------------------------------------------------------------------------

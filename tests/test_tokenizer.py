@@ -232,6 +232,7 @@ def test_cli_tokenizer_errors(tmp_path):
 def test_reference_encodings_never_fetched_when_offline(monkeypatch, tmp_path):
     """With downloads off, tokenizer eval uses only tiktoken's cache: no fetch is even attempted."""
     import tiktoken.load
+
     from nanochat.stages.tokenizer_eval import load_reference
     calls = []
     monkeypatch.setattr(tiktoken.load, "read_file", lambda blobpath: calls.append(blobpath) or b"")

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from nanochat import checkpoint as ck
-from nanochat.chat_data import pg_loss, rl_advantages, rl_batch
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.stages.train_rl import pg_loss, rl_advantages, rl_batch
 
 
 def test_advantages():

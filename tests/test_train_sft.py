@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from nanochat import checkpoint as ck
-from nanochat.chat_data import ConversationLoader, Mixture, token_normalized_loss
+from nanochat.chat_data import ConversationLoader, Mixture
+from nanochat.chat_train import token_normalized_loss
 from nanochat.common import UserError
 from nanochat.gpt import GPT, GPTConfig
 

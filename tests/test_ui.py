@@ -5,10 +5,10 @@ import os
 import time
 
 import pytest
+from playwright import sync_api
 
+from helpers import LiveServer, Scripted, make_model
 from nanochat.server import create_app
-from test_engine import Scripted, make_model
-from test_server import LiveServer
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -34,7 +34,6 @@ def ui_server(tokenizer):
 def browser():
     if not os.path.exists(CHROMIUM):
         pytest.fail(f"{CHROMIUM} not found: apt-get install chromium")
-    sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         yield b

@@ -1,0 +1,114 @@
+"""nanochat/training.py: the --depth rules, the schedules, the LR helper, when periodic jobs are
+due, the step log, LR inheritance and resume resolution. Pure functions, no training."""
+import types
+
+import pytest
+import torch
+
+from nanochat import checkpoint as ck
+from nanochat import training as tr
+from nanochat.common import UserError
+
+
+def test_model_dims_round_up_to_head_dim():
+    assert tr.model_dims(20, 64, 128) == (1280, 10)
+    assert tr.model_dims(2, 64, 128) == (128, 1)
+    assert tr.model_dims(3, 64, 128) == (256, 2)   # 192 rounds up to 256
+    assert tr.model_dims(26, 64, 128) == (1664, 13)
+
+
+def test_schedules():
+    n = 100
+    lrs = [tr.lr_multiplier(i, n, 0.1, 0.4, 0.0) for i in range(n + 1)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == 1.0 and lrs[60] == 1.0
+    assert lrs[80] == pytest.approx(0.5) and lrs[100] == 0.0
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # never rises after warmup
+    assert tr.lr_multiplier(100, 100, 0.0, 0.4, 0.1) == pytest.approx(0.1)
+    assert tr.muon_momentum(0) == pytest.approx(0.85) and tr.muon_momentum(150) == pytest.approx(0.90)
+    assert tr.muon_momentum(300) == pytest.approx(0.95) and tr.muon_momentum(5000) == pytest.approx(0.95)
+
+
+def test_derived_batch_size_is_power_law_and_divisible():
+    # ~5e9 tokens (a d20-sized run) -> 2^19 tokens per step
+    assert tr.derive_total_batch_size(5e9, 32 * 2048 * 8) == 2 ** 19
+    small = tr.derive_total_batch_size(5e7, 4 * 512)
+    assert small % (4 * 512) == 0 and small < 2 ** 19
+    assert tr.derive_total_batch_size(10, 4 * 512) == 4 * 512  # at least one micro-batch
+    assert tr.derive_total_batch_size(5e9, 3 * 1000) % 3000 == 0
+    assert tr.scaled_weight_decay(0.2, 12) == pytest.approx(0.2)
+    assert tr.scaled_weight_decay(0.2, 24) == pytest.approx(0.05) and tr.scaled_weight_decay(0.2, 2) == 1.0
+
+
+def test_set_lrs_scales_initial_lrs_and_sets_muon_momentum():
+    p, q = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2, 2))
+    opt = types.SimpleNamespace(param_groups=[
+        dict(kind="adamw", params=[p], initial_lr=0.2, lr=0.2, betas=(0.8, 0.95)),
+        dict(kind="muon", params=[q], initial_lr=0.02, lr=0.02, momentum=0.95)])
+    tr.set_lrs(opt, 0.5, momentum=0.9)
+    assert [g["lr"] for g in opt.param_groups] == [pytest.approx(0.1), pytest.approx(0.01)]
+    assert opt.param_groups[1]["momentum"] == 0.9 and "momentum" not in opt.param_groups[0]
+    tr.set_lrs(opt, 0.25)  # no momentum given: Muon's stays
+    assert opt.param_groups[1]["lr"] == pytest.approx(0.005) and opt.param_groups[1]["momentum"] == 0.9
+
+
+def test_is_due():
+    def due(every, n=10, **kw):
+        return [s for s in range(n + 1) if tr.is_due(s, every, s == n, **kw)]
+    assert due(4) == [4, 8, 10]                          # a save: every 4 and always at the end
+    assert due(4, at_start=True) == [0, 4, 8, 10]         # an evaluation: also before the first step
+    assert due(-1) == [10] and due(-1, at_start=True) == [10]   # -1 = only at the end
+    assert due(4, at_end=False) == [4, 8, 10]             # CORE / samples: every N and at the end...
+    assert due(-1, at_end=False) == []                    # ...and -1 = never
+    assert due(5) == [5, 10]                              # the end that is also a period counts once
+
+
+def test_format_time():
+    assert tr.format_time(0) == "0m00s" and tr.format_time(59.9) == "0m59s" and tr.format_time(61) == "1m01s"
+    assert tr.format_time(3600) == "1h00m" and tr.format_time(7322) == "2h02m" and tr.format_time(-5) == "0m00s"
+
+
+def test_step_log_ema_record_and_state():
+    log = tr.StepLog(torch.device("cpu"), total_batch_size=1000, num_iterations=4)
+    for loss in (4.0, 2.0):
+        log.begin_step()
+        log.end_step(torch.tensor(loss))
+    rec = log.line(2, lrm=0.5, first_step=0, flops_per_token=6.0, peak_flops=1e3, trained_tokens=7)
+    # biased EMA 0.1*4 = 0.4, then 0.9*0.4 + 0.1*2 = 0.56; debiased by 1 - 0.9^2 = 0.19
+    assert rec["smooth_loss"] == pytest.approx(0.56 / 0.19) and rec["loss"] == 2.0
+    assert rec["step"] == 2 and rec["lrm"] == 0.5 and rec["tokens"] == 2000 and rec["trained_tokens"] == 7
+    assert rec["tok_per_sec"] == pytest.approx(1000 / rec["dt"]) and rec["mfu"] == pytest.approx(6 * rec["tok_per_sec"] / 1e3)
+    assert "lr" not in rec  # one key for the multiplier
+    state = log.state()
+    resumed = tr.StepLog(torch.device("cpu"), 1000, 4, **state)
+    assert float(resumed.smooth) == pytest.approx(0.56) and resumed.total_time == state["total_time"]
+    assert log.due(3, 2) is False and log.due(4, 3) is True and log.due(2, 2) is True
+
+
+def test_inherited_lrs():
+    args = types.SimpleNamespace(embedding_lr=None, unembedding_lr=0.01, matrix_lr=None, scalar_lr=None)
+    base_meta = {"user_config": {"embedding_lr": 0.3, "unembedding_lr": 0.004, "matrix_lr": 0.03, "scalar_lr": 0.5}}
+    assert tr.inherited_lrs(base_meta, args) == dict(embedding_lr=0.3, unembedding_lr=0.01, matrix_lr=0.03, scalar_lr=0.5)
+    mid_meta = {"lrs": dict(embedding_lr=0.1, unembedding_lr=0.002, matrix_lr=0.01, scalar_lr=0.25), "user_config": {}}
+    assert tr.inherited_lrs(mid_meta, args)["embedding_lr"] == 0.1  # a chat stage's own lrs win
+    assert tr.inherited_lrs({}, args) == dict(tr.LR_DEFAULTS, unembedding_lr=0.01)
+
+
+def test_resolve_resume(tmp_path):
+    d = str(tmp_path / "ckpt")
+    fresh = types.SimpleNamespace(resume=False, resume_from_step=None)
+    assert tr.resolve_resume(d, fresh, 1) == (None, None)
+    latest = types.SimpleNamespace(resume=True, resume_from_step=None)
+    with pytest.raises(UserError, match="nothing to resume"):
+        tr.resolve_resume(d, latest, 1)
+    for step in (2, 5):
+        ck.save_checkpoint(d, step, {"w": torch.zeros(1)}, {}, {"model_config": {}, "world_size": 2})
+    step, meta = tr.resolve_resume(d, latest, 2)
+    assert step == 5 and meta["step"] == 5
+    assert tr.resolve_resume(d, types.SimpleNamespace(resume=False, resume_from_step=2), 2)[0] == 2
+    with pytest.raises(UserError, match="no complete checkpoint for step 3.*2, 5"):
+        tr.resolve_resume(d, types.SimpleNamespace(resume=False, resume_from_step=3), 2)
+    with pytest.raises(UserError, match="saved by 2 process"):
+        tr.resolve_resume(d, latest, 1)
+    tr.check_horizon(5, 5)
+    with pytest.raises(UserError, match="past --num-iterations 4"):
+        tr.check_horizon(5, 4)
