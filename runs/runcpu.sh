@@ -28,8 +28,8 @@ fi
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
 DATA_ROOT="${NANOCHAT_DATA:-$NANOCHAT_BASE_DIR/data}"
 # Half the logical CPUs (1 on a 2-core machine): the data loader tokenizes in background threads,
-# and an OpenMP thread that has to share its core stalls every parallel op (measured: 2-5x slower
-# steps on a busy 2-core machine). Set OMP_NUM_THREADS yourself to override.
+# and an OpenMP thread that has to share its core stalls every parallel op (docs/runcpu.md).
+# Set OMP_NUM_THREADS yourself to override.
 NPROC_HALF=$(( $(nproc) / 2 ))
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( NPROC_HALF > 0 ? NPROC_HALF : 1 ))}"
 
