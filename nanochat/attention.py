@@ -19,12 +19,21 @@ _flex_fn = None
 _block_masks = {}
 
 
+def compile_flex(backend="inductor"):
+    """FlexAttention compiled (uncompiled it is a slow reference implementation; compiled, a
+    Triton kernel). With dynamo's automatic dynamic shapes (dynamic=None): the first shape
+    compiles static, and the first call at another shape recompiles with the changing sizes
+    symbolic. Evaluations (CORE, chat tasks, RL) feed it a new sequence length almost every
+    call; with dynamic=False each one was a recompile, and past the recompile limit (8) torch
+    fell back to the unfused implementation."""
+    return torch.compile(flex_attention, dynamic=None, backend=backend)
+
+
 def _flex_attention():
-    """The compiled FlexAttention kernel (uncompiled flex_attention is a slow reference
-    implementation; compiled it is a Triton kernel)."""
+    """The compiled FlexAttention kernel used outside a compiled model (evaluation)."""
     global _flex_fn
     if _flex_fn is None:
-        _flex_fn = torch.compile(flex_attention, dynamic=False)
+        _flex_fn = compile_flex()
     return _flex_fn
 
 
@@ -32,10 +41,10 @@ def use_flex(device):
     return device.type == "cuda" and USE_FLEX_ATTENTION
 
 
-@torch.compiler.disable
 def sliding_window_block_mask(T, window, device):
-    """FlexAttention block mask: query i sees keys j with i - window < j <= i. Cached per (T, window).
-    Always built eagerly (a graph break inside a compiled model), then reused."""
+    """FlexAttention block mask: query i sees keys j with i - window < j <= i. Cached per (T, window),
+    so it is built once per shape. create_block_mask traces into a compiled model's graph (no
+    graph break), and a cached mask is an input of that graph."""
     key = (T, window, str(device))
     if key not in _block_masks:
         def sliding_causal(b, h, q_idx, kv_idx):
@@ -47,8 +56,11 @@ def sliding_window_block_mask(T, window, device):
 def attention(q, k, v, mask):
     """q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D), all in one dtype. Returns (B, H, Tq, D)."""
     gqa = k.size(1) != q.size(1)
-    if gqa and q.device.type == "mps":
-        # MPS SDPA may not take enable_gqa: repeat the kv heads instead
+    if gqa and (isinstance(mask, torch.Tensor) or q.device.type == "mps"):
+        # With enable_gqa, CUDA's SDPA has only its flash kernel (which takes no mask) and the
+        # math fallback (which materializes every score): with a mask (KV-cache prefill and
+        # decode, windows without FlexAttention) repeat the kv heads, so the memory-efficient
+        # kernel runs. MPS may not take enable_gqa at all.
         rep = q.size(1) // k.size(1)
         k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), False
     if mask is None:

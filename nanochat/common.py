@@ -219,24 +219,31 @@ def get_peak_flops(device) -> float | None:
     """Peak dense bf16 FLOP/s of one accelerator, for MFU. None when unknown (CPU, unlisted GPU)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device).lower()
+    return peak_flops_of(torch.cuda.get_device_name(device))[1]
+
+
+def peak_flops_of(device_name: str):
+    """(table key, dense bf16 FLOP/s) for a GPU name as torch reports it, (None, None) if unlisted."""
+    name = device_name.lower()
     for key, flops in GPU_PEAK_BF16_FLOPS:
         if key in name:
-            return flops
-    return None
+            return key, flops
+    return None, None
 
 
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets. First match wins,
-# so the more specific names come first.
+# so a name that contains another comes first ("gh200" holds "h200", "h100 nvl" holds "h100").
 GPU_PEAK_BF16_FLOPS = [
     ("gb200", 2.5e15),
     ("b200", 2.25e15),
     ("b100", 1.75e15),
-    ("h200", 989e12),
+    ("gh200", 989e12),
+    ("h200 nvl", 835e12),  # the PCIe-card H200 and H100 NVL run at lower clocks than SXM
+    ("h100 nvl", 835e12),
     ("h100 pcie", 756e12),
+    ("h200", 989e12),   # SXM
     ("h100", 989e12),   # SXM / HBM3
     ("h800", 989e12),
-    ("gh200", 989e12),
     ("h20", 148e12),
     ("a100", 312e12),
     ("a800", 312e12),

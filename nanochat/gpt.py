@@ -64,8 +64,9 @@ def has_value_embedding(layer_idx, n_layer):
 
 
 def norm(x):
-    # parameter-free RMSNorm
-    return F.rms_norm(x, (x.size(-1),))
+    """Parameter-free RMSNorm that returns x's dtype: under CUDA autocast rms_norm computes (and
+    would return) fp32; the statistics need it, the activations that follow do not."""
+    return F.rms_norm(x, (x.size(-1),)).to(x.dtype)
 
 
 def rotary_cos_sin(pos, head_dim):
@@ -114,12 +115,12 @@ class CausalSelfAttention(nn.Module):
             v = v + gate.unsqueeze(-1) * ve.view(B, T, Hkv, D)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         # QK-norm; .to(v.dtype) keeps q, k, v in the compute dtype whatever rms_norm does under autocast
-        q, k = norm(q).to(v.dtype), norm(k).to(v.dtype)
+        q, k = norm(q), norm(k)  # QK-norm
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             kv_cache, q_pos, kv_len = cache
             k, v = kv_cache.store(self.layer_idx, k, v, q_pos, kv_len)
-            k, v = k.to(q.dtype), v.to(q.dtype)
+            k, v = k.to(q.dtype), v.to(q.dtype)  # no-op when the cache is in the compute dtype
         y = attention(q, k, v, mask)
         y = y.transpose(1, 2).contiguous().view(B, T, H * D)
         return self.c_proj(y)
@@ -228,12 +229,17 @@ class GPT(nn.Module):
             masks = {w: cache_mask(w, q_pos, kv_len) for w in set(self.windows)}
             cache = (kv_cache, q_pos, kv_len)
 
-        x = norm(self.wte(idx))
+        # Activations in the compute dtype from the start (the embedding tables are fp32 master
+        # weights, which autocast leaves alone), so every matmul and attention runs in it; only
+        # the softcapped logits and the loss are fp32 (docs/model.md, "Precision").
+        on = torch.is_autocast_enabled(device.type)
+        dtype = torch.get_autocast_dtype(device.type) if on else self.wte.weight.dtype
+        x = norm(self.wte(idx).to(dtype))
         x0 = x
         ckpt = self.checkpoint_activations and torch.is_grad_enabled() and kv_cache is None
         for i, block in enumerate(self.blocks):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
-            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            ve = self.value_embeds[str(i)](idx).to(dtype) if str(i) in self.value_embeds else None
             args = (x, ve, cos, sin, masks[self.windows[i]], cache)
             x = checkpoint(block, *args, use_reentrant=False) if ckpt else block(*args)
         if kv_cache is not None:

@@ -349,6 +349,39 @@ def global_max(x: int, device) -> int:
     return int(x)
 
 
+def all_agree(flag: bool, device) -> bool:
+    """True when `flag` is true on every process (a MIN all-reduce; `flag` itself without torchrun)."""
+    if distributed():
+        t = torch.tensor([int(bool(flag))], dtype=torch.int64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item())
+    return bool(flag)
+
+
+def is_out_of_memory(e) -> bool:
+    """torch's OutOfMemoryError, or a RuntimeError that an allocator or library raised saying so
+    (e.g. a cuBLAS workspace that could not be allocated)."""
+    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+
+
+def largest_fitting(candidates, fits, device):
+    """The first of `candidates` (largest first) for which fits(candidate) holds on every process,
+    or None. All processes try the same candidates in the same order and agree on each answer
+    (all_agree), so they all choose the same value: a rank that chose alone could pick another
+    micro-batch, hence another accumulation count, and the step's collectives would hang. An
+    out-of-memory error inside fits means "does not fit"; any other error is raised."""
+    for c in candidates:
+        try:
+            ok = bool(fits(c))
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            ok = False
+        if all_agree(ok, device):
+            return c
+    return None
+
+
 def add_compile_flag(group):
     group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                        help="torch.compile the model (default: on for CUDA, off elsewhere)")

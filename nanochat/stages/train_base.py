@@ -27,7 +27,7 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.training import (StepLog, add_compile_flag, add_schedule_flags, check_horizon, check_loop_args,
-                               check_schedule_args, derive_total_batch_size, is_due, log_report, lr_multiplier,
+                               check_schedule_args, derive_total_batch_size, is_due, largest_fitting, log_report, lr_multiplier,
                                model_dims, muon_momentum, resolve_resume, scaled_weight_decay, set_lrs,
                                write_record)
 
@@ -87,35 +87,29 @@ def build_parser():
 # ---------------------------------------------------------------------------
 # Memory helpers (CUDA)
 
-def probe_device_batch_size(model, seq_len, vocab_size, device, tokens_per_step_multiple):
-    """Largest power-of-two micro-batch whose forward+backward fits, leaving room for the
-    optimizer state (~2 fp32 copies of the parameters) and 10% slack; it must also divide
-    the total batch (checked by the caller). Probed without compile (compiled code uses less)."""
+AUTO_BATCH_CANDIDATES = (256, 128, 64, 32, 16, 8, 4, 2, 1)
+
+
+def cuda_batch_fits(model, seq_len, vocab_size, device):
+    """fits(b) for largest_fitting: forward + backward of b random sequences stays within 90% of
+    the GPU's memory, after room for the optimizer state (~2 fp32 copies of the parameters).
+    Probed without compile (compiled code needs less), with activation checkpointing if on."""
     total = torch.cuda.get_device_properties(device).total_memory
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     budget = 0.9 * total - 2 * param_bytes
-    for b in (256, 128, 64, 32, 16, 8, 4, 2, 1):
-        if tokens_per_step_multiple % b:
-            continue
+
+    def fits(b):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         try:
             x = torch.randint(0, vocab_size, (b, seq_len), device=device)
             with autocast_ctx(device):
-                loss = model(x, x)
-            loss.backward()
-            peak = torch.cuda.max_memory_allocated(device)
-            ok = peak <= budget
-        except torch.cuda.OutOfMemoryError:
-            ok = False
+                model(x, x).backward()
+            return torch.cuda.max_memory_allocated(device) <= budget
         finally:
             model.zero_grad(set_to_none=True)
-            loss = x = None
             torch.cuda.empty_cache()
-        if ok:
-            return b
-    raise UserError(f"--device-batch-size auto: not even 1 sequence of {seq_len} tokens fits; "
-                    f"lower --max-seq-len or use --activation-checkpointing")
+    return fits
 
 
 # ---------------------------------------------------------------------------
@@ -214,8 +208,12 @@ def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_ba
         if args.total_batch_size > 0 and args.total_batch_size % (T * world_size):
             raise UserError(f"--total-batch-size {args.total_batch_size} is not a multiple of "
                             f"max-seq-len * processes = {T * world_size}")
-        B = probe_device_batch_size(model, T, vocab_size, device, multiple)
-        print0(f"--device-batch-size auto: {B}")
+        candidates = [b for b in AUTO_BATCH_CANDIDATES if multiple % b == 0]
+        B = largest_fitting(candidates, cuda_batch_fits(model, T, vocab_size, device), device)
+        if B is None:
+            raise UserError(f"--device-batch-size auto: not even 1 sequence of {T} tokens fits; "
+                            f"lower --max-seq-len or use --activation-checkpointing")
+        print0(f"--device-batch-size auto: {B} (agreed by all {world_size} process(es))")
     tokens_per_fwdbwd = B * T * world_size
     total_batch_size = args.total_batch_size if args.total_batch_size > 0 else \
         derive_total_batch_size(ratio_tokens, tokens_per_fwdbwd)
