@@ -188,43 +188,43 @@ def check_flex(device, s):
 def check_train(device, s):
     """~20 compiled training steps each at d12 and d20 (CPU: a few eager steps of a tiny model):
     the loss is finite and falls; tok/s, MFU and peak memory."""
-    cuda = device.type == "cuda"
-    out, ok = {}, True
-    for depth, B in s["train"]:
-        model = build(depth, s["head_dim"], s["T"], s["vocab"], device)
-        optimizer = model.setup_optimizer(weight_decay=0.1, compile=cuda or None)
-        fwd = torch.compile(model, dynamic=False) if cuda else model
-        g = torch.Generator(device=device).manual_seed(depth)
-        data = torch.randint(0, min(1000, s["vocab"]), (B, s["T"] + 1), device=device, generator=g)  # few ids: learnable
+    out = {f"d{depth}": train_steps(device, s, depth, B) for depth, B in s["train"]}
+    return all(r["last_loss"] < r["first_loss"] for r in out.values()), out
 
-        def step():
-            with autocast_ctx(device):
-                loss = fwd(data[:, :-1], data[:, 1:])
-            loss.backward()
-            optimizer.step()
-            model.zero_grad(set_to_none=True)
-            return loss.detach()
-        first = float(step())  # includes compilation
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        synchronize(device)
-        t0 = time.perf_counter()
-        for _ in range(s["steps"] - 1):
-            last = step()
-        synchronize(device)
-        dt = (time.perf_counter() - t0) / (s["steps"] - 1)
-        tok_s = B * s["T"] / dt
-        peak = get_peak_flops(device)
-        last = float(last)
-        out[f"d{depth}"] = {"tok_per_sec": round(tok_s), "step_ms": round(1000 * dt, 1), "first_loss": first,
-                            "last_loss": last, "batch": B,
-                            "mfu": round(model.estimate_flops() * tok_s / peak, 4) if peak else None,
-                            "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None}
-        ok = ok and last == last and last < first
-        del model, optimizer, fwd
-        if cuda:
-            torch.cuda.empty_cache()
-    return ok, out
+
+def train_steps(device, s, depth, B):
+    cuda = device.type == "cuda"
+    model = build(depth, s["head_dim"], s["T"], s["vocab"], device)
+    optimizer = model.setup_optimizer(weight_decay=0.1, compile=cuda or None)
+    fwd = torch.compile(model, dynamic=False) if cuda else model
+    g = torch.Generator(device=device).manual_seed(depth)
+    data = torch.randint(0, min(1000, s["vocab"]), (B, s["T"] + 1), device=device, generator=g)  # few ids: learnable
+
+    def step():
+        with autocast_ctx(device):
+            loss = fwd(data[:, :-1], data[:, 1:])
+        loss.backward()
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        return loss.detach()
+    first = float(step())  # includes compilation
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(s["steps"] - 1):
+        last = step()
+    synchronize(device)
+    dt = (time.perf_counter() - t0) / (s["steps"] - 1)
+    tok_s = B * s["T"] / dt
+    peak = get_peak_flops(device)
+    last = float(last)  # nan compares False: a nan loss fails the check
+    result = {"tok_per_sec": round(tok_s), "step_ms": round(1000 * dt, 1), "first_loss": first, "last_loss": last,
+              "batch": B, "mfu": round(model.estimate_flops() * tok_s / peak, 4) if peak else None,
+              "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None}
+    if cuda:
+        torch.cuda.empty_cache()
+    return result
 
 
 def check_autobatch(device, s):
@@ -237,8 +237,6 @@ def check_autobatch(device, s):
     t0 = time.perf_counter()
     B = largest_fitting(AUTO_BATCH_CANDIDATES, cuda_batch_fits(model, s["T"], s["vocab"], device), device)
     out = {"depth": depth, "T": s["T"], "device_batch_size": B, "seconds": round(time.perf_counter() - t0, 1)}
-    del model
-    torch.cuda.empty_cache()
     return B is not None and B >= 1, out
 
 
@@ -265,8 +263,6 @@ def check_memory(device, s):
     base, ckpt, plain = peak(), peak(ckpt=True), peak(plain_loss=True)
     out = {"fwd_bwd_gib": round(base, 2), "checkpointing_gib": round(ckpt, 2), "plain_loss_gib": round(plain, 2),
            "saved_by_checkpointing_gib": round(base - ckpt, 2), "saved_by_fused_loss_gib": round(plain - base, 2)}
-    del model
-    torch.cuda.empty_cache()
     return ckpt < base and base < plain, out
 
 
