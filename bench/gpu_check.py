@@ -386,6 +386,8 @@ def main(argv=None):
                 os.environ.pop("NANOCHAT_DTYPE", None)
             else:
                 os.environ["NANOCHAT_DTYPE"] = env_dtype
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the check's models are gone: give their memory back before the next one
         results.append({"check": name, "status": status, "seconds": round(time.time() - t0, 1), "numbers": numbers})
         print(f"{status:<4} {name:<10} {results[-1]['seconds']:>6.1f}s  {json.dumps(numbers, default=str)}", flush=True)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
