@@ -7,7 +7,7 @@ module has `main(argv) -> int | None` with its own argparse parser, so `--help` 
 import importlib
 import sys
 
-from nanochat.common import UserError
+from nanochat.common import UserError, absolute_env_paths
 
 # verb -> {sub-verb: one-line description}; None means the verb takes no sub-verb
 VERBS = {
@@ -87,6 +87,7 @@ def resolve(argv):
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    absolute_env_paths()  # a relative data root means the one beside where the command was typed
     module_name, prog, rest = resolve(argv)
     module = importlib.import_module(module_name)
     sys.argv = [prog] + rest  # so argparse in the stage prints the right program name

@@ -27,6 +27,16 @@ def get_data_dir() -> str:
     return os.environ.get("NANOCHAT_DATA") or os.path.join(get_base_dir(), "data")
 
 
+def absolute_env_paths() -> None:
+    """Make a relative NANOCHAT_DATA / NANOCHAT_BASE_DIR absolute, against the directory the
+    command was started in. Called once at entry (the `nanochat` command), so that every
+    subprocess and every later chdir sees the folder the user meant."""
+    for key in ("NANOCHAT_DATA", "NANOCHAT_BASE_DIR"):
+        value = os.environ.get(key)
+        if value:
+            os.environ[key] = os.path.abspath(os.path.expanduser(value))
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write to a temporary name beside `path`, fsync, then rename: readers never see half a file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -66,6 +76,9 @@ def download_file(url: str, path: str, timeout: float = 30.0, retries: int = 5, 
     bundle) goes through here. Raises NotFound on 404, DownloadError with the last reason otherwise."""
     import time
     import requests
+    if downloads_off():  # every caller checks first with a better message; this is the backstop
+        raise UserError(f"{path} is missing and downloads are off (NANOCHAT_OFFLINE / HF_HUB_OFFLINE): "
+                        f"not fetching {url}")
     tmp = f"{path}.tmp.{os.getpid()}"
     reason = "no attempt"
     for attempt in range(retries + 1):
