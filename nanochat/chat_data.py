@@ -548,7 +548,7 @@ def resolve_start(args, stage, world_size):
         if resume_step not in steps:
             raise UserError(f"no complete checkpoint for step {resume_step} in {out_dir}; "
                             f"complete steps: {', '.join(map(str, steps))}")
-        meta = ck.load_meta(out_dir, resume_step)
+        meta = ck.load_meta(out_dir, resume_step, require=("loop",))
         if meta.get("world_size", 1) != world_size:
             raise UserError(f"the checkpoint was saved by {meta.get('world_size')} process(es); "
                             f"resume with the same number (now {world_size})")

@@ -52,6 +52,22 @@ def atomic_write_text(path: str, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def read_jsonl(path: str) -> list[dict]:
+    """The JSON objects of a .jsonl file, one per line. A line that is not a whole JSON object
+    (the torn or garbled last line a crash leaves, even invalid UTF-8) is skipped."""
+    import json
+    rows = []
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except ValueError:  # JSONDecodeError and UnicodeDecodeError alike
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+    return rows
+
+
 def downloads_off() -> bool:
     """NANOCHAT_OFFLINE=1 (or HF_HUB_OFFLINE=1): loaders never fetch what is missing; they say
     which path is missing and what would fetch it."""

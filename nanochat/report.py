@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import time
 
-from nanochat.common import atomic_write_text, get_base_dir, get_dist_info
+from nanochat.common import atomic_write_text, get_base_dir, get_dist_info, read_jsonl
 
 # The order sections appear in report.md; unknown sections go after these, by time written.
 SECTION_ORDER = [
@@ -217,16 +217,7 @@ def latest_metrics_files(base_dir: str | None = None) -> dict:
 
 
 def read_metrics(path: str) -> list[dict]:
-    rows = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue  # a torn last line from a crash
-    return rows
+    return read_jsonl(path)  # a torn or garbled last line from a crash is skipped
 
 
 def plot_metrics(out_dir: str, base_dir: str | None = None) -> list[tuple[str, str]]:

@@ -257,7 +257,7 @@ def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_ba
         if resume_step not in steps:
             raise UserError(f"no complete checkpoint for step {resume_step} in {ckpt_dir}; "
                             f"complete steps: {', '.join(map(str, steps))}")
-        meta = ck.load_meta(ckpt_dir, resume_step)
+        meta = ck.load_meta(ckpt_dir, resume_step, require=("model_config", "loop"))
         saved_cfg = meta["model_config"]
         diffs = [f"{k}: checkpoint {saved_cfg.get(k)!r} vs now {v!r}" for k, v in model_config.items()
                  if saved_cfg.get(k) != v]
