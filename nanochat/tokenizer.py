@@ -281,9 +281,10 @@ def train_from_shards(vocab_size: int, max_chars: int, doc_cap: int, data_dir=No
                       show_progress: bool = True) -> tuple[Tokenizer, int, float]:
     """Train on the training split of the pretraining shards. Returns (tokenizer, chars, seconds)."""
     from tqdm import tqdm
-    from nanochat.dataset import iter_texts
+    from nanochat.dataset import iter_texts, split_shards, validate_shards
     if max_chars <= 0 or doc_cap <= 0:
         raise UserError("--max-chars and --doc-cap must be positive")
+    validate_shards(split_shards("train", data_dir, folder))  # a bad shard is an error now, not mid-way
     counted = {"chars": 0}
     bar = tqdm(total=max_chars, unit="char", unit_scale=True, desc="reading text", disable=not show_progress)
 

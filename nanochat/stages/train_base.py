@@ -213,9 +213,9 @@ def main(argv=None):
 
     # --- tokenizer and data must exist before we spin anything up
     from nanochat.tokenizer import get_token_bytes, get_tokenizer
-    from nanochat.dataset import list_shards
+    from nanochat.dataset import list_shards, validate_shards
     tokenizer = get_tokenizer()
-    list_shards()
+    validate_shards(list_shards())  # every train and val shard's schema, before anything starts
     vocab_size = tokenizer.get_vocab_size()
 
     is_dist, rank, local_rank, world_size, device = compute_init(device_type, seed=args.seed)
