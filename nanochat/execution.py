@@ -65,7 +65,7 @@ DEFAULT_MAX_MEMORY_BYTES = 256 * 1024 * 1024
 DEFAULT_MAX_OUTPUT_BYTES = 128 * 1024      # per stream
 DEFAULT_MAX_FILE_BYTES = 16 * 1024 * 1024  # largest file the program may write
 DEFAULT_MAX_PROCESSES = 32                 # RLIMIT_NPROC; effective under the private uid only
-DEFAULT_MAX_CREATED = 256                  # files + directories the program may create (audit hook)
+DEFAULT_MAX_CREATED = 64                   # files + directories the program may create (audit hook)
 MAX_REPLY_BYTES = 8 * 1024 * 1024          # one candidate return value, encoded
 TEMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")  # world-writable: swept for the private uid's leftovers
 
@@ -216,6 +216,8 @@ def _make_guard(root, max_created, deny_imports, stdlib):
             # os.open (mode None) may be relative to a directory fd the event does not show:
             # inside the working directory only, like every write
             if mode is None or flags & _write:
+                if r == "/dev/null":
+                    return
                 if not inside(path):
                     deny(f"opening {path!r} outside the working directory" if r is not None
                          else "opening a path that is not a plain str for writing")
@@ -283,7 +285,8 @@ if cfg["python_guards"]:
                 setattr(_mod, _name, None)
     if "_signal" in sys.modules and hasattr(sys.modules["_signal"], "pidfd_send_signal"):
         sys.modules["_signal"].pidfd_send_signal = None
-    for _m in ("resource", "_posixsubprocess", "subprocess"):  # ours (or never loaded): import is refused
+    for _m in ("resource", "_signal", "_posixsubprocess", "subprocess"):  # loaded by us or at startup:
+        # out of sys.modules, so that importing them meets the hook (which refuses it)
         sys.modules.pop(_m, None)
     # modules imported from here on compile from source (no .pyc is ever unmarshalled: marshal is
     # refused, as bytecode built from bytes can corrupt memory)

@@ -8,6 +8,7 @@ import time
 
 import pytest
 import requests
+import torch
 import uvicorn
 
 from nanochat.server import MAX_MESSAGES, TextStream, create_app
@@ -421,6 +422,56 @@ def test_a_failing_row_ends_only_its_own_request(tokenizer):
             assert events[-2]["choices"][0]["finish_reason"] in ("stop", "length"), name
         stats = live.stats()
         assert stats["failed"] == 1 and stats["completed"] == 3
+    finally:
+        live.close()
+
+
+class ExplodingPrefill(torch.nn.Module):
+    """The real model, except that a prefill that includes a prompt of exactly `bad_len` tokens
+    raises (an error in one request's prefill, e.g. an out-of-memory)."""
+
+    def __init__(self, model, bad_len):
+        super().__init__()
+        self.inner, self.config, self.bad_len = model, model.config, bad_len
+
+    def get_device(self):
+        return self.inner.get_device()
+
+    def new_kv_cache(self, *args, **kwargs):
+        return self.inner.new_kv_cache(*args, **kwargs)
+
+    def forward(self, idx, kv_cache=None, kv_len=None, logits_positions=None):
+        if not isinstance(logits_positions, int) and (logits_positions + 1 == self.bad_len).any():
+            raise RuntimeError("simulated failure in this prompt's prefill")
+        return self.inner(idx, kv_cache=kv_cache, kv_len=kv_len, logits_positions=logits_positions)
+
+
+def test_a_failing_prefill_ends_only_its_own_request(tokenizer):
+    """A request whose prefill fails is answered with an error; the request already decoding and
+    one admitted at the same time finish normally (they used to fail with it)."""
+    bad = user("word " * 40)
+    model = ExplodingPrefill(make_model(tokenizer.get_vocab_size(), sequence_len=256),
+                             len(tokenizer.render_for_completion({"messages": bad})))
+    live = LiveServer(create_app(model, tokenizer, max_batch=3, token_delay=0.01))
+    out = {}
+
+    def ask(name, messages, max_tokens):
+        r = requests.post(live.url + "/v1/chat/completions", timeout=60,
+                          json={"messages": messages, "max_tokens": max_tokens, "temperature": 0})
+        out[name] = r
+    try:
+        running = threading.Thread(target=ask, args=("running", user("Hi"), 40))
+        running.start()
+        _wait_for(lambda: live.stats()["active"] == 1, 10)
+        pair = [threading.Thread(target=ask, args=("bad", bad, 5)), threading.Thread(target=ask, args=("ok", user("Yo"), 5))]
+        for t in pair:
+            t.start()
+        for t in pair + [running]:
+            t.join(timeout=60)
+        assert out["bad"].status_code == 500 and "simulated failure" in out["bad"].json()["error"]["message"]
+        for name in ("running", "ok"):
+            assert out[name].status_code == 200, (name, out[name].text)
+        assert live.stats()["failed"] == 1
     finally:
         live.close()
 
