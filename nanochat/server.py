@@ -234,11 +234,12 @@ class Scheduler:
         self.thread.join(timeout=10)
 
     def submit(self, job):
-        """Queue a job; False (and nothing queued) when max_queue jobs are already waiting. Jobs
-        whose clients left while waiting are dropped first, so they never hold a place."""
+        """Queue a job; False (and nothing queued) when max_queue jobs already wait beyond the rows
+        that are free (those are about to be admitted). Jobs whose clients left while waiting are
+        dropped first, so they never hold a place."""
         with self.cond:
             self._drop_cancelled()
-            if len(self.waiting) >= self.max_queue:
+            if len(self.waiting) >= self.max_queue + max(0, self.max_batch - self.active):
                 self.rejected += 1
                 return False
             self.total_requests += 1

@@ -18,8 +18,8 @@ def main(argv=None):
     parser.add_argument("--max-batch", type=int, default=8,
                         help="rows of the KV cache = requests decoded together; more wait in a queue")
     parser.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
-                        help=f"requests that may wait for a free row (default {DEFAULT_MAX_QUEUE}); more are "
-                             f"answered 503 with Retry-After")
+                        help=f"requests that may wait for a row beyond the free ones (default {DEFAULT_MAX_QUEUE}); "
+                             f"more are answered 503 with Retry-After")
     parser.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: nanochat-<source>)")
     parser.add_argument("--token-delay", type=float, default=0.0,
                         help="seconds to sleep after every decode step (for tests and demos of streaming)")
