@@ -9,8 +9,16 @@ Folder: $NANOCHAT_BASE_DIR/checkpoints/<base|mid|sft|rl>/<model_tag>/
 Every file is written to a temporary name, fsynced and renamed. The meta file is written last,
 after every rank has renamed its shard, so a step "exists" exactly when its meta file does: a
 save killed half-way leaves the previous step as the latest loadable one.
+
+Loading never runs code from a file: every .pt file is read with torch.load(weights_only=True)
+(tensors, numbers, strings, lists, dicts, tuples only), so the RNG states are stored as such
+(numpy's as plain ints and a tensor). The meta file records the sha256 of every other file of
+its step; loading checks it, so flipped or missing bytes are a clear error naming the file and
+the last step that still verifies, never a silent wrong load. Checkpoints written before
+checksums existed load without verification.
 """
 import glob
+import hashlib
 import json
 import os
 import random
@@ -20,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from nanochat.common import UserError, add_common_flags, compute_init, get_base_dir, print0
+from nanochat.common import UserError, add_common_flags, compute_init, get_base_dir, print0, read_jsonl
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import get_tokenizer
 
@@ -69,18 +77,30 @@ def _fsync_dir(d):
         os.close(fd)
 
 
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _atomic_save(obj, path, writer):
+    """Write `obj` to `path` via a temporary name; returns the sha256 of what was written
+    (read back from the file, after the fsync)."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
             writer(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        digest = sha256_file(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     _fsync_dir(os.path.dirname(path))
+    return digest
 
 
 def _torch_writer(obj, f):
@@ -109,11 +129,14 @@ def clean_state_dict(state: dict) -> dict:
 
 
 def get_rng_state() -> dict:
-    """Every random number generator a training step may touch, for exact resume."""
+    """Every random number generator a training step may touch, for exact resume. Only types
+    torch.load(weights_only=True) reads back: tensors, ints, floats, strings, tuples, dicts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "torch_cpu": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": random.getstate(),  # (version, tuple of 625 ints, gauss_next)
+        "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["torch_cuda"] = torch.cuda.get_rng_state_all()
@@ -123,7 +146,10 @@ def get_rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch_cpu"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    if isinstance(n, dict):
+        n = (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    np.random.set_state(n)  # a tuple with an ndarray: a checkpoint from before this format
     if "torch_cuda" in state and torch.cuda.is_available():
         cuda_states = state["torch_cuda"]
         if len(cuda_states) == torch.cuda.device_count():
@@ -147,16 +173,23 @@ def save_checkpoint(ckpt_dir, step, model_state, optim_state, meta, rank=0, extr
         _fsync_dir(ckpt_dir)
     if distributed:
         dist.barrier()  # nobody replaces a shard of this step before it is un-published
+    sums = {}
     if rank == 0 and model_state is not None:
-        _atomic_save(clean_state_dict(model_state), _model_path(ckpt_dir, step), _torch_writer)
+        path = _model_path(ckpt_dir, step)
+        sums[os.path.basename(path)] = _atomic_save(clean_state_dict(model_state), path, _torch_writer)
     shard = {"optimizer": optim_state, "rng": get_rng_state(), "extra": extra}
-    _atomic_save(shard, _optim_path(ckpt_dir, step, rank), _torch_writer)
+    path = _optim_path(ckpt_dir, step, rank)
+    sums[os.path.basename(path)] = _atomic_save(shard, path, _torch_writer)
     if distributed:
-        dist.barrier()  # every shard is on disk before the step is published
+        # every shard is on disk before the step is published; rank 0 learns their checksums
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, sums)
+        sums = {k: v for part in gathered for k, v in part.items()}
     if rank == 0:
         meta = dict(meta)
         meta["step"] = step
         meta.setdefault("world_size", dist.get_world_size() if distributed else 1)
+        meta["sha256"] = dict(sorted(sums.items()))
         _atomic_save(meta, _meta_path(ckpt_dir, step), _json_writer)
     if distributed:
         dist.barrier()
@@ -215,19 +248,103 @@ def find_largest_model(stage_dir) -> str:
 # ---------------------------------------------------------------------------
 # Load
 
-def load_meta(ckpt_dir, step) -> dict:
-    with open(_meta_path(ckpt_dir, step), encoding="utf-8") as f:
-        return json.load(f)
+def _read_meta(path) -> dict:
+    """The meta file's dict; ValueError (with the reason) when it is not one."""
+    with open(path, "rb") as f:
+        meta = json.loads(f.read().decode("utf-8"))
+    if not isinstance(meta, dict):
+        raise ValueError(f"a JSON {type(meta).__name__}, not an object")
+    return meta
 
 
-def load_checkpoint(ckpt_dir, step, device="cpu", load_optimizer=False, rank=0):
+def _verified(ckpt_dir, step, names) -> bool:
+    """True when step's meta reads and each of `names` (file names of that step) matches the
+    checksum its meta recorded (or the meta records none: a checkpoint from before checksums)."""
+    try:
+        sums = _read_meta(_meta_path(ckpt_dir, step)).get("sha256") or {}
+        return all(name not in sums or (os.path.exists(os.path.join(ckpt_dir, name))
+                                        and sha256_file(os.path.join(ckpt_dir, name)) == sums[name])
+                   for name in names)
+    except (OSError, ValueError):
+        return False
+
+
+def last_good_step(ckpt_dir, before=None):
+    """The newest complete step (before `before`) whose files all verify, or None."""
+    for s in reversed(complete_steps(ckpt_dir)):
+        if before is not None and s >= before:
+            continue
+        try:
+            names = list((_read_meta(_meta_path(ckpt_dir, s)).get("sha256") or {}))
+        except (OSError, ValueError):
+            continue
+        if _verified(ckpt_dir, s, names + [os.path.basename(_model_path(ckpt_dir, s))]):
+            return s
+    return None
+
+
+def _corrupt(ckpt_dir, step, path, why):
+    good = last_good_step(ckpt_dir, before=step)
+    hint = (f"the last good step is {good} (--step {good} to load it, --resume-from-step {good} to train "
+            f"on from it)" if good is not None else "no earlier step verifies")
+    return UserError(f"{path} is unusable ({why}); {hint}")
+
+
+def load_meta(ckpt_dir, step, require=()) -> dict:
+    """The meta dict of a step; UserError (naming the file and the last good step) when the
+    file is not a JSON object or lacks one of the `require`d keys."""
+    path = _meta_path(ckpt_dir, step)
+    try:
+        meta = _read_meta(path)
+    except (OSError, ValueError) as e:
+        raise _corrupt(ckpt_dir, step, path, f"not a valid meta file: {e}") from None
+    missing = [k for k in require if k not in meta]
+    if missing:
+        raise _corrupt(ckpt_dir, step, path, f"missing {', '.join(missing)}")
+    return meta
+
+
+def _load_pt(ckpt_dir, step, path, meta, device):
+    """torch.load(weights_only=True) of one file of a step, checked against the meta's sha256."""
+    want = (meta.get("sha256") or {}).get(os.path.basename(path))
+    if want is not None and sha256_file(path) != want:
+        raise _corrupt(ckpt_dir, step, path, f"its sha256 differs from the one {os.path.basename(_meta_path(ckpt_dir, step))} "
+                                             f"recorded when it was saved: the file was changed or damaged")
+    try:
+        # numpy's RNG state of checkpoints from before the JSON-able format holds ndarrays: allow
+        # exactly the numpy types that rebuild one (no callable that could run other code)
+        with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
+            return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated, zero bytes, random bytes, not a torch file, or a crafted pickle
+        raise _corrupt(ckpt_dir, step, path, f"cannot be read as a checkpoint: {type(e).__name__}: "
+                                             f"{str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def _numpy_array_globals():
+    import numpy.core.multiarray as multiarray
+    rebuild = multiarray._reconstruct
+    out = [rebuild, (rebuild, "numpy.core.multiarray._reconstruct"),  # the name numpy 1.x pickles use
+           (rebuild, "numpy._core.multiarray._reconstruct"), np.ndarray, np.dtype]
+    out += [type(np.dtype(t)) for t in ("uint32", "int64", "float64")]  # numpy >= 1.25 dtype classes
+    return out
+
+
+_NUMPY_ARRAY_GLOBALS = _numpy_array_globals()
+
+
+def load_checkpoint(ckpt_dir, step, device="cpu", load_optimizer=False, rank=0, require=()):
     """Return (model_state, shard, meta). `shard` is None unless load_optimizer; it is a dict
-    with "optimizer" (this rank's optimizer state), "rng" and "extra" as saved."""
+    with "optimizer" (this rank's optimizer state), "rng" and "extra" as saved. Every file is
+    verified against the meta's checksums and read without running code; anything unusable
+    (corrupt, truncated, missing `require`d meta keys) is a UserError naming the file."""
     if step not in complete_steps(ckpt_dir):
         raise UserError(f"no complete checkpoint for step {step} in {ckpt_dir} "
                         f"(complete steps: {complete_steps(ckpt_dir) or 'none'})")
-    meta = load_meta(ckpt_dir, step)
-    model_state = torch.load(_model_path(ckpt_dir, step), map_location=device, weights_only=True)
+    meta = load_meta(ckpt_dir, step, require)
+    path = _model_path(ckpt_dir, step)
+    model_state = _load_pt(ckpt_dir, step, path, meta, device)
+    if not isinstance(model_state, dict):
+        raise _corrupt(ckpt_dir, step, path, "not a state dict")
     model_state = {k.replace(COMPILE_PREFIX, ""): v for k, v in model_state.items()}
     shard = None
     if load_optimizer:
@@ -235,9 +352,9 @@ def load_checkpoint(ckpt_dir, step, device="cpu", load_optimizer=False, rank=0):
         if not os.path.exists(path):
             raise UserError(f"{path} is missing: the checkpoint was saved with {meta.get('world_size', '?')} "
                             f"process(es); resume with the same number")
-        # RNG states hold numpy/python objects, so this file needs the full unpickler; it is one
-        # we wrote ourselves
-        shard = torch.load(path, map_location=device, weights_only=False)
+        shard = _load_pt(ckpt_dir, step, path, meta, device)
+        if not isinstance(shard, dict) or not {"optimizer", "rng", "extra"} <= set(shard):
+            raise _corrupt(ckpt_dir, step, path, "not an optimizer shard")
     return model_state, shard, meta
 
 
@@ -247,13 +364,22 @@ def build_model(ckpt_dir, step, device, phase="eval"):
     if phase not in ("train", "eval"):
         raise ValueError(f"phase must be 'train' or 'eval', not {phase!r}")
     device = torch.device(device)
-    model_state, _, meta = load_checkpoint(ckpt_dir, step, device)
-    config = GPTConfig(**meta["model_config"])
-    with torch.device("meta"):
-        model = GPT(config)
+    model_state, _, meta = load_checkpoint(ckpt_dir, step, device, require=("model_config",))
+    meta_path = _meta_path(ckpt_dir, step)
+    try:
+        config = GPTConfig(**meta["model_config"])
+        with torch.device("meta"):
+            model = GPT(config)
+    except Exception as e:  # unknown keys, wrong types, impossible shapes
+        raise _corrupt(ckpt_dir, step, meta_path, f"its model_config does not describe a model: {e}") from None
     model.to_empty(device=device)
     model.init_weights()  # fills buffers that are not in the state dict (e.g. rotary tables)
-    model.load_state_dict(model_state, strict=True)
+    try:
+        model.load_state_dict(model_state, strict=True)
+    except RuntimeError as e:
+        first = [ln.strip() for ln in str(e).splitlines() if ln.strip()][1:2] or [str(e)[:200]]
+        raise _corrupt(ckpt_dir, step, _model_path(ckpt_dir, step),
+                       f"its weights do not fit the model_config in {os.path.basename(meta_path)}: {first[0]}") from None
     model.train() if phase == "train" else model.eval()
     tokenizer = get_tokenizer()
     if tokenizer.get_vocab_size() > config.vocab_size:
@@ -342,41 +468,67 @@ def metrics_path(ckpt_dir) -> str:
     return os.path.join(ckpt_dir, "metrics.jsonl")
 
 
+def _drop_torn_tail(path) -> None:
+    """A run killed while appending leaves a last line without its newline: cut it off, so the
+    next record is not glued to it (and lost with it)."""
+    with open(path, "rb+") as f:
+        end = f.seek(0, os.SEEK_END)
+        pos = end
+        while pos > 0:
+            step = min(pos, 1 << 16)
+            f.seek(pos - step)
+            block = f.read(step)
+            if pos == end and block.endswith(b"\n"):
+                return  # intact
+            nl = block.rfind(b"\n")
+            if nl >= 0:
+                f.truncate(pos - step + nl + 1)
+                return
+            pos -= step
+        f.truncate(0)
+
+
 def append_metrics(ckpt_dir, record: dict) -> None:
     """Append one JSON line (rank 0 only: the caller checks). Flushed at once so a crash loses
     at most the line being written."""
     os.makedirs(ckpt_dir, exist_ok=True)
-    with open(metrics_path(ckpt_dir), "a", encoding="utf-8") as f:
+    path = metrics_path(ckpt_dir)
+    if os.path.exists(path):
+        _drop_torn_tail(path)
+    with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
         f.flush()
 
 
 def read_metrics(ckpt_dir) -> list[dict]:
+    """The records of metrics.jsonl; a torn or garbled line (a killed run's last) is skipped."""
     path = metrics_path(ckpt_dir)
-    if not os.path.exists(path):
-        return []
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass  # a torn last line from a killed run
-    return out
+    return read_jsonl(path) if os.path.exists(path) else []
 
 
 def trim_metrics(ckpt_dir, last_step: int) -> None:
     """On resume from `last_step`: drop the lines of steps after it (logged by the interrupted
-    run after its last checkpoint), which the resumed run will log again."""
+    run after its last checkpoint), which the resumed run will log again, and any torn line."""
     path = metrics_path(ckpt_dir)
     if not os.path.exists(path):
         return
-    kept = [r for r in read_metrics(ckpt_dir) if r.get("step", -1) <= last_step]
+    kept = [r for r in read_metrics(ckpt_dir)
+            if isinstance(r.get("step"), int) and not isinstance(r["step"], bool) and r["step"] <= last_step]
     text = "".join(json.dumps(r) + "\n" for r in kept)
     _atomic_save(text.encode("utf-8"), path, lambda data, f: f.write(data))
+
+
+def remove_temp_files(ckpt_dir) -> None:
+    """Delete the `<name>.tmp.<pid>` files that saves killed half-way left behind (no file of a
+    complete step ever has such a name). Only while no save is running, i.e. before a run."""
+    if not os.path.isdir(ckpt_dir):
+        return
+    for name in os.listdir(ckpt_dir):
+        if re.fullmatch(r".+\.tmp\.\d+", name):
+            try:
+                os.remove(os.path.join(ckpt_dir, name))
+            except OSError:
+                pass
 
 
 def clear_tag(ckpt_dir):
@@ -390,6 +542,7 @@ def clear_tag(ckpt_dir):
         print0(f"fresh run: removing {len(old)} files of an earlier run in {ckpt_dir} (use --resume to continue it)")
     for n in old:
         os.remove(os.path.join(ckpt_dir, n))
+    remove_temp_files(ckpt_dir)
 
 
 def begin_run(ckpt_dir, resume_step, master=True):
@@ -402,4 +555,5 @@ def begin_run(ckpt_dir, resume_step, master=True):
         return
     if master:
         trim_metrics(ckpt_dir, resume_step)
+        remove_temp_files(ckpt_dir)  # torn files of the killed run's last, unfinished save
     print0(f"resumed from {ckpt_dir} step {resume_step}")

@@ -88,7 +88,8 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     module_name, prog, rest = resolve(argv)
     # imported only now, with the stage (and torch): `nanochat --help` stays instant
-    from nanochat.common import UserError
+    from nanochat.common import UserError, absolute_env_paths
+    absolute_env_paths()  # a relative data root means the one beside where the command was typed
     module = importlib.import_module(module_name)
     sys.argv = [prog] + rest  # so argparse in the stage prints the right program name
     try:

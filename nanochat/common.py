@@ -1,6 +1,7 @@
 """Shared plumbing: folders, downloads, device and dtype, distributed setup, printing, wandb."""
 import argparse
 import contextlib
+import json
 import os
 import sys
 import time
@@ -30,6 +31,16 @@ def get_data_dir() -> str:
     return os.environ.get("NANOCHAT_DATA") or os.path.join(get_base_dir(), "data")
 
 
+def absolute_env_paths() -> None:
+    """Make a relative NANOCHAT_DATA / NANOCHAT_BASE_DIR absolute, against the directory the
+    command was started in. Called once at entry (the `nanochat` command), so that every
+    subprocess and every later chdir sees the folder the user meant."""
+    for key in ("NANOCHAT_DATA", "NANOCHAT_BASE_DIR"):
+        value = os.environ.get(key)
+        if value:
+            os.environ[key] = os.path.abspath(os.path.expanduser(value))
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write to a temporary name beside `path`, fsync, then rename: readers never see half a file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -43,6 +54,21 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 
 def atomic_write_text(path: str, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """The JSON objects of a .jsonl file, one per line. A line that is not a whole JSON object
+    (the torn or garbled last line a crash leaves, even invalid UTF-8) is skipped."""
+    rows = []
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except ValueError:  # JSONDecodeError and UnicodeDecodeError alike
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+    return rows
 
 
 def downloads_off() -> bool:
@@ -67,6 +93,9 @@ def download_file(url: str, path: str, timeout: float = 30.0, retries: int = 5, 
     (backoff * 2**(attempt-1) seconds, `retries` times after the first try); other 4xx answers
     fail at once. Every downloader of the project (shards, task splits, the word list, the CORE
     bundle) goes through here. Raises NotFound on 404, DownloadError with the last reason otherwise."""
+    if downloads_off():  # every caller checks first with a better message; this is the backstop
+        raise UserError(f"{path} is missing and downloads are off (NANOCHAT_OFFLINE / HF_HUB_OFFLINE): "
+                        f"not fetching {url}")
     tmp = f"{path}.tmp.{os.getpid()}"
     reason = "no attempt"
     for attempt in range(retries + 1):

@@ -57,11 +57,45 @@ def split_shards(split: str, data_dir=None, folder=None) -> list[str]:
     return paths[:-1] if len(paths) > 1 else paths
 
 
+def _is_text_type(t) -> bool:
+    if pa.types.is_dictionary(t):  # e.g. a pandas categorical column: strings underneath
+        t = t.value_type
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _check_schema(f: pq.ParquetFile) -> None:
+    """ValueError unless the file has a `text` column of strings without nulls (as far as the
+    footer's statistics tell: reading a row group checks the rest)."""
+    schema = f.schema_arrow
+    if "text" not in schema.names:
+        raise ValueError(f"no 'text' column (columns: {schema.names})")
+    t = schema.field("text").type
+    if not _is_text_type(t):
+        raise ValueError(f"its 'text' column holds {t} values, not strings")
+    j = f.schema_arrow.get_field_index("text")
+    for i in range(f.metadata.num_row_groups):
+        stats = f.metadata.row_group(i).column(j).statistics
+        if stats is not None and stats.has_null_count and stats.null_count:
+            raise ValueError(f"its 'text' column holds {stats.null_count} nulls in row group {i}")
+
+
+def validate_shards(paths: list[str]) -> list[str]:
+    """Check every shard's schema from its footer alone (milliseconds per shard, no row group is
+    read): a parquet file with a `text` column of strings and no recorded nulls. UserError naming
+    the first bad shard; returns `paths`. Training and tokenizer training call it on the shards
+    they will use, so that a bad one is found at the start, not hours in."""
+    for path in paths:
+        try:
+            _check_schema(pq.ParquetFile(path))
+        except Exception as e:  # truncated, not parquet, wrong schema
+            raise UserError(f"shard {path} cannot be used: {e}") from None
+    return paths
+
+
 def num_row_groups(path: str) -> int:
     try:
         f = pq.ParquetFile(path)
-        if "text" not in f.schema_arrow.names:
-            raise ValueError(f"no 'text' column (columns: {f.schema_arrow.names})")
+        _check_schema(f)
         return f.num_row_groups
     except Exception as e:  # a truncated or corrupt file: say which one
         raise UserError(f"cannot read shard {path}: {e}") from e
@@ -69,7 +103,12 @@ def num_row_groups(path: str) -> int:
 
 def read_row_group_texts(path: str, row_group: int) -> list[str]:
     try:
-        return pq.ParquetFile(path).read_row_group(row_group, columns=["text"]).column("text").to_pylist()
+        column = pq.ParquetFile(path).read_row_group(row_group, columns=["text"]).column("text")
+        if not _is_text_type(column.type):
+            raise ValueError(f"its 'text' column holds {column.type} values, not strings")
+        if column.null_count:
+            raise ValueError(f"its 'text' column holds {column.null_count} nulls in row group {row_group}")
+        return column.to_pylist()
     except Exception as e:  # a truncated or corrupt file: say which one
         raise UserError(f"cannot read shard {path}: {e}") from e
 

@@ -33,6 +33,19 @@ PREFILL_TOKEN_BUDGET = 8192
 # distinct kernels / compiled graphs); on CPU the exact length is cheapest. A BatchDecoder's
 # `kv_bucket` >= max_len makes every decode step attend over the whole cache (static shapes).
 KV_LEN_BUCKET_CUDA = 256
+# Temperatures below the smallest normal float32 are greedy (see `sample`).
+TINY_TEMPERATURE = torch.finfo(torch.float32).tiny
+
+
+def check_settings(temperature, top_k=None, top_p=None):
+    """ValueError unless the sampling settings are ones `sample` can honour: a finite
+    temperature >= 0, top_k None or an integer >= 0 (0 = off), top_p None or in (0, 1]."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < float("inf"):
+        raise ValueError(f"temperature must be a finite number >= 0, not {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise ValueError(f"top_k must be None or an integer >= 0, not {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be None or in (0, 1], not {top_p!r}")
 
 
 # ---------------------------------------------------------------------------
@@ -46,12 +59,19 @@ def sample(logits, temperature, top_k=None, top_p=None, generator=None):
     (B, max k) candidates are softmaxed and sampled, never the whole vocabulary (torch.multinomial
     draws one exponential per entry, a large part of a CPU decode step: docs/benchmarks.md).
     One torch.multinomial call for all rows; for a single row with a top-k this consumes
-    the generator exactly like GPT.generate does."""
+    the generator exactly like GPT.generate does.
+
+    Any temperature >= 0 and top_p in (0, 1] is safe: a temperature too small for float32
+    (below ~1.2e-38, where t / logits would underflow to 0 or overflow to inf) is greedy, which is
+    what such a temperature means; logits are shifted by their row maximum before the division,
+    so no value overflows into inf - inf; top-p always keeps the likeliest token, however small
+    p. Logits that hold NaN or infinity (a broken model) raise ValueError instead of reaching
+    torch.multinomial (which on CUDA would trip a device-side assert)."""
     B, V = logits.shape
     device = logits.device
     per_row = lambda x: list(x) if isinstance(x, (list, tuple)) else [x] * B
     temperature, top_k, top_p = per_row(temperature), per_row(top_k), per_row(top_p)
-    greedy = [t is None or t <= 0 for t in temperature]
+    greedy = [t is None or t < TINY_TEMPERATURE for t in temperature]
     if all(greedy):
         return logits.argmax(dim=-1)
     ks = [k if (k is not None and 0 < k < V) else None for k in top_k]
@@ -76,7 +96,12 @@ def sample(logits, temperature, top_k=None, top_p=None, generator=None):
             keep |= torch.tensor([k is None for k in ks], device=device)[:, None]
             cand = logits.masked_fill(~keep, float("-inf"))
     temps = torch.tensor([1.0 if g else t for g, t in zip(greedy, temperature)], device=device, dtype=cand.dtype)
+    # shift first: every value is then <= 0 and the division can only go down to -inf (exp = 0)
+    cand = cand - cand.max(dim=-1, keepdim=True).values
     probs = F.softmax(cand / temps[:, None], dim=-1)
+    if not bool(torch.isfinite(probs).all()):
+        bad = [i for i, ok in enumerate(torch.isfinite(probs).all(dim=-1).tolist()) if not ok]
+        raise ValueError(f"the logits of row(s) {bad} hold NaN or infinity: cannot sample")
     ps = [p if (p is not None and p < 1.0) else None for p in top_p]
     if any(p is not None for p in ps):
         if is_sorted:
@@ -85,7 +110,8 @@ def sample(logits, temperature, top_k=None, top_p=None, generator=None):
             sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
         before = sorted_probs.cumsum(dim=-1) - sorted_probs                   # mass of the likelier tokens
         limit = torch.tensor([p if p is not None else 2.0 for p in ps], device=device, dtype=probs.dtype)
-        keep_sorted = before < limit[:, None]                                 # the first token is always kept
+        keep_sorted = before < limit[:, None]
+        keep_sorted[:, 0] = True  # the likeliest token always stays, even when p underflows to 0 in float32
         keep = keep_sorted if order is None else torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
         probs = probs * keep
         probs = probs / probs.sum(dim=-1, keepdim=True)
@@ -105,11 +131,13 @@ class Sequence:
     "stop" (<|assistant_end|> or <|bos|> sampled) or "length" (max_tokens or the cache is full).
     `owner`: anything the caller wants to find again (the server's request). `seed`: this
     sequence samples from its own generator seeded with it, so its output does not depend on
-    which other sequences share the batch (None: the decoder's shared generator)."""
+    which other sequences share the batch (None: the decoder's shared generator). A sequence
+    whose sampling failed ends alone with finish_reason "error" and the reason in `error`."""
 
     def __init__(self, prompt, max_tokens=None, temperature=1.0, top_k=None, top_p=None, owner=None, seed=None):
         if not prompt:
             raise ValueError("the prompt must hold at least one token")
+        check_settings(temperature, top_k, top_p)
         self.prompt = [int(t) for t in prompt]
         self.max_tokens = max_tokens
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
@@ -118,7 +146,7 @@ class Sequence:
         self.generator = None  # created by BatchDecoder.add when seed is set
         self.out, self.masks = [], []
         self.forced = deque()
-        self.done, self.finish_reason = False, None
+        self.done, self.finish_reason, self.error = False, None, None
         self.limit = None      # set by BatchDecoder: max_tokens capped by the room left in the cache
         self.specials = None   # set by BatchDecoder.add
         self.in_python, self.expr = False, []
@@ -269,26 +297,47 @@ class BatchDecoder:
     def _settings(self, seqs):
         return ([s.temperature for s in seqs], [s.top_k for s in seqs], [s.top_p for s in seqs])
 
+    def _sample(self, seqs, logits):
+        """One sampled id per sequence, or the exception of a row that cannot be sampled (NaN
+        logits): it never takes the other rows down with it. Sequences with their own seed are
+        sampled one by one with their own generator; the others together with the shared one,
+        and one at a time only if that fails (sample() checks before it draws, so the failed
+        attempt consumed nothing)."""
+        out = [None] * len(seqs)
+
+        def one(i, generator):
+            q = seqs[i]
+            try:
+                out[i] = int(sample(logits[i:i + 1], q.temperature, q.top_k, q.top_p, generator=generator)[0])
+            except Exception as e:
+                out[i] = e
+        for i, q in enumerate(seqs):
+            if q.generator is not None:
+                one(i, q.generator)
+        shared = [i for i, q in enumerate(seqs) if q.generator is None]
+        if shared:
+            t, k, p = self._settings([seqs[i] for i in shared])
+            rows = logits if len(shared) == len(seqs) else logits[shared]
+            try:
+                for i, tok in zip(shared, sample(rows, t, k, p, generator=self.generator).tolist()):
+                    out[i] = tok
+            except Exception:
+                for i in shared:
+                    one(i, self.generator)
+        return out
+
     def _advance(self, seqs, logits):
         """Sample one token per sequence from logits (len(seqs), V), apply forced tool tokens,
-        update the sequences. Returns [(seq, token, mask)]. Sequences with their own seed are
-        sampled one by one with their own generator; the others together with the shared one."""
-        own = [i for i, q in enumerate(seqs) if q.generator is not None]
-        if not own:
-            t, k, p = self._settings(seqs)
-            sampled = sample(logits, t, k, p, generator=self.generator).tolist()
-        else:
-            sampled = [None] * len(seqs)
-            for i in own:
-                q = seqs[i]
-                sampled[i] = int(sample(logits[i:i + 1], q.temperature, q.top_k, q.top_p, generator=q.generator)[0])
-            shared = [i for i in range(len(seqs)) if seqs[i].generator is None]
-            if shared:
-                t, k, p = self._settings([seqs[i] for i in shared])
-                for i, tok in zip(shared, sample(logits[shared], t, k, p, generator=self.generator).tolist()):
-                    sampled[i] = tok
+        update the sequences. Returns [(seq, token, mask)]. A row that cannot be sampled ends
+        alone, with finish_reason "error" and the reason in seq.error (its token is then <|bos|>,
+        a stop token, so it carries no text)."""
+        bos = self.tokenizer.get_bos_token_id()
         produced = []
-        for seq, s in zip(seqs, sampled):
+        for seq, s in zip(seqs, self._sample(seqs, logits)):
+            if isinstance(s, Exception):
+                seq.done, seq.finish_reason, seq.error = True, "error", f"sampling failed: {type(s).__name__}: {s}"
+                produced.append((seq, bos, 0))
+                continue
             token, mask = seq.choose(s)
             seq.accept(token, mask, self.tokenizer)
             produced.append((seq, token, mask))
@@ -428,7 +477,8 @@ class Engine:
         prompt is prefilled once and forked into num_samples rows. A row's stop token
         (<|assistant_end|> or <|bos|>) is yielded once; after that the row's entries are
         <|bos|> with mask 0 (padding) until every row is done or max_tokens is reached.
-        max_tokens None = until the model's context (config.sequence_len) is full."""
+        max_tokens None = until the model's context (config.sequence_len) is full. A row whose
+        sampling failed (NaN logits) raises RuntimeError: all rows share one prompt and model."""
         tokens = list(tokens)
         dec = BatchDecoder(self.model, self.tokenizer, num_samples,
                            max_len=self._max_len(len(tokens), max_tokens), seed=seed)
@@ -438,6 +488,8 @@ class Engine:
         while True:
             col, masks = [pad] * num_samples, [0] * num_samples
             for seq, token, mask in produced:
+                if seq.error:
+                    raise RuntimeError(seq.error)
                 col[seq.owner], masks[seq.owner] = token, mask
             yield col, masks
             dec.remove_done()  # finished rows leave, the others keep decoding in fewer rows
@@ -472,7 +524,8 @@ class Engine:
         """Continue many different prompts (of any lengths) with continuous batching: up to
         batch_size rows decode together and a finished row is refilled with the next waiting
         prompt. Returns (results, masks) in the order of `prompts`, like generate_batch (one
-        sample each). callback(index, token, mask), if given, sees every emitted token."""
+        sample each). callback(index, token, mask), if given, sees every emitted token. A row
+        whose sampling fails ends there (its result is what it had generated); the others go on."""
         prompts = [list(p) for p in prompts]
         if not prompts:
             return [], []

@@ -1,14 +1,19 @@
 """
 Sandboxed execution of model-written Python (HumanEval).
 
-execute_code(code) runs the program in a separate Python process and returns an
-ExecutionResult. The layers, outermost first (what each does and does not stop is written up in
-docs/tools.md):
+execute_code(code) runs a program in the sandbox and returns an ExecutionResult.
+check_solution(program, test, entry_point) grades a HumanEval completion: the completion runs in
+the sandbox, the task's test runs in a second, separate checker process, and the verdict is the
+checker's alone (see "Grading" below). What each layer does and does not stop is written up in
+docs/tools.md. The layers, outermost first:
 
 - a child process of the same interpreter in isolated mode (-I: no PYTHON* variables, no user
-  site, no current directory on sys.path), in its own session/process group, in a fresh temporary
-  directory that is removed afterwards, with a scrubbed environment (PATH, LANG, HOME=TMPDIR=that
-  directory, nothing else);
+  site, no current directory on sys.path), in its own session/process group, in a fresh private
+  working directory (HOME and TMPDIR point there) that is removed afterwards, whatever the program
+  did to it (any depth, any permissions), with a scrubbed environment;
+- no network: the child runs in a network namespace of its own (`unshare --net`; as a normal user
+  `unshare --user --map-current-user --net`) whenever the machine allows it; it has no interface
+  but a loopback that is down, so not even 127.0.0.1 is reachable;
 - a wall-clock timeout enforced by the parent, which then SIGKILLs the whole process group (and,
   when running as root, every process of the sandbox's private uid, see below);
 - resource limits set in the child before the program runs: address space (memory), CPU
@@ -16,13 +21,25 @@ docs/tools.md):
 - when the parent runs as root: the child drops to a fresh, random, unprivileged uid/gid that
   owns nothing on the machine, so file permissions stop it from deleting or writing the
   caller's files, RLIMIT_NPROC (which root ignores) caps its processes, it cannot signal other
-  users' processes, and on cleanup everything running under that uid is killed;
+  users' processes, and on cleanup everything running under that uid is killed and every file it
+  left in the world-writable temp folders (/tmp, /var/tmp, /dev/shm) is deleted;
 - stdout/stderr read incrementally by the parent and capped at max_output_bytes (the child is
   killed when it goes over), so a flood of output never fills the caller's memory;
-- inside the child, as a second line of defence (Python-level, bypassable by determined code):
-  process creation, killing, deleting/renaming/chmod-ing files, changing directory and a few
-  modules (ctypes, subprocess internals, resource, psutil, ...) are disabled, and open() refuses
-  to write outside the working directory.
+- inside the child, an audit hook (sys.addaudithook: checked by the interpreter itself on every
+  audited operation, and it cannot be removed from Python code) refuses process creation and
+  signals, sockets, ctypes, writes and creations outside the working directory, opening /proc,
+  chdir/chmod/links, tracing, the gc's object walks, code-object and marshal construction, and
+  imports beyond the standard library (minus ctypes, socket, subprocess, ... ); the handful of
+  process functions it does not see (setsid, setuid, chroot, ...) are removed from os/posix.
+
+Grading (check_solution): the completion's code runs in the sandbox and serves calls of its
+entry point over two pipes; the test's check(candidate) runs in the checker, a separate process
+that never runs model code: `candidate` there sends the arguments over the pipe and gets back
+plain data (None, bool, int, float, complex, str, bytes, and lists, tuples, sets, frozensets and
+dicts of them) decoded by the checker itself, so a returned object cannot compare equal to
+anything by overriding __eq__, and nothing the completion prints, registers with atexit, or
+does on exit reaches the verdict: it is the checker's exit status plus a line holding a random
+per-run nonce that only the parent and the checker know.
 
 No `signal.alarm`, no preexec_fn: this is called from server and evaluation threads, so the
 parent only uses thread-safe subprocess features; the limits are applied by the child itself.
@@ -35,9 +52,11 @@ import secrets
 import selectors
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 
@@ -46,6 +65,9 @@ DEFAULT_MAX_MEMORY_BYTES = 256 * 1024 * 1024
 DEFAULT_MAX_OUTPUT_BYTES = 128 * 1024      # per stream
 DEFAULT_MAX_FILE_BYTES = 16 * 1024 * 1024  # largest file the program may write
 DEFAULT_MAX_PROCESSES = 32                 # RLIMIT_NPROC; effective under the private uid only
+DEFAULT_MAX_CREATED = 64                   # files + directories the program may create (audit hook)
+MAX_REPLY_BYTES = 8 * 1024 * 1024          # one candidate return value, encoded
+TEMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")  # world-writable: swept for the private uid's leftovers
 
 # Modules the program may want that are imported before the child drops privileges (the
 # interpreter's standard library may be unreadable to the sandbox uid, e.g. under /root): all
@@ -57,9 +79,177 @@ PRELOAD_MODULES = (
     "enum", "textwrap", "unicodedata", "struct", "base64", "io", "pathlib", "tempfile",
 )
 
+# Plain data across the pipe between the sandbox and the checker: JSON scalars as themselves,
+# containers tagged ["L", [...]] etc. Exact types only, so a subclass (an int whose __eq__ lies)
+# is refused; the decoder builds fresh builtin objects and nothing else.
+_CODEC = r'''
+_SCALARS = (type(None), bool, int, float, str)
+_SEQS = {list: "L", tuple: "T", set: "S", frozenset: "F"}
+_BUILD = {"L": list, "T": tuple, "S": set, "F": frozenset}
+
+
+def _encode(x, depth=0):
+    t = type(x)
+    if depth > 64:
+        raise ValueError("nested too deeply")
+    if t in _SCALARS:
+        return x
+    if t in _SEQS:
+        return [_SEQS[t], [_encode(v, depth + 1) for v in x]]
+    if t is dict:
+        return ["D", [[_encode(k, depth + 1), _encode(v, depth + 1)] for k, v in x.items()]]
+    if t is bytes:
+        return ["B", x.hex()]
+    if t is complex:
+        return ["C", [x.real, x.imag]]
+    raise TypeError(f"a {t.__name__} is not plain data (None, bool, int, float, complex, str, bytes, "
+                    f"or lists/tuples/sets/dicts of them)")
+
+
+def _decode(x, depth=0):
+    t = type(x)
+    if depth > 64:
+        raise ValueError("nested too deeply")
+    if t in _SCALARS:
+        return x
+    if t is not list or len(x) != 2 or type(x[0]) is not str:
+        raise ValueError("not an encoded value")
+    tag, v = x
+    if tag in _BUILD and type(v) is list:
+        return _BUILD[tag](_decode(i, depth + 1) for i in v)
+    if tag == "D" and type(v) is list:
+        out = {}
+        for pair in v:
+            if type(pair) is not list or len(pair) != 2:
+                raise ValueError("not an encoded dict")
+            out[_decode(pair[0], depth + 1)] = _decode(pair[1], depth + 1)
+        return out
+    if tag == "B" and type(v) is str:
+        return bytes.fromhex(v)
+    if tag == "C" and type(v) is list and len(v) == 2 and all(type(p) is float for p in v):
+        return complex(v[0], v[1])
+    raise ValueError("not an encoded value")
+
+
+def _read_line(fd, buf, limit):
+    """(line, rest) from fd, buf holding bytes already read; line None at EOF."""
+    while b"\n" not in buf:
+        if len(buf) > limit:
+            raise ValueError(f"a message over {limit} bytes")
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return None, b""
+        buf += chunk
+    line, _, rest = buf.partition(b"\n")
+    return line, rest
+
+
+def _write_all(fd, data):
+    while data:
+        data = data[os.write(fd, data):]
+'''
+
+# The audit hook of the sandbox. Everything it uses is bound when it is made (locals of
+# _make_guard, kept in the hook's closure): the program can rebind builtins and module
+# attributes (os.path.realpath, isinstance, ...), but it cannot reach the hook function itself
+# (nothing refers to it but the interpreter; gc's object walks are refused) nor change its
+# closure. Paths are normalised by hand with str methods of exact str objects, never by a
+# function the program could replace.
+_GUARD = r'''
+def _make_guard(root, max_created, deny_imports, stdlib):
+    import itertools
+    _type, _str, _bytes, _int, _len, _frozenset = type, str, bytes, int, len, frozenset
+    _PermissionError, _ImportError, _function = PermissionError, ImportError, type(_make_guard)
+    _created = itertools.count(1)
+    _prefix = root + "/"
+    _write = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+    _O_CREAT = os.O_CREAT
+    _deny_imports = _frozenset(deny_imports)
+    _stdlib = _frozenset(stdlib)
+    # every event that starts a process, signals one, opens the network, pokes memory, traces
+    # frames, walks all objects, builds code from bytes, or changes permissions or links
+    _denied = _frozenset((
+        "os.system", "os.exec", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "subprocess.Popen",
+        "os.kill", "os.killpg", "signal.pthread_kill", "os.chdir", "os.chmod", "os.chown", "os.chflags",
+        "os.lchflags", "os.link", "os.symlink", "os.setxattr", "os.removexattr", "os.startfile", "pty.spawn",
+        "resource.setrlimit", "resource.prlimit", "sys.settrace", "sys.setprofile", "gc.get_objects",
+        "gc.get_referrers", "gc.get_referents", "code.__new__", "marshal.loads", "marshal.load",
+        "cpython.PyInterpreterState_New", "webbrowser.open", "sqlite3.connect", "sqlite3.load_extension",
+        "sqlite3.enable_load_extension", "sys.monitoring.register_callback", "_posixsubprocess.fork_exec"))
+    _denied_prefixes = ("socket.", "ctypes.", "_ctypes.", "winreg.", "_winapi.")
+    # event -> (indexes of path arguments, indexes of dir_fd arguments)
+    _path_events = {"os.mkdir": ((0,), (2,)), "os.remove": ((0,), (1,)), "os.rmdir": ((0,), (1,)),
+                    "os.rename": ((0, 1), (2, 3)), "os.truncate": ((0,), ()), "os.utime": ((0,), (3,))}
+
+    def resolve(p):
+        """The absolute, normalised form of an exact str or bytes path (relative ones are under
+        root: the program cannot chdir); None for anything else."""
+        if _type(p) is _bytes:
+            p = _bytes.decode(p, "utf-8", "surrogateescape")
+        elif _type(p) is not _str:
+            return None
+        if not _str.startswith(p, "/"):
+            p = _prefix + p
+        parts = []
+        for part in _str.split(p, "/"):
+            if part == ".." and parts:
+                parts.pop()
+            elif part not in ("", ".", ".."):
+                parts.append(part)
+        return "/" + "/".join(parts)
+
+    def inside(p):
+        r = resolve(p)
+        return r is not None and (r == root or _str.startswith(r, _prefix))
+
+    def deny(what):
+        raise _PermissionError(f"sandbox: {what} is not allowed")
+
+    def hook(event, args):
+        if event == "open":
+            path, mode, flags = args
+            if _type(path) is _int:
+                return  # an fd that is already open (os.fdopen)
+            r = resolve(path)
+            if r is not None and (r == "/proc" or _str.startswith(r, "/proc/")):
+                deny(f"opening {r}")
+            # os.open (mode None) may be relative to a directory fd the event does not show:
+            # inside the working directory only, like every write
+            if mode is None or flags & _write:
+                if r == "/dev/null":
+                    return
+                if not inside(path):
+                    deny(f"opening {path!r} outside the working directory" if r is not None
+                         else "opening a path that is not a plain str for writing")
+                if flags & _O_CREAT and next(_created) > max_created:
+                    deny(f"creating more than {max_created} files")
+        elif event == "import":
+            name = args[0]
+            if _type(name) is not _str:
+                raise _ImportError("sandbox: import of a name that is not a str")
+            top = _str.partition(name, ".")[0]
+            if top in _deny_imports or name in _deny_imports or top not in _stdlib:
+                raise _ImportError(f"sandbox: import of {name} is not allowed")
+        elif event in _path_events:
+            paths, dir_fds = _path_events[event]
+            for i in dir_fds:
+                if i < _len(args) and args[i] not in (None, -1):
+                    deny(f"{event} relative to a directory fd")
+            for i in paths:
+                if not (_type(args[i]) is _int and event in ("os.truncate", "os.utime")) and not inside(args[i]):
+                    deny(f"{event} outside the working directory")
+            if event == "os.mkdir" and next(_created) > max_created:
+                deny(f"creating more than {max_created} files")
+        elif event in _denied or _str.startswith(event, _denied_prefixes):
+            deny(event)
+        elif event in ("object.__setattr__", "object.__delattr__") and _type(args[0]) is _function:
+            deny("changing a function's code, defaults or closure")
+    return hook
+'''
+
 # Run by the child interpreter (python -I -B -c CHILD CONFIG_JSON), in the working directory.
 _CHILD = r'''
-import sys, os, json, resource
+import sys, os, json, resource, posix
 cfg = json.loads(sys.argv[1])
 
 def _limit(which, n):
@@ -75,7 +265,7 @@ for _m in cfg["preload"]:
         __import__(_m)
     except Exception:
         pass
-import builtins, io, shutil, subprocess, posix
+import builtins
 with open("program.py", encoding="utf-8") as _f:
     _source = _f.read()
 _root = os.path.realpath(os.getcwd())
@@ -84,46 +274,110 @@ if cfg["uid"] is not None:
     os.setgid(cfg["uid"])
     os.setuid(cfg["uid"])  # any failure here stops the run: never continue as root by accident
 _limit(resource.RLIMIT_AS, cfg["max_memory_bytes"])
-
+''' + _CODEC + _GUARD + r'''
 if cfg["python_guards"]:
-    for _name in ("system", "popen", "fork", "forkpty", "vfork", "register_at_fork",
-                  "execv", "execve", "execvp", "execvpe", "execl", "execle", "execlp", "execlpe",
-                  "spawnv", "spawnve", "spawnvp", "spawnvpe", "spawnl", "spawnle", "spawnlp",
-                  "spawnlpe", "posix_spawn", "posix_spawnp",
-                  "kill", "killpg", "setsid", "setpgid", "setpgrp", "setuid", "seteuid",
-                  "setreuid", "setresuid", "setgid", "setegid", "setregid", "setresgid",
-                  "remove", "unlink", "rmdir", "removedirs", "rename", "renames", "replace",
-                  "truncate", "chmod", "fchmod", "lchmod", "chown", "fchown", "lchown",
-                  "chflags", "lchflags", "chroot", "chdir", "fchdir", "link", "symlink",
-                  "mkfifo", "mknod"):
+    # what the audit hook cannot see (these functions raise no audit event): gone from os/posix
+    for _name in ("setsid", "setpgid", "setpgrp", "setuid", "seteuid", "setreuid", "setresuid", "setgid",
+                  "setegid", "setregid", "setresgid", "setgroups", "initgroups", "chroot", "mkfifo", "mknod",
+                  "memfd_create", "pidfd_open", "openpty", "login_tty", "unshare", "setns", "sched_setaffinity"):
         for _mod in (os, posix):
             if hasattr(_mod, _name):
                 setattr(_mod, _name, None)
-    shutil.rmtree = shutil.move = shutil.chown = None
-    subprocess.Popen = subprocess.run = subprocess.call = None
-    subprocess.check_call = subprocess.check_output = None
-    subprocess.getoutput = subprocess.getstatusoutput = None
-    for _m in ("ctypes", "_ctypes", "_posixsubprocess", "multiprocessing", "resource",
-               "psutil", "pty", "signal", "_signal", "socket", "_socket", "tkinter", "ipdb", "joblib"):
-        sys.modules[_m] = None
-    builtins.exit = builtins.quit = builtins.help = None
-
-    _real_open = io.open
-
-    def _guarded_open(file, mode="r", *args, **kwargs):
-        # writing is allowed inside the working directory only; reading is not restricted
-        if not isinstance(file, int) and any(c in mode for c in "wax+"):
-            path = os.path.realpath(os.fsdecode(os.fspath(file)))
-            if os.path.commonpath([path, _root]) != _root:
-                raise PermissionError(f"sandbox: writing outside the working directory: {file!r}")
-        return _real_open(file, mode, *args, **kwargs)
-
-    builtins.open = io.open = _guarded_open
-
-del cfg, _limit, _f
+    if "_signal" in sys.modules and hasattr(sys.modules["_signal"], "pidfd_send_signal"):
+        sys.modules["_signal"].pidfd_send_signal = None
+    for _m in ("resource", "_signal", "_posixsubprocess", "subprocess"):  # loaded by us or at startup:
+        # out of sys.modules, so that importing them meets the hook (which refuses it)
+        sys.modules.pop(_m, None)
+    # modules imported from here on compile from source (no .pyc is ever unmarshalled: marshal is
+    # refused, as bytecode built from bytes can corrupt memory)
+    sys.pycache_prefix = os.path.join(_root, ".no-pycache")
+    sys.addaudithook(_make_guard(_root, cfg["max_created"], cfg["deny_imports"], sys.stdlib_module_names))
+del cfg["preload"], _limit, _f, _make_guard
+_serve = cfg["serve"]
 _globals = {"__name__": "__main__", "__builtins__": builtins}
-exec(compile(_source, "program.py", "exec"), _globals)
+if _serve is None:
+    del cfg
+    exec(compile(_source, "program.py", "exec"), _globals)
+else:
+    # grading: define the completion, then answer calls of its entry point until the checker
+    # hangs up. Whatever the code does here only changes the answers, which the checker decodes.
+    _req, _rep, _entry = _serve
+    del cfg, _serve
+    try:
+        exec(compile(_source, "program.py", "exec"), _globals)
+        _failure = None if callable(_globals.get(_entry)) else f"the program defines no function {_entry}()"
+    except BaseException as _e:  # SyntaxError, an exception at import time, sys.exit(...)
+        _failure = f"the program failed: {type(_e).__name__}: {_e}"
+    _buf = b""
+    while True:
+        _line, _buf = _read_line(_req, _buf, 64 * 1024 * 1024)
+        if _line is None:
+            break
+        try:
+            if _failure:
+                raise RuntimeError(_failure)
+            _args, _kwargs = _decode(json.loads(_line))
+            _out = ["ok", _encode(_globals[_entry](*_args, **_kwargs))]
+        except BaseException as _e:  # the candidate's exception, SystemExit included
+            _out = ["error", f"{type(_e).__name__}: {_e}"[:2000]]
+        try:
+            _msg = json.dumps(_out).encode()
+        except (TypeError, ValueError) as _e:  # an int too long to print, ...
+            _msg = json.dumps(["error", f"{type(_e).__name__}: {_e}"[:2000]]).encode()
+        _write_all(_rep, _msg + b"\n")
 '''
+
+# Run by the checker (python -I -B -c CHECKER), config on stdin: the task's trusted code only.
+_CHECKER = r'''
+import sys, os, json, resource
+cfg = json.loads(sys.stdin.read())
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+resource.setrlimit(resource.RLIMIT_AS, (cfg["max_memory_bytes"], cfg["max_memory_bytes"]))
+''' + _CODEC + r'''
+
+class CandidateError(Exception):
+    """The candidate raised, returned something that is not plain data, or went away."""
+
+
+_req, _rep, _limit_bytes = cfg["request_fd"], cfg["reply_fd"], cfg["max_reply_bytes"]
+_state = {"buf": b""}
+
+
+def candidate(*args, **kwargs):
+    _write_all(_req, json.dumps(_encode([list(args), kwargs])).encode() + b"\n")
+    line, _state["buf"] = _read_line(_rep, _state["buf"], _limit_bytes)
+    if line is None:
+        raise CandidateError("the program under test exited")
+    reply = json.loads(line)
+    if type(reply) is not list or len(reply) != 2 or reply[0] not in ("ok", "error"):
+        raise CandidateError("a malformed reply from the program under test")
+    if reply[0] == "error":
+        raise CandidateError(str(reply[1])[:2000])
+    return _decode(reply[1])
+
+
+namespace = {"__name__": "__check__"}
+exec(compile(cfg["helpers"] + "\n\n" + cfg["test"], "test.py", "exec"), namespace)
+# as in the reference harness, the entry point's own name is the candidate too (some tests,
+# e.g. HumanEval/33, call it by name; here the helpers' stub would answer None)
+namespace[cfg["entry_point"]] = candidate
+namespace["check"](candidate)
+sys.stdout.write("\n" + cfg["nonce"] + " passed\n")
+sys.stdout.flush()
+'''
+
+# Imports the program may never make (the audit hook also refuses anything outside the standard
+# library): process creation, the network, raw memory, C-level file writers, sub-interpreters
+# (they would not have the hook), test modules that poke memory.
+DENY_IMPORTS = (
+    "ctypes", "_ctypes", "socket", "_socket", "ssl", "_ssl", "subprocess", "_posixsubprocess",
+    "multiprocessing", "_multiprocessing", "posix", "nt", "resource", "pty", "fcntl", "termios", "signal",
+    "_signal", "mmap", "sqlite3", "_sqlite3", "dbm", "_dbm", "_gdbm", "readline", "curses", "_curses",
+    "_curses_panel", "syslog", "tkinter", "_tkinter", "_xxsubinterpreters", "_xxinterpchannels",
+    "_interpreters", "_interpchannels", "_interpqueues", "_testcapi", "_testinternalcapi", "_testbuffer",
+    "_testimportmultiple", "_testmultiphase", "_testsinglephase", "_ctypes_test", "_xxtestfuzz",
+    "faulthandler", "_lsprof", "cProfile", "profile", "pdb", "bdb", "trace", "webbrowser", "ensurepip", "venv",
+)
 
 
 @dataclass
@@ -136,6 +390,15 @@ class ExecutionResult:
     memory_exceeded: bool = False
     output_truncated: bool = False
     returncode: int | None = None
+
+
+@dataclass
+class CheckResult:
+    passed: bool             # the checker ran check(candidate) to its end (see check_solution)
+    error: str | None        # one line: the failed assertion, the candidate's exception, the timeout ...
+    timed_out: bool
+    stdout: str              # the completion's output (for debugging; never part of the verdict)
+    stderr: str
 
 
 def _processes_of_uid(uid):
@@ -202,9 +465,242 @@ def _private_uid():
     return None
 
 
+_NETNS = {}
+_NETNS_LOCK = threading.Lock()
+
+
+def _no_network_prefix():
+    """The command prefix that runs the child in a network namespace of its own, or [] where
+    this machine does not allow one (no `unshare`, no user namespaces, a seccomp'd container):
+    probed once per process. Root needs no user namespace; a normal user maps itself to itself."""
+    with _NETNS_LOCK:
+        if "prefix" not in _NETNS:
+            exe = shutil.which("unshare", path="/usr/bin:/bin:/usr/sbin:/sbin")
+            prefix = []
+            if exe:
+                cmd = [exe, "--net", "--"] if os.geteuid() == 0 else \
+                    [exe, "--user", "--map-current-user", "--net", "--"]
+                try:
+                    ok = subprocess.run(cmd + ["true"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        timeout=10).returncode == 0
+                except (OSError, subprocess.SubprocessError):
+                    ok = False
+                prefix = cmd if ok else []
+            _NETNS["prefix"] = prefix
+        return list(_NETNS["prefix"])
+
+
+def network_isolated() -> bool:
+    """True when sandboxed programs run without any network (see _no_network_prefix)."""
+    return bool(_no_network_prefix())
+
+
+# ---------------------------------------------------------------------------
+# Cleanup that nothing the program did can break
+
+def _open_dir(dir_fd, name):
+    """An fd of directory `name` (relative to dir_fd), never following a symlink; made
+    readable, writable and searchable first if the program had taken that away."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    try:
+        return os.open(name, flags, dir_fd=dir_fd)
+    except PermissionError:
+        os.chmod(name, 0o700, dir_fd=dir_fd)  # known to be a directory (lstat), not a symlink
+        return os.open(name, flags, dir_fd=dir_fd)
+
+
+def _empty_dir(fd):
+    """Delete everything inside the directory `fd`, of any depth, without recursion and without
+    ever building a long path: the entries of each subdirectory are moved up into `fd` (renames
+    relative to directory fds), then the emptied subdirectory is removed, until nothing is left."""
+    moved = 0
+    while True:
+        with os.scandir(fd) as it:
+            entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+        if not entries:
+            return
+        for name, is_dir in entries:
+            if not is_dir:
+                os.unlink(name, dir_fd=fd)
+                continue
+            if not os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode & stat.S_IWUSR:
+                os.chmod(name, 0o700, dir_fd=fd)
+            sub = _open_dir(fd, name)
+            try:
+                os.fchmod(sub, 0o700)  # so that its entries can be moved out
+                with os.scandir(sub) as it:
+                    children = [e.name for e in it]
+                for child in children:
+                    while True:
+                        moved += 1
+                        new = f".nanochat-rm-{moved}"
+                        try:
+                            os.stat(new, dir_fd=fd, follow_symlinks=False)
+                        except FileNotFoundError:
+                            break
+                    os.rename(child, new, src_dir_fd=sub, dst_dir_fd=fd)
+            finally:
+                os.close(sub)
+            os.rmdir(name, dir_fd=fd)
+
+
+def remove_tree(path) -> bool:
+    """Delete `path` (a file or a directory tree) whatever a program did to it: any depth, any
+    path length, permissions it removed, symlinks (removed, never followed). Never raises;
+    returns True when the path is gone."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISDIR(st.st_mode):
+            os.unlink(path)
+            return True
+        parent = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            name = os.path.basename(os.path.abspath(path))
+            fd = _open_dir(parent, name)
+            try:
+                _empty_dir(fd)
+            finally:
+                os.close(fd)
+            os.rmdir(name, dir_fd=parent)
+        finally:
+            os.close(parent)
+        return True
+    except OSError:
+        return not os.path.lexists(path)
+
+
+def _sweep_uid_files(uid):
+    """Delete what the private uid left in the world-writable temp folders (the only places
+    outside its working directory it can create anything): entries it owns, looking inside
+    other world-writable (sticky) folders too."""
+    todo = list(dict.fromkeys(TEMP_DIRS + (tempfile.gettempdir(),)))
+    while todo:
+        folder = todo.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError:
+            continue
+        for e in entries:
+            try:
+                st = e.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if st.st_uid == uid:
+                remove_tree(e.path)
+            elif stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_IWOTH:
+                todo.append(e.path)
+
+
+def _cleanup(workdir, uid):
+    if not remove_tree(workdir):
+        print(f"warning: the sandbox could not remove {workdir}", file=sys.stderr, flush=True)
+    if uid is not None:
+        _sweep_uid_files(uid)
+
+
+# ---------------------------------------------------------------------------
+# Running processes under a deadline
+
 def _last_line(text):
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1].strip() if lines else ""
+
+
+def _child_env(workdir):
+    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
+            "HOME": workdir, "TMPDIR": workdir, "OMP_NUM_THREADS": "1",
+            "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _start_sandbox(code, workdir, uid, timeout, max_memory_bytes, max_file_bytes, max_processes,
+                   python_guards, serve=None, pass_fds=()):
+    """Write program.py into workdir and start the sandboxed child on it."""
+    with open(os.path.join(workdir, "program.py"), "w", encoding="utf-8") as f:
+        f.write(code)
+    config = {
+        "uid": uid, "max_memory_bytes": int(max_memory_bytes),
+        "cpu_s": int(math.ceil(timeout)) + 1,  # backstop for the wall-clock timeout
+        "max_file_bytes": int(max_file_bytes), "max_processes": int(max_processes),
+        "preload": list(PRELOAD_MODULES), "python_guards": bool(python_guards),
+        "max_created": DEFAULT_MAX_CREATED, "deny_imports": list(DENY_IMPORTS), "serve": serve,
+    }
+    return subprocess.Popen(_no_network_prefix() + [sys.executable, "-I", "-B", "-c", _CHILD, json.dumps(config)],
+                            cwd=workdir, env=_child_env(workdir), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=pass_fds,
+                            start_new_session=True, close_fds=True)
+
+
+def _supervise(procs, uids, main, start, timeout, max_output_bytes):
+    """Read the stdout/stderr of every process (capped at max_output_bytes each) until `main`
+    has exited and its output is drained, the deadline passes, or an output overflows; then
+    kill them all. Returns (outputs {(proc index, stream): bytes}, timed_out, truncated)."""
+    buffers = {}
+    timed_out = truncated = exited_swept = False
+    with selectors.DefaultSelector() as sel:
+        for i, p in enumerate(procs):
+            for name in ("stdout", "stderr"):
+                buffers[(i, name)] = bytearray()
+                sel.register(getattr(p, name), selectors.EVENT_READ, (i, name))
+        while sel.get_map():
+            remaining = start + timeout - time.monotonic()
+            if remaining <= 0:
+                timed_out = True
+                break
+            for key, _ in sel.select(min(remaining, 0.1)):
+                chunk = os.read(key.fd, 65536)
+                if not chunk:
+                    sel.unregister(key.fileobj)
+                    continue
+                buf = buffers[key.data]
+                room = max_output_bytes - len(buf)
+                buf += chunk[:room]
+                if len(chunk) > room:
+                    truncated = True
+            if truncated:
+                break
+            if not exited_swept and main.poll() is not None:
+                # the main process is done; anything left running (and holding our pipes open)
+                # goes now, so the remaining output drains to EOF at once
+                for p, uid in zip(procs, uids):
+                    _kill_everything(p, uid)
+                exited_swept = True
+    if not (timed_out or truncated or exited_swept):
+        # every pipe closed but the main process may still be running: give it the rest of its time
+        try:
+            main.wait(timeout=max(0.0, start + timeout - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+    for p, uid in zip(procs, uids):
+        _kill_everything(p, uid)
+        p.wait()
+    return buffers, timed_out, truncated
+
+
+def _close(procs, uids):
+    for p, uid in zip(procs, uids):
+        if p.poll() is None:
+            _kill_everything(p, uid)
+            p.wait()
+        for stream in (p.stdin, p.stdout, p.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def _chown_workdir(workdir, uid):
+    if uid is None:
+        return None
+    try:
+        os.chown(workdir, uid, uid)
+        return uid
+    except OSError:
+        # e.g. a user namespace that maps only a few uids: run without the private uid
+        return None
 
 
 def execute_code(code, timeout=DEFAULT_TIMEOUT_S, max_memory_bytes=DEFAULT_MAX_MEMORY_BYTES,
@@ -212,73 +708,23 @@ def execute_code(code, timeout=DEFAULT_TIMEOUT_S, max_memory_bytes=DEFAULT_MAX_M
                  max_processes=DEFAULT_MAX_PROCESSES, python_guards=True):
     """
     Run `code` (a Python program) in the sandbox and return an ExecutionResult.
-    python_guards=False leaves out the in-process Python-level guards, so that tests can show
-    the OS-level layers hold on their own; keep it True for real use.
+    python_guards=False leaves out the in-process audit hook, so that tests can show the OS-level
+    layers hold on their own; keep it True for real use. `success` means exit status 0, which
+    the program controls: to grade code, use check_solution.
     """
     uid = _private_uid()
     workdir = tempfile.mkdtemp(prefix="nanochat_exec_")
-    proc = None
+    procs = []
     try:
-        with open(os.path.join(workdir, "program.py"), "w", encoding="utf-8") as f:
-            f.write(code)
-        if uid is not None:
-            try:
-                os.chown(workdir, uid, uid)
-            except OSError:
-                # e.g. a user namespace that maps only a few uids: run without the private uid
-                uid = None
-        config = {
-            "uid": uid, "max_memory_bytes": int(max_memory_bytes),
-            "cpu_s": int(math.ceil(timeout)) + 1,  # backstop for the wall-clock timeout
-            "max_file_bytes": int(max_file_bytes), "max_processes": int(max_processes),
-            "preload": list(PRELOAD_MODULES), "python_guards": bool(python_guards),
-        }
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
-               "HOME": workdir, "TMPDIR": workdir, "OMP_NUM_THREADS": "1",
-               "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        uid = _chown_workdir(workdir, uid)
         start = time.monotonic()
-        proc = subprocess.Popen([sys.executable, "-I", "-B", "-c", _CHILD, json.dumps(config)],
-                                cwd=workdir, env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                start_new_session=True, close_fds=True)
-        buffers = {"stdout": bytearray(), "stderr": bytearray()}
-        timed_out = truncated = exited_swept = False
-        with selectors.DefaultSelector() as sel:
-            sel.register(proc.stdout, selectors.EVENT_READ, "stdout")
-            sel.register(proc.stderr, selectors.EVENT_READ, "stderr")
-            while sel.get_map():
-                remaining = start + timeout - time.monotonic()
-                if remaining <= 0:
-                    timed_out = True
-                    break
-                for key, _ in sel.select(min(remaining, 0.1)):
-                    chunk = os.read(key.fd, 65536)
-                    if not chunk:
-                        sel.unregister(key.fileobj)
-                        continue
-                    buf = buffers[key.data]
-                    room = max_output_bytes - len(buf)
-                    buf += chunk[:room]
-                    if len(chunk) > room:
-                        truncated = True
-                if truncated:
-                    break
-                if not exited_swept and proc.poll() is not None:
-                    # the program is done; anything it left running (and holding our pipes
-                    # open) goes now, so the remaining output drains to EOF at once
-                    _kill_everything(proc, uid)
-                    exited_swept = True
-        if not (timed_out or truncated or exited_swept):
-            # both pipes closed but the program may still be running: give it the rest of its time
-            try:
-                proc.wait(timeout=max(0.0, start + timeout - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                timed_out = True
-        if not exited_swept:
-            _kill_everything(proc, uid)
-        returncode = proc.wait()
-        stdout = buffers["stdout"].decode("utf-8", errors="replace")
-        stderr = buffers["stderr"].decode("utf-8", errors="replace")
+        procs.append(_start_sandbox(code, workdir, uid, timeout, max_memory_bytes, max_file_bytes,
+                                    max_processes, python_guards))
+        proc = procs[0]
+        buffers, timed_out, truncated = _supervise(procs, [uid], proc, start, timeout, max_output_bytes)
+        returncode = proc.returncode
+        stdout = buffers[(0, "stdout")].decode("utf-8", errors="replace")
+        stderr = buffers[(0, "stderr")].decode("utf-8", errors="replace")
         last = _last_line(stderr)
         memory_exceeded = last.startswith("MemoryError") or "Cannot allocate memory" in last
         if timed_out:
@@ -300,10 +746,70 @@ def execute_code(code, timeout=DEFAULT_TIMEOUT_S, max_memory_bytes=DEFAULT_MAX_M
                                timed_out=timed_out, memory_exceeded=memory_exceeded,
                                output_truncated=truncated, returncode=returncode)
     finally:
-        if proc is not None:
-            if proc.poll() is None:
-                _kill_everything(proc, uid)
-                proc.wait()
-            proc.stdout.close()
-            proc.stderr.close()
-        shutil.rmtree(workdir, ignore_errors=True)
+        _close(procs, [uid] * len(procs))
+        _cleanup(workdir, uid)
+
+
+def check_solution(program, test, entry_point, helpers="", timeout=DEFAULT_TIMEOUT_S,
+                   max_memory_bytes=DEFAULT_MAX_MEMORY_BYTES, max_output_bytes=DEFAULT_MAX_OUTPUT_BYTES,
+                   max_file_bytes=DEFAULT_MAX_FILE_BYTES, max_processes=DEFAULT_MAX_PROCESSES,
+                   python_guards=True):
+    """Grade `program` (the completion: it must define `entry_point`) with `test` (HumanEval's:
+    it defines check(candidate)). `helpers` is trusted code the test may use (HumanEval: the
+    prompt, whose helper functions some tests call). The program runs in the sandbox; the test
+    runs in a checker process of its own that calls the entry point through a pipe and gets
+    plain data back (module docstring). passed = the checker's check() returned and it printed
+    the run's random nonce; nothing the program does can produce that. Never raises for
+    anything the program does."""
+    uid = _private_uid()
+    workdir = tempfile.mkdtemp(prefix="nanochat_exec_")
+    nonce = secrets.token_hex(16)
+    procs, uids = [], []
+    req_r, req_w = os.pipe()  # checker -> sandbox: calls
+    rep_r, rep_w = os.pipe()  # sandbox -> checker: return values
+    try:
+        uid = _chown_workdir(workdir, uid)
+        start = time.monotonic()
+        procs.append(_start_sandbox(program, workdir, uid, timeout, max_memory_bytes, max_file_bytes,
+                                    max_processes, python_guards, serve=[req_r, rep_w, entry_point],
+                                    pass_fds=(req_r, rep_w)))
+        uids.append(uid)
+        checker = subprocess.Popen([sys.executable, "-I", "-B", "-c", _CHECKER], cwd="/", env=_child_env("/"),
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   pass_fds=(req_w, rep_r), start_new_session=True, close_fds=True)
+        procs.append(checker)
+        uids.append(None)
+        # pass_fds keeps the numbers: the checker writes calls to req_w and reads replies from rep_r
+        config = {"nonce": nonce, "helpers": helpers, "test": test, "entry_point": entry_point,
+                  "request_fd": req_w, "reply_fd": rep_r,
+                  "max_memory_bytes": int(max_memory_bytes), "max_reply_bytes": MAX_REPLY_BYTES}
+        for fd in (req_r, req_w, rep_r, rep_w):  # only the two children hold the pipes now
+            os.close(fd)
+        req_r = req_w = rep_r = rep_w = None
+        try:
+            checker.stdin.write(json.dumps(config).encode())
+            checker.stdin.close()
+        except OSError:
+            pass  # the checker died at once: its exit status says so below
+        buffers, timed_out, truncated = _supervise(procs, uids, checker, start, timeout, max_output_bytes)
+        out = {k: v.decode("utf-8", errors="replace") for k, v in buffers.items()}
+        checker_lines = out[(1, "stdout")].splitlines()
+        passed = (not timed_out and not truncated and checker.returncode == 0
+                  and bool(checker_lines) and checker_lines[-1] == f"{nonce} passed")
+        if passed:
+            error = None
+        elif timed_out:
+            error = f"timed out after {timeout:g}s"
+        elif truncated:
+            error = f"output exceeded {max_output_bytes} bytes"
+        else:
+            error = _last_line(out[(1, "stderr")]) or _last_line(out[(0, "stderr")]) or \
+                f"the checker exited with status {checker.returncode}"
+        return CheckResult(passed=passed, error=error, timed_out=timed_out, stdout=out[(0, "stdout")],
+                           stderr=out[(0, "stderr")])
+    finally:
+        for fd in (req_r, req_w, rep_r, rep_w):
+            if fd is not None:
+                os.close(fd)
+        _close(procs, uids)
+        _cleanup(workdir, uid)

@@ -12,18 +12,22 @@ queue; whenever a row is free, a waiting request joins the running batch (its pr
 prefilled into that row); every step decodes one token for every active row in one forward; a
 row leaves when its sequence ends or its client goes away, and the freed row is reused at once.
 The HTTP side is asyncio: each request gets an asyncio.Queue that the scheduler thread feeds.
+
+One request never hurts another: bad input is a 400 (never a 500), a body is bounded in size and
+in the time it may take to arrive, the queue is bounded (503 + Retry-After when full), a client
+that disconnects (streaming or not) frees its row at the next step, and a sequence whose sampling
+fails ends alone (docs/serving.md, "Guarantees").
 """
 import asyncio
 import codecs
 import json
 import os
-import queue
 import threading
 import time
 import traceback
 import uuid
-from collections import Counter
-from contextlib import asynccontextmanager
+from collections import Counter, deque
+from contextlib import aclosing, asynccontextmanager
 
 import torch
 from fastapi import FastAPI, Request
@@ -40,10 +44,18 @@ MIN_TOP_K, MAX_TOP_K = 0, 200  # 0 = no top-k filtering
 MIN_MAX_TOKENS, MAX_MAX_TOKENS = 1, 4096
 DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_MAX_TOKENS = 0.8, 50, 512
 ROLES = ("system", "user", "assistant")
+MAX_BODY_BYTES = 1 << 20       # a request body (the longest valid conversation is ~200 KB of JSON)
+BODY_TIMEOUT_S = 10.0          # seconds the whole body may take to arrive (then 408, connection closed)
+DEFAULT_MAX_QUEUE = 64         # requests waiting for a row; more are refused with 503
+RETRY_AFTER_S = 2              # what a refused client is told to wait
 
 
 class BadRequest(Exception):
-    pass
+    """Answered with HTTP `status` (400 unless said otherwise) and the message as a JSON error."""
+
+    def __init__(self, message, status=400):
+        super().__init__(message)
+        self.status = status
 
 
 # ---------------------------------------------------------------------------
@@ -53,12 +65,21 @@ def _number(body, key, lo, hi, default, integer=False):
     if key not in body or body[key] is None:
         return default
     v = body[key]
-    # bool is an int subclass in Python; `"temperature": true` is a client bug, not 1.0
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not float(v).is_integer()):
-        raise BadRequest(f"'{key}' must be {'an integer' if integer else 'a number'} in [{lo}, {hi}], got {v!r}")
-    if not (lo <= v <= hi):
-        raise BadRequest(f"'{key}' must be in [{lo}, {hi}], got {v}")
+    # bool is an int subclass in Python; `"temperature": true` is a client bug, not 1.0. JSON ints
+    # can be far larger than a float: compare them as ints (float(v) would overflow), and a
+    # float must be whole to stand for an integer (NaN and infinity are not).
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or \
+            (integer and isinstance(v, float) and not v.is_integer()):
+        raise BadRequest(f"'{key}' must be {'an integer' if integer else 'a number'} in [{lo}, {hi}], "
+                         f"got {_short(v)}")
+    if not (lo <= v <= hi):  # NaN compares false: refused too
+        raise BadRequest(f"'{key}' must be in [{lo}, {hi}], got {_short(v)}")
     return int(v) if integer else float(v)
+
+
+def _short(v):
+    text = repr(v)
+    return text if len(text) <= 40 else text[:20] + "..." + f" ({len(text)} characters)"
 
 
 def _content_text(i, content):
@@ -154,7 +175,7 @@ class Job:
         self.settings = settings
         self.loop = loop
         self.events = asyncio.Queue()
-        self.cancelled = threading.Event()
+        self.cancelled = threading.Event()  # set when the client went away: the row is freed
         self.submitted = time.time()
 
 
@@ -177,12 +198,15 @@ def deliver(events):
 
 
 class Scheduler:
-    def __init__(self, model, tokenizer, max_batch=8, seed=42, token_delay=0.0, compile=False):
+    def __init__(self, model, tokenizer, max_batch=8, seed=42, token_delay=0.0, compile=False,
+                 max_queue=DEFAULT_MAX_QUEUE):
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.token_delay = token_delay  # seconds slept per decode step (tests and demos only)
-        self.waiting = queue.Queue()
+        self.max_queue = max_queue
+        self.waiting = deque()  # jobs not yet in a row, guarded by self.cond
+        self.cond = threading.Condition()
         self.decoder = BatchDecoder(model, tokenizer, batch_size=max_batch, seed=seed, compile=compile)
         self.ready = threading.Event()  # set once the (compiled) decode step is warm
         self.stop_event = threading.Event()
@@ -192,6 +216,8 @@ class Scheduler:
         self.total_requests = 0
         self.completed = 0
         self.cancelled = 0
+        self.failed = 0
+        self.rejected = 0
         self.tokens_generated = 0
         self.steps = 0
         self.rows_histogram = Counter()  # rows in a decode step -> number of such steps
@@ -204,23 +230,42 @@ class Scheduler:
 
     def shutdown(self):
         self.stop_event.set()
-        self.waiting.put(None)  # wake the thread
+        with self.cond:
+            self.cond.notify()  # wake the thread
         self.thread.join(timeout=10)
 
     def submit(self, job):
-        self.total_requests += 1
-        self.waiting.put(job)
+        """Queue a job; False (and nothing queued) when max_queue jobs already wait beyond the rows
+        that are free (those are about to be admitted). Jobs whose clients left while waiting are
+        dropped first, so they never hold a place."""
+        with self.cond:
+            self._drop_cancelled()
+            if len(self.waiting) >= self.max_queue + max(0, self.max_batch - self.active):
+                self.rejected += 1
+                return False
+            self.total_requests += 1
+            self.waiting.append(job)
+            self.cond.notify()
+        return True
+
+    def _drop_cancelled(self):
+        live = [j for j in self.waiting if not j.cancelled.is_set()]
+        self.cancelled += len(self.waiting) - len(live)
+        self.waiting = deque(live)
 
     def stats(self):
         steps = sum(self.rows_histogram.values())
         rows = sum(k * v for k, v in self.rows_histogram.items())
         return {
             "active": self.active,
-            "queued": self.waiting.qsize(),
+            "queued": len(self.waiting),
             "max_batch": self.max_batch,
+            "max_queue": self.max_queue,
             "total_requests": self.total_requests,
             "completed": self.completed,
             "cancelled": self.cancelled,
+            "failed": self.failed,
+            "rejected": self.rejected,
             "tokens_generated": self.tokens_generated,
             "uptime_s": round(time.time() - self.started, 3),
             "decode_steps": steps,
@@ -236,33 +281,61 @@ class Scheduler:
     # -- the thread ---------------------------------------------------------------------------
 
     def _admit(self, block):
-        """Move waiting jobs into free rows (prefilling them together). Blocks for the first job
-        only when nothing is running."""
-        new = []
-        while len(self.decoder.seqs) + len(new) < self.max_batch:
-            try:
-                job = self.waiting.get(timeout=0.5) if (block and not new) else self.waiting.get_nowait()
-            except queue.Empty:
-                break
-            if job is None:  # shutdown
-                break
-            if job.cancelled.is_set():
-                self.cancelled += 1
-                continue
+        """Move waiting jobs into free rows (prefilling them together). Blocks (briefly) for the
+        first job only when nothing is running."""
+        jobs = []
+        with self.cond:
+            self._drop_cancelled()
+            if block and not self.waiting and not self.stop_event.is_set():
+                self.cond.wait(timeout=0.5)
+                self._drop_cancelled()
+            while self.waiting and len(self.decoder.seqs) + len(jobs) < self.max_batch:
+                jobs.append(self.waiting.popleft())
+        new, failed = [], []
+        for job in jobs:
             s = job.settings
-            new.append(Sequence(job.prompt, max_tokens=s["max_tokens"], temperature=s["temperature"],
-                                top_k=s["top_k"] or None, top_p=s["top_p"], owner=job, seed=s["seed"]))
-        if new:
-            t0 = time.perf_counter()
+            try:
+                new.append(Sequence(job.prompt, max_tokens=s["max_tokens"], temperature=s["temperature"],
+                                    top_k=s["top_k"] or None, top_p=s["top_p"], owner=job, seed=s["seed"]))
+            except ValueError as e:  # validation should have caught it; fail this request only
+                failed.append((job, ("error", f"generation failed: {e}")))
+        self.failed += len(failed)
+        deliver(failed)
+        if not new:
+            return
+        t0 = time.perf_counter()
+        try:
             produced = self.decoder.add(new)
-            self.prefill_s += time.perf_counter() - t0
-            self._emit(produced)
+        except Exception:
+            # take the new rows out again (the running ones are untouched) and admit them one by
+            # one, so that only a request that fails on its own is failed
+            for seq in [q for q in self.decoder.seqs if q in new]:
+                self.decoder.remove(seq)
+            produced = []
+            for seq in new:
+                try:
+                    produced += self.decoder.add([seq])
+                except Exception as e:
+                    for q in [q for q in self.decoder.seqs if q is seq]:
+                        self.decoder.remove(q)
+                    self._log_failure(e)
+                    self.failed += 1
+                    deliver([(seq.owner, ("error", f"generation failed: {type(e).__name__}: {e}"))])
+        self.prefill_s += time.perf_counter() - t0
+        self._emit(produced)
+
+    def _log_failure(self, e):
+        traceback.print_exception(type(e), e, e.__traceback__)
 
     def _emit(self, produced):
         """Send the step's tokens to their requests. Counters and rows are updated first, so a
         client that has seen its reply end also sees it in /stats."""
         events = []
         for seq, token, mask in produced:
+            if seq.error:  # its sampling failed: this request alone ends, with the reason
+                self.failed += 1
+                events.append((seq.owner, ("error", f"generation failed: {seq.error}")))
+                continue
             if token not in self.decoder.specials["stop"]:  # the stop token itself is not text
                 events.append((seq.owner, ("token", token)))
                 self.tokens_generated += 1
@@ -297,8 +370,11 @@ class Scheduler:
                 self.active = len(self.decoder.seqs)
                 if self.token_delay:
                     time.sleep(self.token_delay)
-            except Exception as e:  # never let one bad step kill the server: fail the running requests
-                traceback.print_exc()
+            except Exception as e:
+                # the forward of the whole batch failed (a per-row failure never gets here): never
+                # let it kill the server; fail the requests of that batch, serve the next ones
+                self._log_failure(e)
+                self.failed += len(self.decoder.seqs)
                 deliver([(seq.owner, ("error", f"generation failed: {type(e).__name__}: {e}"))
                          for seq in self.decoder.seqs])
                 for seq in list(self.decoder.seqs):
@@ -328,20 +404,58 @@ def _sse(obj):
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def _error(status, message, kind="invalid_request_error"):
+def _error(status, message, kind="invalid_request_error", headers=None):
     # the OpenAI error shape, which the openai client turns into a BadRequestError with this message
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status,
+                        headers=headers)
+
+
+def _refusal(e):
+    """The response for a BadRequest: 408 and 413 also close the connection (the rest of that
+    body may still be on its way), a full queue says when to come back."""
+    headers = None
+    if e.status in (408, 413):
+        headers = {"Connection": "close"}
+    elif e.status == 503:
+        headers = {"Retry-After": str(RETRY_AFTER_S)}
+    kind = "server_error" if e.status >= 500 else "invalid_request_error"
+    return _error(e.status, str(e), kind=kind, headers=headers)
+
+
+async def read_body(request, max_bytes=MAX_BODY_BYTES, timeout=BODY_TIMEOUT_S):
+    """The request body, at most max_bytes (413 otherwise, checked against Content-Length before
+    reading and while reading), arriving within `timeout` seconds (408 otherwise: a client that
+    announces more than it sends must not hold the connection)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise BadRequest(f"request body too large: {declared} bytes > {max_bytes}", status=413)
+
+    async def receive_all():
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise BadRequest(f"request body too large: more than {max_bytes} bytes", status=413)
+            chunks.append(chunk)
+        return b"".join(chunks)
+    try:
+        return await asyncio.wait_for(receive_all(), timeout)
+    except asyncio.TimeoutError:
+        raise BadRequest(f"the request body did not arrive within {timeout:g} s", status=408)
 
 
 # ---------------------------------------------------------------------------
 # The app
 
-def create_app(model, tokenizer, max_batch=8, model_name="nanochat", token_delay=0.0, seed=42, compile=False):
+def create_app(model, tokenizer, max_batch=8, model_name="nanochat", token_delay=0.0, seed=42, compile=False,
+               max_queue=DEFAULT_MAX_QUEUE, max_body_bytes=MAX_BODY_BYTES, body_timeout=BODY_TIMEOUT_S):
     """The FastAPI app. The scheduler thread starts with the app and stops with it. compile:
-    torch.compile the decode step (engine.BatchDecoder); /health says "ready" once it is warm."""
+    torch.compile the decode step (engine.BatchDecoder); /health says "ready" once it is warm.
+    max_queue: requests that may wait for a row (more get 503); max_body_bytes / body_timeout:
+    the largest request body and the seconds it may take to arrive (413 / 408)."""
     context_len = model.config.sequence_len
     scheduler = Scheduler(model, tokenizer, max_batch=max_batch, seed=seed, token_delay=token_delay,
-                          compile=compile)
+                          compile=compile, max_queue=max_queue)
     created = int(time.time())
     ui_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ui.html")
 
@@ -356,38 +470,59 @@ def create_app(model, tokenizer, max_batch=8, model_name="nanochat", token_delay
     app.state.scheduler = scheduler
 
     async def parse(request):
-        raw = await request.body()
+        """(prompt, settings) of a chat request, or BadRequest (400, 408, 413): every way a body
+        can be wrong is the client's error, never a 500."""
+        raw = await read_body(request, max_body_bytes, body_timeout)
         try:
             body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError) as e:  # also ints too long to convert
             raise BadRequest(f"malformed JSON: {e}")
+        except RecursionError:
+            raise BadRequest("malformed JSON: nested too deeply")
         return validate_request(body, tokenizer, context_len)
 
-    async def run(prompt, settings):
-        """Submit a job and yield lists of events: ("token", id) ... then ("done", reason) or
-        ("error", msg) last. A list holds every event already waiting (one, unless this
-        coroutine fell behind the scheduler), so that a late stream catches up in one write."""
+    def submit(prompt, settings):
+        """Queue a job, before any response is started; BadRequest 503 when the queue is full."""
         job = Job(prompt, settings, asyncio.get_running_loop())
-        scheduler.submit(job)
+        if not scheduler.submit(job):
+            raise BadRequest(f"the server is busy ({scheduler.max_queue} requests waiting): "
+                             f"retry in {RETRY_AFTER_S} s", status=503)
+        return job
+
+    async def watch_disconnect(request, job):
+        # the body has been read, so the next ASGI message is the client going away (uvicorn
+        # also sends it once the response is complete, when it no longer matters)
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        job.cancelled.set()
+        job.events.put_nowait(("cancelled", None))
+
+    async def follow(job, request):
+        """Yield lists of the job's events: ("token", id) ... then ("done", reason) or
+        ("error", msg) last, or ("cancelled", None) when the client went away. A list holds every
+        event already waiting (one, unless this coroutine fell behind the scheduler), so that a
+        late stream catches up in one write."""
+        watcher = asyncio.create_task(watch_disconnect(request, job))
         try:
             while True:
                 items = [await job.events.get()]
                 while not job.events.empty():
                     items.append(job.events.get_nowait())
                 yield items
-                if items[-1][0] in ("done", "error"):
+                if items[-1][0] in ("done", "error", "cancelled"):
                     return
         finally:
-            # runs when the stream ends, and also when the client disconnects (the response's
-            # iterator is cancelled or closed): the scheduler frees the row at its next step
+            # runs when the reply ends, and also when the client disconnects (the watcher, or the
+            # streaming response cancelling its iterator): the scheduler frees the row at its next step
+            watcher.cancel()
             job.cancelled.set()
 
-    @app.get("/")
+    @app.api_route("/", methods=["GET", "HEAD"])
     async def index():
         with open(ui_path, encoding="utf-8") as f:
             return HTMLResponse(f.read())
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         return {"status": "ok", "model": model_name, "max_batch": max_batch, "context_len": context_len,
                 "ready": scheduler.ready.is_set()}
@@ -405,12 +540,13 @@ def create_app(model, tokenizer, max_batch=8, model_name="nanochat", token_delay
     async def chat_completions(request: Request):
         try:
             prompt, settings = await parse(request)
+            job = submit(prompt, settings)
         except BadRequest as e:
-            return _error(400, str(e))
+            return _refusal(e)
 
         async def events():
             text = TextStream(tokenizer)
-            async for items in run(prompt, settings):
+            async for items in follow(job, request):
                 out = []
                 for kind, value in items:
                     if kind == "token":
@@ -422,7 +558,7 @@ def create_app(model, tokenizer, max_batch=8, model_name="nanochat", token_delay
                         if tail:
                             out.append(_sse({"token": tail}))
                         out.append(_sse({"done": True, "finish_reason": value}))
-                    else:
+                    elif kind == "error":
                         out.append(_sse({"error": value}))
                 if out:
                     yield "".join(out)
@@ -434,8 +570,9 @@ def create_app(model, tokenizer, max_batch=8, model_name="nanochat", token_delay
     async def openai_chat_completions(request: Request):
         try:
             prompt, settings = await parse(request)
+            job = submit(prompt, settings)
         except BadRequest as e:
-            return _error(400, str(e))
+            return _refusal(e)
         cid = "chatcmpl-" + uuid.uuid4().hex[:24]
         now = int(time.time())
 
@@ -444,14 +581,17 @@ def create_app(model, tokenizer, max_batch=8, model_name="nanochat", token_delay
 
         if not settings["stream"]:
             tokens, reason = [], None
-            async for items in run(prompt, settings):
-                for kind, value in items:
-                    if kind == "token":
-                        tokens.append(value)
-                    elif kind == "done":
-                        reason = value
-                    else:
-                        return _error(500, value, kind="server_error")
+            async with aclosing(follow(job, request)) as events:  # closed (row freed) on every return
+                async for items in events:
+                    for kind, value in items:
+                        if kind == "token":
+                            tokens.append(value)
+                        elif kind == "done":
+                            reason = value
+                        elif kind == "error":
+                            return _error(500, value, kind="server_error")
+                        else:  # cancelled: nobody is listening any more
+                            return _error(499, "client closed the request")
             return {
                 "id": cid, "object": "chat.completion", "created": now, "model": model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": tokenizer.decode(tokens)},
@@ -469,7 +609,7 @@ def create_app(model, tokenizer, max_batch=8, model_name="nanochat", token_delay
             text = TextStream(tokenizer)
             n = 0
             yield chunk({"role": "assistant", "content": ""})
-            async for items in run(prompt, settings):
+            async for items in follow(job, request):
                 out, content = [], ""  # the pieces of the tokens that arrived together: one chunk
                 for kind, value in items:
                     if kind == "token":
@@ -484,7 +624,7 @@ def create_app(model, tokenizer, max_batch=8, model_name="nanochat", token_delay
                         if include_usage:
                             out.append(_sse({"id": cid, "object": "chat.completion.chunk", "created": now,
                                              "model": model_name, "choices": [], "usage": usage(n)}))
-                    else:
+                    elif kind == "error":
                         if content:
                             out.append(chunk({"content": content}))
                             content = ""

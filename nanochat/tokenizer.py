@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from nanochat.common import UserError, atomic_write_text, get_base_dir
-from nanochat.dataset import iter_texts
+from nanochat.dataset import iter_texts, split_shards, validate_shards
 
 SPECIAL_TOKENS = [
     "<|bos|>",            # starts every document
@@ -289,6 +289,7 @@ def train_from_shards(vocab_size: int, max_chars: int, doc_cap: int, data_dir=No
     """Train on the training split of the pretraining shards. Returns (tokenizer, chars, seconds)."""
     if max_chars <= 0 or doc_cap <= 0:
         raise UserError("--max-chars and --doc-cap must be positive")
+    validate_shards(split_shards("train", data_dir, folder))  # a bad shard is an error now, not mid-way
     counted = {"chars": 0}
     bar = tqdm(total=max_chars, unit="char", unit_scale=True, desc="reading text", disable=not show_progress)
 

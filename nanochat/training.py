@@ -301,7 +301,7 @@ def resolve_resume(ckpt_dir, args, world_size):
     if step not in steps:
         raise UserError(f"no complete checkpoint for step {step} in {ckpt_dir}; "
                         f"complete steps: {', '.join(map(str, steps))}")
-    meta = ck.load_meta(ckpt_dir, step)
+    meta = ck.load_meta(ckpt_dir, step, require=("model_config", "loop"))
     if meta.get("world_size", 1) != world_size:
         raise UserError(f"the checkpoint was saved by {meta.get('world_size')} process(es); "
                         f"resume with the same number (now {world_size})")

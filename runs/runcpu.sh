@@ -11,6 +11,12 @@
 # near chance at this size.
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
+# A relative NANOCHAT_DATA / NANOCHAT_BASE_DIR means "from where you typed the command": made
+# absolute here, once, so every stage sees the same folder whatever its working directory. A data
+# root that does not exist yet is kept (downloads fill it), never silently dropped.
+abspath() { case "$1" in /*) printf '%s\n' "$1" ;; *) if [ -d "$1" ]; then (cd "$1" && pwd); else printf '%s\n' "$PWD/$1"; fi ;; esac; }
+if [ -n "${NANOCHAT_DATA:-}" ]; then export NANOCHAT_DATA="$(abspath "$NANOCHAT_DATA")"; fi
+if [ -n "${NANOCHAT_BASE_DIR:-}" ]; then export NANOCHAT_BASE_DIR="$(abspath "$NANOCHAT_BASE_DIR")"; fi
 
 # --- environment ---------------------------------------------------------------------------------
 if [ "${SKIP_SETUP:-0}" != "1" ]; then
@@ -20,10 +26,7 @@ fi
 # Offline data: ../shared/data beside the repository if it is there; otherwise everything is
 # downloaded into $NANOCHAT_BASE_DIR/data (pretraining shards below, tasks by the stages that use them).
 if [ -z "${NANOCHAT_DATA:-}" ] && [ -d "$REPO/../shared/data" ]; then
-    NANOCHAT_DATA="$REPO/../shared/data"
-fi
-if [ -n "${NANOCHAT_DATA:-}" ]; then
-    export NANOCHAT_DATA="$(cd "$NANOCHAT_DATA" && pwd)"   # absolute, whatever the cwd
+    export NANOCHAT_DATA="$(cd "$REPO/../shared/data" && pwd)"
 fi
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
 DATA_ROOT="${NANOCHAT_DATA:-$NANOCHAT_BASE_DIR/data}"
@@ -80,6 +83,7 @@ stage "report reset"
 nanochat report reset
 
 if ! ls "$DATA_ROOT"/pretrain/*.parquet >/dev/null 2>&1; then
+    # with NANOCHAT_OFFLINE=1 this stops with an error naming the missing folder
     stage "download: 2 pretraining shards + the validation shard (~250M characters each)"
     nanochat data download -n 2
 fi

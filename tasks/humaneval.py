@@ -1,12 +1,12 @@
 """HumanEval: 164 Python functions to complete, checked by running their unit tests.
 
 The user message is the function's signature and docstring; the reference assistant message is
-the complete function. Scoring runs the model's code together with the task's tests in the
-sandbox of nanochat/execution.py.
+the complete function. Scoring runs the model's code in the sandbox of nanochat/execution.py and
+the task's tests in a separate checker process (execution.check_solution).
 """
 import re
 
-from nanochat.execution import execute_code
+from nanochat.execution import check_solution
 from tasks.common import Task
 from tasks.hub import load_split
 
@@ -30,18 +30,14 @@ def prompt_imports(prompt: str) -> str:
     return "\n".join(line for line in prompt.splitlines() if line.startswith(("import ", "from ")))
 
 
-PASS_MARKER = "__nanochat_humaneval_passed__"
-
-
-def build_program(prompt: str, completion: str, test: str, entry_point: str) -> str:
-    """imports of the prompt + the model's code + the tests + check(entry_point). A completion
-    that is only the function body (no `def entry_point`) is appended to the prompt."""
+def build_program(prompt: str, completion: str, entry_point: str) -> str:
+    """The completion as a program that defines entry_point: the prompt's imports + the model's
+    code. A completion that is only the function body (no `def entry_point`) is appended to the
+    prompt. The tests are not part of it: they run in the checker (execution.check_solution)."""
     code = extract_code(completion, entry_point)
     if not re.search(rf"def\s+{re.escape(entry_point)}\s*\(", code):
         code = prompt + code
-    # The marker is printed only after check() returned: a completion that calls sys.exit(0)
-    # early exits with status 0 but never prints it, so it cannot pass.
-    return f"{prompt_imports(prompt)}\n\n{code}\n\n{test}\n\ncheck({entry_point})\nprint({PASS_MARKER!r})\n"
+    return f"{prompt_imports(prompt)}\n\n{code}\n"
 
 
 class HumanEval(Task):
@@ -58,7 +54,11 @@ class HumanEval(Task):
                 "entry_point": row["entry_point"]}
 
     def evaluate(self, conversation, assistant_response):
-        program = build_program(conversation["prompt"], assistant_response, conversation["test"],
-                                conversation["entry_point"])
-        result = execute_code(program, timeout=self.timeout)
-        return bool(result.success and PASS_MARKER in result.stdout)
+        """True when the task's tests pass. The completion runs in the sandbox and the tests in a
+        separate checker process that decides alone (nanochat/execution.py, docs/tools.md): no
+        printed marker, exit status or returned object can fake a pass."""
+        prompt = conversation["prompt"]
+        program = build_program(prompt, assistant_response, conversation["entry_point"])
+        result = check_solution(program, conversation["test"], conversation["entry_point"],
+                                helpers=f"{prompt_imports(prompt)}\n\n{prompt}", timeout=self.timeout)
+        return result.passed

@@ -9,7 +9,9 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SHARED = os.path.join(os.path.dirname(REPO), "shared", "data")
 
-os.environ.setdefault("NANOCHAT_DATA", _SHARED)
+# absolute: a relative value means "from where pytest was started", and some tests run scripts
+# and commands from other folders
+os.environ["NANOCHAT_DATA"] = os.path.abspath(os.environ.get("NANOCHAT_DATA") or _SHARED)
 # Tests never reach the internet: every loader that would download something missing fails
 # instead. Tests of the download code turn this off and serve their files from 127.0.0.1.
 os.environ["NANOCHAT_OFFLINE"] = "1"

@@ -70,3 +70,11 @@ def test_bad_input(sft_checkpoint, tmp_path):
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path))
     r = chat(["-p", "x"], env=env)
     assert r.returncode == 1 and "checkpoint" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_tiny_temperature_is_greedy_not_a_traceback(sft_checkpoint):
+    """-t 1e-300 is in range; it used to underflow to NaN probabilities and crash in
+    torch.multinomial. It means greedy, and is answered like -t 0."""
+    r = chat(["-p", "What is 12*13?", "-t", "1e-300", "--max-tokens", "12", "--model-tag", "d2chat"])
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stdout == expected_reply([{"role": "user", "content": "What is 12*13?"}], 12) + "\n"

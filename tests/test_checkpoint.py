@@ -177,3 +177,178 @@ def test_load_model_errors_list_what_exists(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="complete steps: 7"):
         ck.resolve_checkpoint("base", "d3", 8)
     assert ck.resolve_checkpoint("base")[1:] == ("d3", 7)
+
+
+# ---------------------------------------------------------------------------
+# Hostile and damaged files: nothing runs, nothing loads wrong, every failure is one clear line
+
+class _RunsCode:
+    """A pickle that calls a function when loaded (what a crafted .pt file does)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _two_steps(d):
+    for s in (1, 2):
+        ck.save_checkpoint(d, s, _tiny_state(s), {"state": {0: {"m": torch.full((3,), float(s))}}},
+                           {"model_config": {"n_layer": 1}, "loop": {"s": s}}, extra={"loader": [s]})
+
+
+def _drop_checksums(d, step):
+    """Make a step look like one written before checksums existed."""
+    path = os.path.join(d, f"meta_{step:06d}.json")
+    meta = json.load(open(path))
+    del meta["sha256"]
+    json.dump(meta, open(path, "w"))
+
+
+@pytest.mark.parametrize("which", ["optim", "model"])
+def test_a_crafted_pt_file_never_runs_code(tmp_path, which):
+    """optim_*.pt used to be loaded with weights_only=False: a crafted file ran code on --resume.
+    Now every file is read with weights_only=True, checksums or not."""
+    d = str(tmp_path / "ck")
+    _two_steps(d)
+    _drop_checksums(d, 2)  # so that only weights_only stands between the file and the unpickler
+    marker = tmp_path / "pwned"
+    name = "optim_000002_rank0.pt" if which == "optim" else "model_000002.pt"
+    torch.save({"optimizer": _RunsCode(str(marker)), "rng": {}, "extra": None}, os.path.join(d, name))
+    with pytest.raises(UserError, match=name) as e:
+        ck.load_checkpoint(d, 2, load_optimizer=True)
+    assert not marker.exists()
+    assert "last good step is 1" in str(e.value)
+
+
+def test_rng_state_is_plain_data(tmp_path):
+    """What weights_only=True can hold: the numpy state is ints and a tensor, and resuming from
+    it replays every generator exactly."""
+    d = str(tmp_path)
+    ck.save_checkpoint(d, 1, _tiny_state(0), None, {})
+    want = (torch.rand(3), random.random(), np.random.rand())
+    _, shard, _ = ck.load_checkpoint(d, 1, load_optimizer=True)
+    assert isinstance(shard["rng"]["numpy"], dict) and torch.is_tensor(shard["rng"]["numpy"]["keys"])
+    ck.set_rng_state(shard["rng"])
+    got = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(want[0], got[0]) and want[1:] == got[1:]
+
+
+def test_old_checkpoint_without_checksums_still_loads(tmp_path):
+    """A step written before checksums (numpy RNG state as a tuple with an ndarray, no sha256 in
+    the meta) loads as before, without verification."""
+    d = str(tmp_path)
+    ck.save_checkpoint(d, 1, _tiny_state(0), {"o": 1}, {"model_config": {}})
+    old_rng = {"torch_cpu": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    torch.save({"optimizer": {"o": 1}, "rng": old_rng, "extra": None}, os.path.join(d, "optim_000001_rank0.pt"))
+    _drop_checksums(d, 1)
+    _, shard, meta = ck.load_checkpoint(d, 1, load_optimizer=True)
+    assert "sha256" not in meta and shard["optimizer"] == {"o": 1}
+    ck.set_rng_state(shard["rng"])
+
+
+@pytest.mark.parametrize("which", ["model_000002.pt", "optim_000002_rank0.pt"])
+def test_flipped_bytes_are_refused_with_the_last_good_step(tmp_path, which):
+    """4 KB of flipped bytes in the middle of a file (inside the tensor data, where the old
+    loader noticed nothing): refused, naming the file and the last step that verifies."""
+    d = str(tmp_path / "ck")
+    ck.save_checkpoint(d, 1, {"w": torch.randn(64, 64)}, {"m": torch.randn(64, 64)}, {"model_config": {}})
+    ck.save_checkpoint(d, 2, {"w": torch.randn(64, 64)}, {"m": torch.randn(64, 64)}, {"model_config": {}})
+    meta = ck.load_meta(d, 2)
+    assert set(meta["sha256"]) == {"model_000002.pt", "optim_000002_rank0.pt"}
+    path = os.path.join(d, which)
+    data = bytearray(open(path, "rb").read())
+    mid = len(data) // 2
+    data[mid:mid + 4096] = bytes(b ^ 0xFF for b in data[mid:mid + 4096])
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(UserError) as e:
+        ck.load_checkpoint(d, 2, load_optimizer=True)
+    msg = str(e.value)
+    assert which in msg and "sha256" in msg and "last good step is 1" in msg and "\n" not in msg
+    ck.load_checkpoint(d, 1, load_optimizer=True)  # the earlier step is fine
+    assert ck.last_good_step(d) == 1
+
+
+DAMAGE = {
+    "zero bytes": lambda data: b"",
+    "truncated": lambda data: data[: len(data) // 3],
+    "random bytes": lambda data: np.random.default_rng(0).bytes(len(data)),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+@pytest.mark.parametrize("which", ["model_000002.pt", "optim_000002_rank0.pt", "meta_000002.json"])
+@pytest.mark.parametrize("checksums", [True, False])
+def test_damaged_files_are_one_line_user_errors(tmp_path, damage, which, checksums):
+    d = str(tmp_path / "ck")
+    _two_steps(d)
+    if not checksums:
+        _drop_checksums(d, 2)
+    path = os.path.join(d, which)
+    data = open(path, "rb").read()
+    open(path, "wb").write(DAMAGE[damage](data))
+    with pytest.raises(UserError) as e:
+        ck.load_checkpoint(d, 2, load_optimizer=True)
+    assert which in str(e.value) and "last good step is 1" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_meta_missing_keys_and_config_disagreeing_with_the_weights(tmp_path, monkeypatch, tokenizer):
+    """`chat`/`serve` load through build_model: a meta without model_config, or one whose
+    model_config does not fit the saved weights, is a UserError naming the file (it used to be a
+    KeyError / a load_state_dict RuntimeError traceback)."""
+    import dataclasses
+    import shutil
+    from nanochat.tokenizer import tokenizer_dir
+    from test_engine import make_model
+    shutil.copytree(tokenizer_dir(), str(tmp_path / "tokenizer"))  # a base dir of its own, same tokenizer
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    model = make_model(tokenizer.get_vocab_size(), sequence_len=32)
+    d = ck.checkpoint_dir("sft", "d2")
+    cfg = dataclasses.asdict(model.config)
+    ck.save_checkpoint(d, 1, model.state_dict(), None, {"model_config": cfg})
+    ck.save_checkpoint(d, 2, model.state_dict(), None, {"model_config": {**cfg, "n_embd": 128}})
+    with pytest.raises(UserError, match=r"model_000002.pt.*do not fit the model_config.*last good step is 1"):
+        ck.load_model("sft", "cpu")
+    ck.save_checkpoint(d, 3, model.state_dict(), None, {"model_config": {**cfg, "no_such_field": 1}})
+    with pytest.raises(UserError, match=r"meta_000003.json.*does not describe a model"):
+        ck.load_model("sft", "cpu", step=3)
+    ck.save_checkpoint(d, 4, model.state_dict(), None, {"step": 4})
+    with pytest.raises(UserError, match=r"meta_000004.json.*missing model_config"):
+        ck.load_model("sft", "cpu", step=4)
+    with pytest.raises(UserError, match=r"missing loop"):
+        ck.load_checkpoint(d, 4, require=("loop",))
+    assert ck.load_model("sft", "cpu", step=1)[2]["step"] == 1
+
+
+def test_torn_or_garbled_metrics_lines_are_dropped(tmp_path):
+    """A crash mid-append leaves a torn last line, possibly invalid UTF-8: reading skips it, the
+    next append starts on a fresh line (instead of being glued to it and lost), and a resume
+    trims it; no traceback anywhere, the report card included."""
+    from nanochat import report
+    d = str(tmp_path)
+    for s in (1, 2):
+        ck.append_metrics(d, {"step": s, "loss": 1.0})
+    with open(ck.metrics_path(d), "ab") as f:
+        f.write(b'{"step": 3, "lo\xff\xfe')  # torn, and not UTF-8
+    assert [r["step"] for r in ck.read_metrics(d)] == [1, 2]
+    assert report.read_metrics is ck.read_metrics  # the report card's curves use the same reader
+    ck.append_metrics(d, {"step": 3, "loss": 0.5})
+    assert [r["step"] for r in ck.read_metrics(d)] == [1, 2, 3]
+    with open(ck.metrics_path(d), "ab") as f:
+        f.write(b'7\n[1, 2]\n{"step": "x"}\n\x00\x00\x00')  # valid JSON that is not a record, then NULs
+    assert [r.get("step") for r in ck.read_metrics(d)] == [1, 2, 3, "x"]
+    ck.trim_metrics(d, 2)
+    assert open(ck.metrics_path(d), "rb").read() == b'{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 1.0}\n'
+
+
+def test_resume_removes_temp_files_of_killed_saves(tmp_path):
+    d = str(tmp_path / "tag")
+    ck.save_checkpoint(d, 1, _tiny_state(1), None, {})
+    for name in ("model_000002.pt.tmp.4242", "optim_000002_rank0.pt.tmp.77", "metrics.jsonl.tmp.9"):
+        open(os.path.join(d, name), "wb").write(b"torn")
+    open(os.path.join(d, "notes.tmp.txt"), "w").write("mine")  # not a temp name of ours: kept
+    ck.begin_run(d, 1, master=False)
+    assert len(os.listdir(d)) == 7  # 3 files of step 1, 3 temp files, notes
+    ck.begin_run(d, 1)
+    assert sorted(os.listdir(d)) == ["meta_000001.json", "model_000001.pt", "notes.tmp.txt", "optim_000001_rank0.pt"]

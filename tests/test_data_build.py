@@ -133,6 +133,7 @@ def test_build_never_touches_shared_root(data_dir, tmp_path):
     (lambda d: None, "no such file"),
     (lambda d: (d / "x.jsonl").write_text('{"text": "a"}\n{"body": "b"}\n'), r"x.jsonl:2: .*'text'"),
     (lambda d: (d / "x.jsonl").write_text('{"text": "a"}\nnot json\n'), r"x.jsonl:2: not valid JSON"),
+    (lambda d: (d / "x.jsonl").write_text('{"text": "a"}\n{"text": "b \\ud800 c"}\n'), r"x.jsonl:2: .*surrogate"),
     (lambda d: pq.write_table(pa.table({"body": ["a", "b"]}), d / "x.parquet"), r"x.parquet: no 'text' column"),
     (lambda d: (d / "x.parquet").write_bytes(b"PAR1 this is not parquet"), r"x.parquet: cannot read"),
     (lambda d: (d / "x.txt").write_bytes(b"\xff\xfe\xfa bad utf8"), r"x.txt: cannot read"),

@@ -29,6 +29,13 @@ def shard_bytes(data_dir, tmp_path_factory):
     return files
 
 
+@pytest.fixture(autouse=True)
+def downloads_on(monkeypatch):
+    """These tests download from their own 127.0.0.1 server: lift the suite-wide offline switch."""
+    monkeypatch.delenv("NANOCHAT_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+
 @pytest.fixture
 def server(shard_bytes):
     s = FileServer(shard_bytes)
@@ -120,3 +127,14 @@ def test_unwritable_target_is_user_error(tmp_path):
             data_download.main(["-n", "1", "--out", str(out), "--base-url", "http://127.0.0.1:9"])
     finally:
         os.chmod(out, 0o755)
+
+
+def test_offline_refuses_to_download(server, tmp_path, monkeypatch):
+    """NANOCHAT_OFFLINE=1 stops `data download` itself, before any request: a clear error
+    naming the folder where the shards are missing."""
+    monkeypatch.setenv("NANOCHAT_OFFLINE", "1")
+    out = tmp_path / "pretrain"
+    with pytest.raises(UserError, match="downloads are off") as e:
+        run(server, out)
+    assert str(out) in str(e.value)
+    assert server.hits == {}

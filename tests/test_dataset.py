@@ -1,12 +1,16 @@
 """Listing and reading pretraining shards: the real offline shards, and broken ones."""
 import os
 import shutil
+import subprocess
+import sys
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from nanochat.common import UserError
 from nanochat.dataset import (is_valid_shard, iter_texts, list_shards, num_row_groups, read_row_group_texts,
-                              shard_name, split_shards, write_shard)
+                              shard_name, split_shards, validate_shards, write_shard)
 
 
 def test_list_shards_real(data_dir):
@@ -67,3 +71,60 @@ def test_truncated_shard_names_the_file(tmp_path, data_dir):
     bad.write_bytes(bytes(corrupt))
     with pytest.raises(UserError, match="shard_00001.parquet"):
         read_row_group_texts(str(bad), 0)
+
+
+BAD_TEXT_COLUMNS = {
+    "int": pa.array([1, 2, 3]),
+    "binary": pa.array([b"a", b"b", b"c"]),
+    "list": pa.array([["a"], ["b"], ["c"]]),
+    "null": pa.array([None, None, None]),
+    "strings with nulls": pa.array(["a", None, "c"]),
+}
+
+
+def _bad_folder(tmp_path, data_dir, kind):
+    """A shard folder: one real shard, then a bad one with the given `text` column (as val)."""
+    folder = tmp_path / kind.replace(" ", "_")
+    folder.mkdir()
+    shutil.copy(list_shards(data_dir)[0], folder / shard_name(0))
+    pq.write_table(pa.table({"text": BAD_TEXT_COLUMNS[kind]}), folder / shard_name(1))
+    return folder
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_TEXT_COLUMNS))
+def test_validate_shards_reads_only_the_footer_and_names_the_bad_shard(tmp_path, data_dir, kind):
+    folder = _bad_folder(tmp_path, data_dir, kind)
+    paths = list_shards(folder=str(folder))
+    assert validate_shards(paths[:1]) == paths[:1]
+    with pytest.raises(UserError, match=f"shard .*{shard_name(1)} cannot be used") as e:
+        validate_shards(paths)
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match=shard_name(1)):  # reading it directly is a clear error too
+        read_row_group_texts(paths[1], 0)
+
+
+def test_validate_real_shards(data_dir):
+    paths = list_shards(data_dir)
+    assert validate_shards(paths) == paths
+
+
+@pytest.mark.parametrize("kind", ["int", "null"])
+def test_train_base_and_tokenizer_train_refuse_bad_shards_in_one_line(tmp_path, data_dir, kind, tokenizer):
+    """They used to start and then die with a traceback (a TypeError from the tokenizer, in the
+    loader thread or in rustbpe)."""
+    folder = _bad_folder(tmp_path, data_dir, kind)
+    shutil.copy(folder / shard_name(1), folder / shard_name(2))  # bad in the training split too
+    root = tmp_path / "root"
+    (root / "pretrain").mkdir(parents=True)
+    for name in os.listdir(folder):
+        shutil.copy(folder / name, root / "pretrain" / name)
+    env = dict(os.environ, NANOCHAT_DATA=str(root))
+    for args in (["tokenizer", "train", "--vocab-size", "300", "--max-chars", "100000"],
+                 ["train", "base", "--depth", "1", "--max-seq-len", "32", "--device-batch-size", "1",
+                  "--total-batch-size", "32", "--num-iterations", "1", "--eval-every", "-1",
+                  "--core-metric-every", "-1", "--sample-every", "-1", "--model-tag", "badshards",
+                  "--device-type", "cpu"]):
+        p = subprocess.run([sys.executable, "-m", "nanochat", *args], capture_output=True, text=True,
+                           timeout=300, env=env, cwd=str(tmp_path))
+        assert p.returncode == 1, (args, p.stderr[-2000:])
+        assert "Traceback" not in p.stderr and f"{shard_name(1)} cannot be used" in p.stderr, p.stderr[-2000:]

@@ -335,3 +335,83 @@ def test_seeded_sequence_is_independent_of_its_batch(model, tokenizer, prompts):
                  Sequence(prompts[4], 9, temperature=2.0)])[1]
     assert mixed == alone and len(alone) == 16
     assert len({tuple(run([seeded(s)])[0]) for s in range(1, 6)}) > 1  # different seeds, different text
+
+
+# ---------------------------------------------------------------------------
+# Sampling settings at their extremes, and a row that cannot be sampled
+
+def test_tiny_temperature_and_top_p_are_greedy_not_nan():
+    """A temperature too small for float32 (1e-300, 1e-39) or a top_p that underflows to 0 used
+    to reach torch.multinomial as NaN probabilities and raise; they mean greedy and are served
+    as such, alone, mixed with normal rows, and on the top-k fast path."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 64, generator=g) * 30
+    greedy = logits.argmax(-1).tolist()
+    for t in (1e-300, 1e-39, 5e-324):
+        assert sample(logits, t, generator=g).tolist() == greedy
+        assert sample(logits, t, top_k=10, generator=g).tolist() == greedy
+    assert sample(logits, 1.0, top_p=1e-300, generator=g).tolist() == greedy
+    assert sample(logits, 1.0, top_k=10, top_p=1e-45, generator=g).tolist() == greedy
+    mixed = sample(logits, [1e-300, 1.0, 1e-39, 1.0, 0.0, 2.0], top_p=[None, 1e-300, None, None, None, None],
+                   generator=g).tolist()
+    assert [mixed[i] for i in (0, 1, 2, 4)] == [greedy[i] for i in (0, 1, 2, 4)]
+    # a just-representable temperature still samples without overflowing to NaN
+    ids = sample(logits, 2e-38, generator=g)
+    assert ids.tolist() == greedy
+
+
+def test_settings_that_cannot_be_honoured_are_refused():
+    for bad in [dict(temperature=float("nan")), dict(temperature=float("inf")), dict(temperature=-1.0),
+                dict(temperature=1.0, top_p=0.0), dict(temperature=1.0, top_p=1.5),
+                dict(temperature=1.0, top_k=-2), dict(temperature=1.0, top_k=2.5)]:
+        with pytest.raises(ValueError):
+            Sequence([1, 2, 3], **bad)
+
+
+class Poisoned(torch.nn.Module):
+    """The real model, except that the logits predicting position `at_len` of a row (the token
+    that would make it at_len tokens long) are NaN: that row cannot be sampled."""
+
+    def __init__(self, model, at_len):
+        super().__init__()
+        self.inner, self.config, self.at_len = model, model.config, at_len
+
+    def get_device(self):
+        return self.inner.get_device()
+
+    def new_kv_cache(self, *args, **kwargs):
+        return self.inner.new_kv_cache(*args, **kwargs)
+
+    def forward(self, idx, kv_cache=None, kv_len=None, logits_positions=None):
+        before = kv_cache.lengths.clone()
+        logits = self.inner(idx, kv_cache=kv_cache, kv_len=kv_len, logits_positions=logits_positions).clone()
+        B, T = idx.shape
+        pos = [logits_positions % T] * B if isinstance(logits_positions, int) else logits_positions.tolist()
+        for b in range(B):
+            if int(before[b]) + pos[b] + 1 == self.at_len:
+                logits[b] = float("nan")
+        return logits
+
+
+def test_a_row_that_cannot_be_sampled_ends_alone(model, tokenizer, prompts):
+    """Four rows sampling together; one reaches a position whose logits are NaN: that row ends
+    with finish_reason "error", the three others decode on exactly as they would without it."""
+    long_prompt = prompts[4]
+    poison_at = len(long_prompt) + 3  # the long row's 4th token
+    short = [p for p in prompts if len(p) + 12 < poison_at][:3]
+    assert len(short) == 3
+
+    def run(model_, with_long):
+        dec = BatchDecoder(model_, tokenizer, 4, max_len=96, seed=0)
+        dec.specials["stop"] = set()
+        seqs = [Sequence(p, max_tokens=12, temperature=1.0, seed=10 + i) for i, p in enumerate(short)]
+        bad = Sequence(long_prompt, max_tokens=12, temperature=1.0, top_k=20)
+        dec.add(seqs + ([bad] if with_long else []))
+        drain(dec)
+        return seqs, bad
+
+    seqs, bad = run(Poisoned(model, poison_at), True)
+    assert bad.finish_reason == "error" and "NaN" in bad.error and len(bad.out) == 3
+    assert all(s.finish_reason == "length" and s.error is None and len(s.out) == 12 for s in seqs)
+    clean, _ = run(model, False)
+    assert [s.out for s in seqs] == [s.out for s in clean]

@@ -1,13 +1,15 @@
 """The HumanEval sandbox: real child processes doing real damage attempts; the caller, its files
 and the machine must come out unharmed, and nothing the program started may outlive the call."""
 import os
+import tempfile
 import threading
 import time
 
 import pyarrow.parquet as pq
 import pytest
 
-from nanochat.execution import ExecutionResult, _processes_of_uid, execute_code
+from nanochat.execution import (ExecutionResult, _processes_of_uid, check_solution, execute_code,
+                                network_isolated, remove_tree)
 
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="the private-uid layer exists only when the caller is root")
@@ -84,15 +86,17 @@ def test_sleeping_program_times_out():
 
 def test_fork_and_subprocess_are_disabled():
     code = """
-import os, subprocess
+import os
 for name, fn in [("fork", lambda: os.fork()), ("system", lambda: os.system("true")),
-                 ("Popen", lambda: subprocess.Popen(["true"])), ("run", lambda: subprocess.run(["true"]))]:
+                 ("spawn", lambda: os.posix_spawn("/bin/true", ["true"], {})),
+                 ("exec", lambda: os.execv("/bin/true", ["true"])), ("kill", lambda: os.kill(1, 0))]:
     try:
         fn()
         print(name, "ran")
     except Exception as e:
         print(name, "blocked", type(e).__name__)
-for mod in ("ctypes", "_posixsubprocess", "multiprocessing", "socket", "resource"):
+for mod in ("ctypes", "_posixsubprocess", "subprocess", "multiprocessing", "socket", "_socket", "resource",
+            "asyncio", "urllib.request", "sqlite3"):
     try:
         __import__(mod)
         print(mod, "imported")
@@ -102,14 +106,14 @@ for mod in ("ctypes", "_posixsubprocess", "multiprocessing", "socket", "resource
     r = execute_code(code, timeout=10)
     assert r.success, r.stderr
     lines = r.stdout.splitlines()
-    assert len(lines) == 9 and all("blocked" in line for line in lines), lines
+    assert len(lines) == 15 and all("blocked" in line for line in lines), lines
 
 
 def test_fork_bomb_blocked_by_guards():
     code = "import os\nwhile True:\n    os.fork()\n"
     r = execute_code(code, timeout=2.0)
     assert not r.success and not r.timed_out
-    assert "TypeError" in r.error  # os.fork is None inside the sandbox
+    assert r.error == "PermissionError: sandbox: os.fork is not allowed"
 
 
 @needs_root
@@ -221,16 +225,18 @@ ATTACKS = {
     "os.rename": "import os\nos.rename(VICTIM, VICTIM + '.moved')\n",
     "os.truncate": "import os\nos.truncate(VICTIM, 0)\n",
     "os.chmod": "import os\nos.chmod(VICTIM, 0)\n",
-    # os.open is not guarded in Python; the OS refuses it under the private uid
     "os.open": "import os\nfd = os.open(VICTIM, os.O_WRONLY | os.O_TRUNC)\nos.write(fd, b'pwned')\n",
+    # an fd of the victim's folder, then a write relative to it (the audit event shows only 'data.txt')
+    "dir_fd": "import os\nd = os.open(os.path.dirname(VICTIM), os.O_RDONLY)\n"
+              "fd = os.open('data.txt', os.O_WRONLY | os.O_TRUNC, dir_fd=d)\nos.write(fd, b'pwned')\n",
+    "relative": "import os\nopen(os.path.relpath(VICTIM), 'w').write('pwned')\n",
+    "symlink": "import os\nos.symlink(VICTIM, 'link')\nopen('link', 'w').write('pwned')\n",
 }
 
 
 @pytest.mark.parametrize("guards", [True, pytest.param(False, marks=needs_root)])
 @pytest.mark.parametrize("attack", sorted(ATTACKS))
 def test_files_outside_the_sandbox_are_safe(tmp_path, attack, guards):
-    if attack == "os.open" and not IS_ROOT:
-        pytest.skip("without the private uid, os.open on the caller's own files is not blocked (documented)")
     victim = tmp_path / "precious" / "data.txt"
     victim.parent.mkdir()
     victim.write_text("precious")
@@ -323,10 +329,244 @@ def test_humaneval_canonical_solutions(data_dir):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_humaneval_all_canonical_solutions_pass(data_dir):
-    """All 164 canonical solutions pass in the sandbox (the preloaded modules cover their imports)."""
-    failures = []
+    """All 164 canonical solutions pass the grader (sandbox + checker: the preloaded modules
+    cover their imports, every argument and return value is plain data), and returning None
+    passes none of them."""
+    failures, fakes = [], []
     for p in _humaneval(data_dir):
-        r = execute_code(_program(p, p["canonical_solution"]), timeout=10)
-        if not r.success:
+        r = check_solution(p["prompt"] + p["canonical_solution"], p["test"], p["entry_point"],
+                           helpers=p["prompt"], timeout=10)
+        if not r.passed:
             failures.append((p["task_id"], r.error))
-    assert failures == []
+        if check_solution(p["prompt"] + "    return None\n", p["test"], p["entry_point"], helpers=p["prompt"],
+                          timeout=10).passed:
+            fakes.append(p["task_id"])
+    assert failures == [] and fakes == []
+
+
+# ---------------------------------------------------------------------------
+# Escapes observed against the previous sandbox: each must fail now
+
+ESCAPES = {
+    # the class stays reachable from object.__subclasses__() even when the module name is removed
+    "Popen via a subclass walk": "P = [c for c in ().__class__.__base__.__subclasses__() if c.__name__ == 'Popen'][0]\n"
+                                 "P(['echo', 'ESCAPED']).wait()\n",
+    "posix re-imported": "import sys\ndel sys.modules['posix']\nimport posix\nposix.system('echo ESCAPED')\n",
+    "os re-imported": "import sys\nfor m in ('os', 'posix'):\n    sys.modules.pop(m)\nimport os\nos.system('echo ESCAPED')\n",
+    "_posixsubprocess": "import sys\nsys.modules.pop('_posixsubprocess', None)\nimport _posixsubprocess\nprint('ESCAPED')\n",
+    "spawn": "import os\nos.posix_spawn('/bin/echo', ['echo', 'ESCAPED'], {})\n",
+    "fork then print": "import os\nif os.fork() == 0:\n    print('ESCAPED')\n",
+    "ctypes reloaded": "import sys\nfor m in ('ctypes', '_ctypes'):\n    sys.modules.pop(m, None)\nimport ctypes\n"
+                       "ctypes.CDLL(None).system(b'echo ESCAPED')\n",
+    # the hook's own state through a tracer or the gc: both refused
+    "tracer": "import sys\nsys.settrace(lambda *a: None)\nprint('ESCAPED')\n",
+    "gc walk": "import gc\nhooks = [o for o in gc.get_objects() if getattr(o, '__name__', '') == 'hook']\nprint('ESCAPED')\n",
+    "bytecode from bytes": "import marshal\nmarshal.loads(b'N')\nprint('ESCAPED')\n",
+    "code replace": "def f():\n    pass\nf.__code__.replace(co_consts=(1,))\nprint('ESCAPED')\n",
+    "third-party import": "import numpy\nprint('ESCAPED')\n",
+}
+
+
+@pytest.mark.parametrize("attack", sorted(ESCAPES))
+def test_observed_escapes_are_closed(attack):
+    r = execute_code(ESCAPES[attack], timeout=10)
+    assert "ESCAPED" not in r.stdout, (attack, r.stdout, r.stderr[-500:])
+    assert not r.success
+
+
+def _listener():
+    import socket
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(5)
+    srv.settimeout(0.5)
+    return srv
+
+
+def _connected(srv):
+    import socket
+    try:
+        srv.accept()[0].close()
+        return True
+    except socket.timeout:
+        return False
+    finally:
+        srv.close()
+
+
+def test_no_network_not_even_loopback():
+    """An outbound TCP connection to a port the test listens on, on 127.0.0.1: the socket modules
+    cannot be imported, even after removing them from sys.modules."""
+    srv = _listener()
+    port = srv.getsockname()[1]
+    code = ("import sys\nfor m in ('socket', '_socket'):\n    sys.modules.pop(m, None)\nimport socket\n"
+            f"s = socket.create_connection(('127.0.0.1', {port}), timeout=2)\nprint('CONNECTED')\n")
+    r = execute_code(code, timeout=10)
+    assert not _connected(srv)
+    assert "CONNECTED" not in r.stdout and not r.success and "import of socket is not allowed" in r.error
+
+
+@pytest.mark.skipif(not network_isolated(), reason="this machine cannot give the child a network namespace")
+def test_the_child_has_a_network_namespace_of_its_own():
+    """The OS layer on its own (no Python guard involved): the command prefix every sandboxed
+    child starts under leaves it no usable interface, so 127.0.0.1 is unreachable."""
+    import subprocess
+    import sys
+    from nanochat.execution import _no_network_prefix
+    srv = _listener()
+    port = srv.getsockname()[1]
+    code = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
+    p = subprocess.run(_no_network_prefix() + [sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert not _connected(srv)
+    assert p.returncode != 0 and "Network is unreachable" in p.stderr, p.stderr[-500:]
+
+
+@pytest.mark.parametrize("guards", [True, pytest.param(False, marks=needs_root)])
+def test_nothing_is_left_outside_the_working_directory(guards):
+    """Files written to /tmp and /dev/shm (world-writable, so the private uid can write there):
+    the guards refuse them; without the guards, cleanup deletes whatever the uid left there."""
+    tag = f"nanochat-escape-{os.getpid()}-{time.time_ns()}"
+    targets = [f"/tmp/{tag}", f"/dev/shm/{tag}", f"/tmp/{tag}-dir"]
+    code = (f"import os\nfor p in {targets[:2]!r}:\n    fd = os.open(p, os.O_CREAT | os.O_WRONLY)\n"
+            f"    os.write(fd, b'x' * 100000)\nos.makedirs({targets[2]!r} + '/a/b')\n"
+            f"open({targets[2]!r} + '/a/b/f', 'w').write('x')\nprint('WROTE')\n")
+    r = execute_code(code, timeout=10, python_guards=guards)
+    assert ("WROTE" in r.stdout) == (not guards), r.stderr[-500:]
+    for path in targets:
+        assert not os.path.lexists(path), path
+
+
+DEEP_TREE = """
+import os
+home = os.getcwd()
+print(home)
+for i in range(2200):
+    os.mkdir('d')
+    os.chdir('d')
+open('leaf.txt', 'w').write('x')
+os.symlink('/etc/passwd', 'link')
+os.chdir(home)
+if LOCK:
+    os.chmod('d', 0)  # and the top of the tree made unreadable
+"""
+
+
+@pytest.mark.parametrize("lock", [False, True])
+def test_deep_and_locked_trees_are_removed(lock):
+    """2,200 nested directories (past PATH_MAX, and far past the recursion limit that made
+    shutil.rmtree raise RecursionError and abort a whole `eval chat`), a symlink out, a directory
+    chmod-ed to 0: the call returns normally and the working directory is gone."""
+    r = execute_code(DEEP_TREE.replace("LOCK", str(lock)), timeout=30, python_guards=False)
+    assert r.success, r.stderr[-1000:]
+    workdir = r.stdout.strip()
+    assert os.path.basename(workdir).startswith("nanochat_exec_") and not os.path.lexists(workdir)
+
+
+def test_guarded_program_making_deep_trees_costs_only_itself():
+    """With the guards on, a program creating nested directories meets the creation limit (so
+    the disk cannot be filled with inodes); the call returns normally either way."""
+    r = execute_code("import os\npath = 'd'\nfor i in range(1500):\n    os.mkdir(path)\n    path += '/d'\n", timeout=20)
+    assert not r.success and "creating more than" in r.error
+
+
+def test_remove_tree_any_depth_permissions_and_symlinks(tmp_path):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("precious")
+    root = tmp_path / "tree"
+    root.mkdir()
+    fd = os.open(root, os.O_RDONLY)
+    for _ in range(2500):  # deeper than PATH_MAX allows as a path
+        os.mkdir("d", dir_fd=fd)
+        sub = os.open("d", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = sub
+    os.symlink(str(victim), "out", dir_fd=fd)
+    os.close(fd)
+    os.symlink(str(victim), root / "out")
+    (root / "locked").mkdir()
+    (root / "locked" / "f").write_text("x")
+    os.chmod(root / "locked", 0)
+    assert remove_tree(str(root))
+    assert not root.exists()
+    assert (victim / "keep.txt").read_text() == "precious"
+    assert remove_tree(str(root))  # already gone: fine
+
+
+def test_concurrent_grading_and_threads():
+    """check_solution from several threads at once (as eval chat's workers do)."""
+    test = "def check(candidate):\n    assert candidate(3) == 9\n"
+    results = {}
+
+    def work(i):
+        body = "    return x * x\n" if i % 2 == 0 else "    return x + x\n"
+        results[i] = check_solution(f"def sq(x):\n{body}", test, "sq", timeout=20).passed
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {i: i % 2 == 0 for i in range(6)}
+
+
+def _python_for_nobody():
+    """A Python (>= 3.10) that uid 65534 can run, for the unprivileged-caller test, or None."""
+    import shutil
+    import subprocess
+    exe = shutil.which("python3", path="/usr/bin:/bin")
+    if not IS_ROOT or not exe or not shutil.which("setpriv"):
+        return None
+    p = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", exe, "-c",
+                        "import sys; assert sys.version_info >= (3, 10)"], capture_output=True, timeout=30)
+    return exe if p.returncode == 0 else None
+
+
+@pytest.mark.skipif(_python_for_nobody() is None, reason="needs root, setpriv and a system python3 >= 3.10")
+def test_unprivileged_caller_network_files_and_subprocess():
+    """The sandbox used by a normal user (no private uid: the program runs as the caller), where
+    the standard library is readable: the previous sandbox let such a program connect to
+    127.0.0.1, write the caller's files with os.open and start processes through a subclass walk.
+    Here the caller is uid 65534 running this very module from a world-readable copy."""
+    import shutil
+    import subprocess
+    import nanochat.execution as ex
+    work = tempfile.mkdtemp(prefix="nanochat-nobody-", dir="/tmp")
+    try:
+        shutil.copy(ex.__file__, os.path.join(work, "sandbox.py"))
+        probe = '''
+import os, socket, sandbox
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(5); srv.settimeout(0.5)
+port = srv.getsockname()[1]
+victim = os.path.join(os.getcwd(), "victim.txt")
+open(victim, "w").write("precious")
+attacks = [
+    "import sys\\nfor m in ('socket', '_socket'):\\n    sys.modules.pop(m, None)\\nimport socket\\n"
+    f"socket.create_connection(('127.0.0.1', {port}), timeout=2)\\n",
+    f"import os\\nfd = os.open({victim!r}, os.O_WRONLY | os.O_TRUNC)\\nos.write(fd, b'pwned')\\n",
+    "P = [c for c in ().__class__.__base__.__subclasses__() if c.__name__ == 'Popen'][0]\\nP(['echo', 'ESCAPED']).wait()\\n",
+]
+for guards in (True, False):
+    for code in attacks[:1] if not guards else attacks:
+        r = sandbox.execute_code(code, timeout=10, python_guards=guards)
+        assert "ESCAPED" not in r.stdout and not r.success, (code, r)
+try:
+    srv.accept()
+    raise AssertionError("a sandboxed program connected to 127.0.0.1")
+except socket.timeout:
+    pass
+assert open(victim).read() == "precious"
+test = "def check(candidate):\\n    assert candidate(2, 3) == 5\\n"
+assert sandbox.check_solution("def add(a, b):\\n    return a + b\\n", test, "add").passed
+assert not sandbox.check_solution("class E:\\n    def __eq__(s, o): return True\\ndef add(a, b):\\n    return E()\\n",
+                                  test, "add").passed
+print("OK", sandbox.network_isolated())
+'''
+        with open(os.path.join(work, "probe.py"), "w") as f:
+            f.write(probe)
+        os.chmod(work, 0o777)
+        p = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", _python_for_nobody(),
+                            "probe.py"], cwd=work, env={"PATH": "/usr/bin:/bin", "HOME": work},
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0 and p.stdout.startswith("OK"), p.stdout[-2000:] + p.stderr[-3000:]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

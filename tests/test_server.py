@@ -9,6 +9,7 @@ import time
 import openai
 import pytest
 import requests
+import torch
 
 from helpers import LiveServer, Scripted, make_model
 from nanochat.server import MAX_MESSAGES, TextStream, create_app
@@ -186,6 +187,108 @@ def test_disconnect_frees_the_slot(tokenizer):
         live.close()
 
 
+def _raw_post(port, body, path="/v1/chat/completions"):
+    """A connected socket that has sent one JSON POST (no reply read yet)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    return sock
+
+
+def _wait_for(cond, timeout):
+    deadline = time.time() + timeout
+    while not cond():
+        assert time.time() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def test_non_streaming_disconnect_cancels_the_request(tokenizer):
+    """A non-streaming request whose client goes away stops generating at once (it used to run
+    to max_tokens: 400 steps of 20 ms here), and its row serves the next request."""
+    word = tokenizer.encode(" la")
+    live = LiveServer(create_app(Scripted(make_model(tokenizer.get_vocab_size(), sequence_len=512), 0, word),
+                                 tokenizer, max_batch=1, token_delay=0.02))
+    try:
+        sock = _raw_post(live.port, json.dumps({"messages": user("Sing"), "max_tokens": 400}).encode())
+        _wait_for(lambda: live.stats()["tokens_generated"] >= 3, 10)
+        sock.close()
+        t0 = time.time()
+        s = wait_idle(live, timeout=5)
+        assert time.time() - t0 < 2
+        assert s["cancelled"] == 1 and s["completed"] == 0 and s["tokens_generated"] < 100
+        r = requests.post(live.url + "/v1/chat/completions", json={"messages": user(), "max_tokens": 3}, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+    finally:
+        live.close()
+
+
+def test_queue_is_bounded_and_full_answers_503_with_retry_after(tokenizer):
+    """One row, room for one waiting request: the third concurrent request is refused at once
+    with 503 and Retry-After (the openai client sees an APIStatusError); once the others leave,
+    requests are served again. Waiting requests whose clients left never hold a place."""
+    import openai
+    word = tokenizer.encode(" la")
+    live = LiveServer(create_app(Scripted(make_model(tokenizer.get_vocab_size(), sequence_len=512), 0, word),
+                                 tokenizer, max_batch=1, max_queue=1, token_delay=0.02))
+    try:
+        body = json.dumps({"messages": user("Sing"), "max_tokens": 400}).encode()
+        running = _raw_post(live.port, body)
+        _wait_for(lambda: live.stats()["active"] == 1, 10)
+        waiting = _raw_post(live.port, body)
+        _wait_for(lambda: live.stats()["queued"] == 1, 10)
+        r = requests.post(live.url + "/v1/chat/completions", json={"messages": user(), "max_tokens": 2}, timeout=10)
+        assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1
+        assert "busy" in r.json()["error"]["message"]
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as e:
+            client.chat.completions.create(model="m", messages=user(), max_tokens=2)
+        assert e.value.status_code == 503
+        waiting.close()  # a queued client leaves: its place is free for the next one
+        _wait_for(lambda: live.stats()["queued"] == 0 or live.stats()["cancelled"] >= 1, 5)
+        third = _raw_post(live.port, body)
+        _wait_for(lambda: live.stats()["queued"] == 1, 10)
+        running.close()
+        third.close()
+        wait_idle(live, timeout=5)
+        r = requests.post(live.url + "/v1/chat/completions", json={"messages": user(), "max_tokens": 2}, timeout=30)
+        assert r.status_code == 200
+        assert live.stats()["rejected"] == 2
+    finally:
+        live.close()
+
+
+def test_body_size_limit_and_slow_body_timeout(tokenizer):
+    """A body over the limit is a 413 (from its Content-Length, before it is read, and while
+    reading a chunked one); a client that announces more bytes than it sends gets a 408 after the
+    body timeout and the connection is closed: it cannot hold a connection forever."""
+    live = LiveServer(create_app(make_model(tokenizer.get_vocab_size(), sequence_len=64), tokenizer,
+                                 max_body_bytes=10_000, body_timeout=1.0))
+    try:
+        big = json.dumps({"messages": user("x" * 20_000)})
+        r = requests.post(live.url + "/v1/chat/completions", data=big, timeout=10,
+                          headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and "too large" in r.json()["error"]["message"]
+        r = requests.post(live.url + "/chat/completions", data=iter([big[:6000].encode(), big[6000:].encode()]),
+                          timeout=10, headers={"Content-Type": "application/json"})  # chunked: no Content-Length
+        assert r.status_code == 413
+        sock = socket.create_connection(("127.0.0.1", live.port), timeout=10)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 5000\r\n\r\n{\"messages\": ")
+        t0 = time.time()
+        reply = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break  # the server closed the connection
+            reply += chunk
+        sock.close()
+        assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+        assert 0.9 < time.time() - t0 < 8
+        assert requests.get(live.url + "/health", timeout=10).status_code == 200
+    finally:
+        live.close()
+
+
 BAD = [
     ("malformed JSON", b'{"messages": [', "malformed JSON"),
     ("not an object", [1, 2], "JSON object"),
@@ -213,6 +316,16 @@ BAD = [
     ("max_tokens zero", {"messages": user(), "max_tokens": 0}, "max_tokens"),
     ("max_tokens high", {"messages": user(), "max_tokens": 4097}, "max_tokens"),
     ("stream not bool", {"messages": user(), "stream": "yes"}, "stream"),
+    # used to be 500s: RecursionError in the JSON parser, OverflowError in float(int)
+    ("nested too deeply", b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+    ("max_tokens huge", {"messages": user(), "max_tokens": 10 ** 400}, "max_tokens"),
+    ("top_k huge", {"messages": user(), "top_k": -10 ** 400}, "top_k"),
+    ("seed huge", {"messages": user(), "seed": 10 ** 400}, "seed"),
+    ("max_completion_tokens huge", {"messages": user(), "max_completion_tokens": 10 ** 309}, "max_completion_tokens"),
+    ("temperature NaN", b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', "temperature"),
+    ("max_tokens infinite", b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": Infinity}', "max_tokens"),
+    ("int too long to parse", b'{"messages": [{"role": "user", "content": "hi"}], "seed": ' + b"9" * 5000 + b"}",
+     "malformed JSON"),
 ]
 
 
@@ -230,6 +343,110 @@ def test_limits_answer_400_json(server, path):
     assert requests.post(server.url + path, json=ok, timeout=60).status_code == 200
     ok = {"messages": user(), "temperature": 0, "top_k": 0, "max_tokens": 4096}  # capped to the context
     assert requests.post(server.url + path, json=ok, timeout=60).status_code == 200
+
+
+def test_head_requests(server):
+    for path in ("/", "/health"):
+        r = requests.head(server.url + path, timeout=10)
+        assert r.status_code == 200, (path, r.status_code)
+        assert r.content == b""
+
+
+def test_tiny_temperature_and_top_p_are_served_as_greedy(server):
+    """temperature 1e-300 / top_p 1e-300 pass validation (they are in range) and are honoured:
+    the reply is the greedy one. They used to underflow to NaN in float32 and fail the batch."""
+    body = {"messages": user("Tell me a story"), "max_tokens": 10}
+    greedy = requests.post(server.url + "/v1/chat/completions", json={**body, "temperature": 0}, timeout=60)
+    assert greedy.status_code == 200, greedy.text
+    for extra in ({"temperature": 1e-300}, {"temperature": 4e-39, "top_k": 0}, {"temperature": 1.0, "top_p": 1e-300}):
+        r = requests.post(server.url + "/v1/chat/completions", json={**body, **extra}, timeout=60)
+        assert r.status_code == 200, (extra, r.text)
+        assert r.json()["choices"][0]["message"]["content"] == greedy.json()["choices"][0]["message"]["content"]
+
+
+def test_a_failing_row_ends_only_its_own_request(tokenizer):
+    """Three streams decode together; a fourth request reaches a position whose logits are NaN
+    (a row that cannot be sampled). Only that request ends, with an error; the three others
+    finish normally. (The scheduler used to fail every stream of the batch.)"""
+    from test_engine import Poisoned
+    long_messages = user("word " * 60)
+    poison_at = len(tokenizer.render_for_completion({"messages": long_messages})) + 2
+    model = Poisoned(make_model(tokenizer.get_vocab_size(), sequence_len=256), poison_at)
+    live = LiveServer(create_app(model, tokenizer, max_batch=4, token_delay=0.01))
+    results = {}
+
+    def stream(name, messages, **extra):
+        body = {"messages": messages, "max_tokens": 30, "temperature": 1.0, "stream": True, **extra}
+        with requests.post(live.url + "/v1/chat/completions", json=body, stream=True, timeout=60) as r:
+            results[name] = sse_events(r)
+    try:
+        threads = [threading.Thread(target=stream, args=(f"ok{i}", user(f"Hi {i}")), kwargs={"top_k": 0})
+                   for i in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(0.1)  # the three are decoding when the bad one joins
+        stream("bad", long_messages)
+        for t in threads:
+            t.join(timeout=60)
+        bad = results.pop("bad")
+        assert bad[-1] == "[DONE]" and "error" in bad[-2] and "NaN" in bad[-2]["error"]["message"]
+        for name, events in results.items():
+            assert events[-1] == "[DONE]" and not any("error" in e for e in events[:-1]), (name, events[-3:])
+            assert events[-2]["choices"][0]["finish_reason"] in ("stop", "length"), name
+        stats = live.stats()
+        assert stats["failed"] == 1 and stats["completed"] == 3
+    finally:
+        live.close()
+
+
+class ExplodingPrefill(torch.nn.Module):
+    """The real model, except that a prefill that includes a prompt of exactly `bad_len` tokens
+    raises (an error in one request's prefill, e.g. an out-of-memory)."""
+
+    def __init__(self, model, bad_len):
+        super().__init__()
+        self.inner, self.config, self.bad_len = model, model.config, bad_len
+
+    def get_device(self):
+        return self.inner.get_device()
+
+    def new_kv_cache(self, *args, **kwargs):
+        return self.inner.new_kv_cache(*args, **kwargs)
+
+    def forward(self, idx, kv_cache=None, kv_len=None, logits_positions=None):
+        if not isinstance(logits_positions, int) and (logits_positions + 1 == self.bad_len).any():
+            raise RuntimeError("simulated failure in this prompt's prefill")
+        return self.inner(idx, kv_cache=kv_cache, kv_len=kv_len, logits_positions=logits_positions)
+
+
+def test_a_failing_prefill_ends_only_its_own_request(tokenizer):
+    """A request whose prefill fails is answered with an error; the request already decoding and
+    one admitted at the same time finish normally (they used to fail with it)."""
+    bad = user("word " * 40)
+    model = ExplodingPrefill(make_model(tokenizer.get_vocab_size(), sequence_len=256),
+                             len(tokenizer.render_for_completion({"messages": bad})))
+    live = LiveServer(create_app(model, tokenizer, max_batch=3, token_delay=0.01))
+    out = {}
+
+    def ask(name, messages, max_tokens):
+        r = requests.post(live.url + "/v1/chat/completions", timeout=60,
+                          json={"messages": messages, "max_tokens": max_tokens, "temperature": 0})
+        out[name] = r
+    try:
+        running = threading.Thread(target=ask, args=("running", user("Hi"), 40))
+        running.start()
+        _wait_for(lambda: live.stats()["active"] == 1, 10)
+        pair = [threading.Thread(target=ask, args=("bad", bad, 5)), threading.Thread(target=ask, args=("ok", user("Yo"), 5))]
+        for t in pair:
+            t.start()
+        for t in pair + [running]:
+            t.join(timeout=60)
+        assert out["bad"].status_code == 500 and "simulated failure" in out["bad"].json()["error"]["message"]
+        for name in ("running", "ok"):
+            assert out[name].status_code == 200, (name, out[name].text)
+        assert live.stats()["failed"] == 1
+    finally:
+        live.close()
 
 
 def test_openai_client_sees_400(server):

@@ -193,12 +193,55 @@ def test_humaneval_canonical_passes_wrong_fails(index):
     assert not task.evaluate(ex, "this is not code")
 
 
-def test_humaneval_program_has_imports_and_check():
+OLD_MARKER = "__nanochat_humaneval_passed__"  # what the previous grader looked for in stdout
+WRONG = "def has_close_elements(numbers, threshold):\n    return True\n"
+CHEATS = {
+    "print the marker and exit 0": f"import sys\nprint({OLD_MARKER!r})\nsys.exit(0)\n" + WRONG,
+    "marker from atexit, then exit 0": "import atexit, os\n"
+        f"atexit.register(lambda: (print({OLD_MARKER!r}, flush=True), os._exit(0)))\n" + WRONG,
+    "marker from excepthook, then exit 0": "import sys, os\n"
+        f"sys.excepthook = lambda *a: (print({OLD_MARKER!r}, flush=True), os._exit(0))\n" + WRONG,
+    "os._exit(0) before the tests": "import os\nos._exit(0)\n" + WRONG,
+    "exit(0) from inside the function": "import sys\ndef has_close_elements(numbers, threshold):\n    sys.exit(0)\n",
+    "always-equal object": "class Eq:\n    def __eq__(self, other):\n        return True\n"
+        "def has_close_elements(numbers, threshold):\n    return Eq()\n",
+    "always-equal bool subclass": "class B(int):\n    def __eq__(self, other):\n        return True\n"
+        "    __hash__ = int.__hash__\ndef has_close_elements(numbers, threshold):\n    return B(1)\n",
+    "redefine check": WRONG + "def check(candidate):\n    pass\n",
+    "patch builtins": "import builtins\nbuiltins.AssertionError = type('X', (BaseException,), {})\n" + WRONG,
+    "spray fake replies on every fd": "import os\nfor fd in range(3, 64):\n    try:\n"
+        "        os.write(fd, b'[\"ok\", true]\\n' * 50)\n    except OSError:\n        pass\n" + WRONG,
+}
+
+
+@pytest.mark.parametrize("cheat", sorted(CHEATS))
+def test_humaneval_wrong_solutions_cannot_fake_a_pass(cheat):
+    """The attacks that passed the previous grader (its marker was printed by the program the
+    completion ran in): the checker, a process the completion never runs in, decides alone."""
     task = HumanEval()
     ex = task[0]
-    program = build_program(ex["prompt"], ex["messages"][-1]["content"], ex["test"], ex["entry_point"])
+    assert not task.evaluate(ex, CHEATS[cheat]), cheat
+    row = task.rows[0]
+    assert task.evaluate(ex, row["prompt"] + row["canonical_solution"])
+
+
+def test_humaneval_completion_that_breaks_cleanup_costs_one_item():
+    """A completion that nests 1,500 directories made the old cleanup raise RecursionError,
+    aborting the whole `eval chat`: now it is just a failed item."""
+    task = HumanEval()
+    ex = task[0]
+    code = ("import os\npath = 'd'\nfor i in range(1500):\n    os.mkdir(path)\n    path += '/d'\n"
+            "def has_close_elements(numbers, threshold):\n    return False\n")
+    assert task.evaluate(ex, code) is False
+
+
+def test_humaneval_program_has_imports_and_no_tests():
+    task = HumanEval()
+    ex = task[0]
+    program = build_program(ex["prompt"], ex["messages"][-1]["content"], ex["entry_point"])
     assert program.startswith("from typing import List")
-    assert "\ncheck(has_close_elements)\nprint(" in program
+    assert "def has_close_elements(" in program
+    assert "check(" not in program and "def check" not in program  # the tests run in the checker
 
 
 # ---------------------------------------------------------------------------

@@ -69,6 +69,12 @@ def read_documents(path: str):
                         raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
                     if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                         raise UserError(f"{path}:{lineno}: each line must be an object with a string 'text' field")
+                    try:  # JSON escapes can spell a lone surrogate ("\ud800"), which is not text
+                        row["text"].encode("utf-8")
+                    except UnicodeEncodeError as e:
+                        raise UserError(f"{path}:{lineno}: the 'text' holds an unpaired surrogate "
+                                        f"({row['text'][e.start]!r} at character {e.start}), which is not "
+                                        f"valid Unicode: fix or drop that line") from None
                     yield row["text"]
         else:
             with opener(path, "rt", encoding="utf-8") as f:

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from tqdm import tqdm
 
-from nanochat.common import DownloadError, UserError
+from nanochat.common import DownloadError, UserError, downloads_off
 from nanochat.core_eval import ensure_eval_bundle
 from nanochat.dataset import (DEFAULT_DATASET, HUB_DATASETS, check_writable, download_shard, is_valid_shard,
                               pretrain_dir, shard_name)
@@ -54,6 +54,10 @@ def main(argv=None):
           f"{len(todo)} to fetch from {base_url} into {out}", flush=True)
     if not todo:
         return 0
+    if downloads_off():
+        raise UserError(f"{len(todo)} of the wanted shards are missing in {out} ({shard_name(todo[0])} ...) and "
+                        f"downloads are off (NANOCHAT_OFFLINE / HF_HUB_OFFLINE): point NANOCHAT_DATA at a data root "
+                        f"that has pretrain/*.parquet, or unset NANOCHAT_OFFLINE")
     check_writable(out)
 
     failed = {}

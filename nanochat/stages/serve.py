@@ -1,6 +1,6 @@
 """nanochat serve: the web chat and an OpenAI-compatible HTTP API (docs/serving.md).
 
-    nanochat serve [-i SOURCE] [--host 127.0.0.1] [--port 8000] [--max-batch 8]
+    nanochat serve [-i SOURCE] [--host 127.0.0.1] [--port 8000] [--max-batch 8] [--max-queue 64]
 """
 import argparse
 import os
@@ -12,6 +12,8 @@ from nanochat.checkpoint import add_model_flags, load_chat_model
 from nanochat.common import UserError, print0
 from nanochat.server import create_app
 
+DEFAULT_MAX_QUEUE = 64  # = nanochat.server.DEFAULT_MAX_QUEUE (not imported here: --help stays instant)
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="nanochat serve", description="Web chat UI and OpenAI-compatible API.")
@@ -19,6 +21,9 @@ def main(argv=None):
     parser.add_argument("--port", type=int, default=8000, help="TCP port")
     parser.add_argument("--max-batch", type=int, default=8,
                         help="rows of the KV cache = requests decoded together; more wait in a queue")
+    parser.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                        help=f"requests that may wait for a row beyond the free ones (default {DEFAULT_MAX_QUEUE}); "
+                             f"more are answered 503 with Retry-After")
     parser.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: nanochat-<source>)")
     parser.add_argument("--token-delay", type=float, default=0.0,
                         help="seconds to sleep after every decode step (for tests and demos of streaming)")
@@ -34,6 +39,8 @@ def main(argv=None):
         raise UserError("--threads must be >= 1")
     if args.max_batch < 1:
         raise UserError("--max-batch must be >= 1")
+    if args.max_queue < 0:
+        raise UserError("--max-queue must be >= 0")
     if not 0 <= args.port <= 65535:
         raise UserError("--port must be in [0, 65535]")
 
@@ -42,7 +49,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) - 1))
     name = args.model_name or f"nanochat-{source}"
     app = create_app(model, tokenizer, max_batch=args.max_batch, model_name=name, token_delay=args.token_delay,
-                     compile=args.compile)
+                     compile=args.compile, max_queue=args.max_queue)
     threads = f", {torch.get_num_threads()} CPU threads" if model.get_device().type == "cpu" else ""
     print0(f"serving {name} (step {meta.get('step', '?')}) on http://{args.host}:{args.port}/ "
            f"with up to {args.max_batch} requests per batch{threads}")

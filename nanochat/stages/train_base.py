@@ -21,7 +21,7 @@ from nanochat.common import (UserError, add_common_flags, autocast_ctx, autodete
                              compute_init, get_compute_dtype, get_peak_flops, init_wandb, print0)
 from nanochat.core_eval import evaluate_core
 from nanochat.dataloader import PretrainLoader  # see docs/data.md
-from nanochat.dataset import list_shards
+from nanochat.dataset import list_shards, validate_shards
 from nanochat.engine import greedy_samples
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
@@ -148,7 +148,7 @@ def main(argv=None):
 
     # --- tokenizer and data must exist before we spin anything up
     tokenizer = get_tokenizer()
-    list_shards()
+    validate_shards(list_shards())  # every train and val shard's schema, before anything starts
     vocab_size = tokenizer.get_vocab_size()
 
     is_dist, rank, local_rank, world_size, device = compute_init(device_type, seed=args.seed)

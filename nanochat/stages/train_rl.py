@@ -203,7 +203,8 @@ def train(args, rank, world_size, device):
     optimizer = model.setup_optimizer(weight_decay=args.weight_decay, **derived["lrs"])
     total_time = 0.0
     if resume_step is not None:
-        _, shard, meta = ck.load_checkpoint(out_dir, resume_step, device, load_optimizer=True, rank=rank)
+        _, shard, meta = ck.load_checkpoint(out_dir, resume_step, device, load_optimizer=True, rank=rank,
+                                            require=("loop",))
         optimizer.load_state_dict(shard["optimizer"])
         ck.set_rng_state(shard["rng"])
         total_time = meta["loop"]["total_time"]
