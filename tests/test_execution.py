@@ -533,6 +533,7 @@ def test_unprivileged_caller_network_files_and_subprocess():
     work = tempfile.mkdtemp(prefix="nanochat-nobody-", dir="/tmp")
     try:
         shutil.copy(ex.__file__, os.path.join(work, "sandbox.py"))
+        shutil.copy(ex.CHILD_PROGRAM, os.path.join(work, "sandbox_child.py"))  # what it runs, beside it
         probe = '''
 import os, socket, sandbox
 srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(5); srv.settimeout(0.5)
