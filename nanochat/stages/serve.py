@@ -10,9 +10,8 @@ import uvicorn
 
 from nanochat.checkpoint import add_model_flags, load_chat_model
 from nanochat.common import UserError, print0
+from nanochat.scheduler import DEFAULT_MAX_QUEUE
 from nanochat.server import create_app
-
-DEFAULT_MAX_QUEUE = 64  # = nanochat.server.DEFAULT_MAX_QUEUE (not imported here: --help stays instant)
 
 
 def main(argv=None):
