@@ -15,9 +15,9 @@ from nanochat.chat_eval import small_chatcore
 from nanochat.common import UserError, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init, init_wandb, print0
 from nanochat.loss_eval import evaluate_bpb, evaluate_loss
 from nanochat.tokenizer import get_token_bytes
-from nanochat.training import (StepLog, add_compile_flag, announce_start, check_common_args, check_horizon, check_schedule_args,
-                               global_sum, inherited_lrs, is_due, log_report, lr_multiplier, muon_momentum,
-                               resolve_start, set_lrs, write_record)
+from nanochat.training import (StepLog, add_compile_flag, announce_start, check_common_args, check_horizon,
+                               check_schedule_args, evaluated_before, global_sum, inherited_lrs, is_due, log_report,
+                               lr_multiplier, muon_momentum, resolve_start, set_lrs, write_record)
 
 
 def add_chat_train_flags(parser, stage, max_seq_len_default=-1):
@@ -113,6 +113,7 @@ def _train(args, stage, section, mode, rank, world_size, master, device):
         loader.load_state_dict(shard["extra"]["loader"])
         ck.set_rng_state(shard["rng"])
         loop = meta["loop"]
+    done_at_start = evaluated_before(out_dir, resume_step)  # before begin_run trims the metrics
     ck.begin_run(out_dir, resume_step, master)
     start_step = resume_step or 0
     log = StepLog(device, total_batch_size, num_iterations, **loop)
@@ -123,7 +124,7 @@ def _train(args, stage, section, mode, rank, world_size, master, device):
     def save(step):
         meta = dict(model_config=model_config, user_config=user_config, derived=derived, step=step,
                     lrs=lrs, source=dict(stage=args.source, model_tag=model_tag, step=src_step),
-                    world_size=world_size, val_loss=last_val, loop=log.state())
+                    world_size=world_size, loop=log.state())
         ck.save_checkpoint(out_dir, step, model.state_dict(), optimizer.state_dict(), meta, rank=rank,
                            extra={"loader": loader.state_dict()})
         print0(f"saved {out_dir} step {step}")
@@ -135,7 +136,11 @@ def _train(args, stage, section, mode, rank, world_size, master, device):
     while True:
         last = step == num_iterations
         fresh = step == start_step and resume_step is not None  # this boundary was handled before the stop
-        if not fresh and len(val_mix) >= world_size and is_due(step, args.eval_every, last, at_start=True):
+        evaluate = not (fresh and done_at_start)
+        saved = not fresh and is_due(step, args.save_every, last)
+        if saved:  # first: an evaluation that fails never costs the step
+            save(step)
+        if evaluate and len(val_mix) >= world_size and is_due(step, args.eval_every, last, at_start=True):
             model.eval()
             with autocast_ctx(device):
                 last_val = evaluate_loss(model, val_loader(), eval_steps, device)
@@ -147,17 +152,17 @@ def _train(args, stage, section, mode, rank, world_size, master, device):
                     msg += f" | val bpb {record['val_bpb']:.4f}"
             model.train()
             print0(f"step {step:05d}/{num_iterations:05d} | {msg}")
-        if not fresh and chatcore_tasks and is_due(step, args.chatcore_every, last, at_end=False):
+        if evaluate and chatcore_tasks and is_due(step, args.chatcore_every, last, at_end=False):
             accs, last_chatcore = small_chatcore(model, tokenizer, device, chatcore_tasks, args.chatcore_max_problems,
                                                  args.chatcore_max_new_tokens)
             print0(f"step {step:05d}/{num_iterations:05d} | ChatCORE {last_chatcore:.4f} ("
                    + ", ".join(f"{k} {v:.3f}" for k, v in accs.items()) + ")")
             record = record or {"step": step}
             record.update({"chatcore": last_chatcore, **{f"acc_{k}": v for k, v in accs.items()}})
+        if (saved or fresh) and master and record:  # this step is a checkpoint: its evaluations go into its meta too
+            ck.annotate_meta(out_dir, step, **{k: v for k, v in record.items() if k in ("val_loss", "val_bpb", "chatcore")})
         write_record(out_dir, record, wandb_run, master)
         record = None
-        if not fresh and is_due(step, args.save_every, last):
-            save(step)
         if last:
             break
         log.begin_step()

@@ -189,10 +189,22 @@ def save_checkpoint(ckpt_dir, step, model_state, optim_state, meta, rank=0, extr
         meta = dict(meta)
         meta["step"] = step
         meta.setdefault("world_size", dist.get_world_size() if distributed else 1)
+        # float sums depend on the number of threads: a resume uses the same count (exact resume)
+        meta.setdefault("threads", torch.get_num_threads())
         meta["sha256"] = dict(sorted(sums.items()))
         _atomic_save(meta, _meta_path(ckpt_dir, step), _json_writer)
     if distributed:
         dist.barrier()
+
+
+def annotate_meta(ckpt_dir, step, **fields):
+    """Add `fields` (e.g. the evaluation of a step saved just before it) to a saved step's meta,
+    rewritten atomically (rank 0 only: the caller checks). The checksums it holds are of the
+    step's other files, which do not change."""
+    path = _meta_path(ckpt_dir, step)
+    meta = _read_meta(path)
+    meta.update(fields)
+    _atomic_save(meta, path, _json_writer)
 
 
 # ---------------------------------------------------------------------------

@@ -305,7 +305,20 @@ def resolve_resume(ckpt_dir, args, world_size):
     if meta.get("world_size", 1) != world_size:
         raise UserError(f"the checkpoint was saved by {meta.get('world_size')} process(es); "
                         f"resume with the same number (now {world_size})")
+    saved = meta.get("threads")
+    if saved and saved != torch.get_num_threads():
+        # CPU kernels split their sums by thread: another count gives other rounding, and the
+        # resumed run would drift from the uninterrupted one
+        print0(f"resume: {saved} CPU threads per process, as the checkpointed run (not {torch.get_num_threads()})")
+        torch.set_num_threads(saved)
     return step, meta
+
+
+def evaluated_before(ckpt_dir, resume_step) -> bool:
+    """Did the interrupted run finish the evaluations at the step it is resumed from? (Their
+    record is in metrics.jsonl.) A checkpoint is saved before its step's evaluations, so a run
+    stopped while they ran resumes at that step with them still to do."""
+    return resume_step is not None and any(r.get("step") == resume_step for r in ck.read_metrics(ckpt_dir))
 
 
 def check_horizon(resume_step, num_iterations):

@@ -112,6 +112,64 @@ def test_exact_resume_reproduces_uninterrupted_run(tokenizer, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_with_another_thread_count_is_still_exact(tokenizer, monkeypatch):
+    """CPU kernels split their sums by thread, so 1 and 2 threads round differently: a resume in
+    a process with another thread count (another OMP_NUM_THREADS, a busier machine) must still
+    repeat the uninterrupted run exactly. The checkpoint records the count, the resume uses it."""
+    # big enough (8 x 128 tokens) that the kernels do split their work over 2 threads
+    flags = TINY + ["--max-seq-len", "128", "--device-batch-size", "8", "--total-batch-size", "1024",
+                    "--num-iterations", "4", "--eval-every", "-1", "--save-every", "2"]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        tb.main(flags + ["--model-tag", "thr-full"])
+        full = metrics("thr-full")
+        real_append = ck.append_metrics
+
+        def dies_after_step_3(d, record):
+            real_append(d, record)
+            if record["step"] == 3:
+                raise KeyboardInterrupt("simulated kill after step 3")
+        monkeypatch.setattr(ck, "append_metrics", dies_after_step_3)
+        with pytest.raises(KeyboardInterrupt):
+            tb.main(flags + ["--model-tag", "thr-part"])
+        monkeypatch.setattr(ck, "append_metrics", real_append)
+        assert ck.load_meta(ck.checkpoint_dir("base", "thr-part"), 2)["threads"] == 2
+        torch.set_num_threads(1)  # the resumed process would run with another count
+        tb.main(flags + ["--model-tag", "thr-part", "--resume"])
+        assert torch.get_num_threads() == 2
+        part = metrics("thr-part")
+        assert [r["step"] for r in part] == [1, 2, 3, 4]
+        assert [r["loss"] for r in part] == [r["loss"] for r in full]
+        assert part[-1]["val_bpb"] == full[-1]["val_bpb"]
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_save_comes_before_the_evaluations_of_a_step(tokenizer, monkeypatch):
+    """A final evaluation that fails (here: raises, as a bad validation shard did) must not cost
+    the final checkpoint, with --eval-every -1 too; the resumed run then does the evaluation it
+    missed, records it, and writes it into the step's meta."""
+    flags = TINY + ["--num-iterations", "3", "--eval-every", "-1", "--model-tag", "evalfail"]
+    real = tb.evaluate_bpb
+
+    def broken(*a, **k):
+        raise RuntimeError("the validation shard is unreadable")
+    monkeypatch.setattr(tb, "evaluate_bpb", broken)
+    with pytest.raises(RuntimeError, match="unreadable"):
+        tb.main(flags)
+    d = ck.checkpoint_dir("base", "evalfail")
+    assert ck.complete_steps(d) == [3]  # saved before the evaluation that failed
+    assert [r["step"] for r in metrics("evalfail")] == [1, 2]  # step 3's record never got written
+    monkeypatch.setattr(tb, "evaluate_bpb", real)
+    tb.main(flags + ["--resume"])  # resumes at the last step: nothing to train, the evaluation to do
+    rows = metrics("evalfail")
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["val_bpb"] > 0
+    assert ck.load_meta(d, 3)["val_bpb"] == rows[-1]["val_bpb"]
+    tb.main(flags + ["--resume"])  # now it was done: a second resume evaluates nothing again
+    assert [r["step"] for r in metrics("evalfail")] == [1, 2, 3]
+
+
 def test_resume_rejects_other_architecture(tokenizer):
     tb.main(TINY + ["--num-iterations", "1", "--eval-every", "-1", "--model-tag", "arch"])
     with pytest.raises(UserError, match="n_embd"):

@@ -101,7 +101,7 @@ def test_resolve_resume(tmp_path):
     with pytest.raises(UserError, match="nothing to resume"):
         tr.resolve_resume(d, latest, 1)
     for step in (2, 5):
-        ck.save_checkpoint(d, step, {"w": torch.zeros(1)}, {}, {"model_config": {}, "world_size": 2})
+        ck.save_checkpoint(d, step, {"w": torch.zeros(1)}, {}, {"model_config": {}, "world_size": 2, "loop": {}})
     step, meta = tr.resolve_resume(d, latest, 2)
     assert step == 5 and meta["step"] == 5
     assert tr.resolve_resume(d, types.SimpleNamespace(resume=False, resume_from_step=2), 2)[0] == 2

@@ -27,9 +27,9 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.training import (StepLog, add_compile_flag, add_schedule_flags, check_horizon, check_loop_args,
-                               check_schedule_args, derive_total_batch_size, is_due, largest_fitting, log_report, lr_multiplier,
-                               model_dims, muon_momentum, resolve_resume, scaled_weight_decay, set_lrs,
-                               write_record)
+                               check_schedule_args, derive_total_batch_size, evaluated_before, is_due,
+                               largest_fitting, log_report, lr_multiplier, model_dims, muon_momentum,
+                               resolve_resume, scaled_weight_decay, set_lrs, write_record)
 
 
 def build_parser():
@@ -283,6 +283,7 @@ def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_ba
         ck.set_rng_state(shard["rng"])
         loop = meta["loop"]
         del model_state, shard
+    done_at_start = evaluated_before(ckpt_dir, resume_step)  # before begin_run trims the metrics
     ck.begin_run(ckpt_dir, resume_step, master)
     start_step = resume_step or 0
     log = StepLog(device, total_batch_size, num_iterations, **loop)
@@ -297,8 +298,7 @@ def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_ba
 
     def save(step):
         meta = dict(model_config=model_config, user_config=user_config, derived=derived, step=step,
-                    dataloader=loader_state, world_size=world_size, val_bpb=last_val_bpb,
-                    loop=log.state())
+                    dataloader=loader_state, world_size=world_size, loop=log.state())
         ck.save_checkpoint(ckpt_dir, step, orig_model.state_dict(), optimizer.state_dict(), meta,
                            rank=rank, extra={"loader": loader_state})
         print0(f"saved {ckpt_dir} step {step}")
@@ -312,8 +312,13 @@ def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_ba
     while True:
         last = step == num_iterations
         fresh = step == start_step and resume_step is not None  # this boundary was handled before the stop
-        # --- evaluations at step boundaries (before training step `step + 1`)
-        if not fresh and is_due(step, args.eval_every, last, at_start=True):
+        evaluate = not (fresh and done_at_start)
+        # --- at a step boundary (before training step `step + 1`): save first, so that an
+        # evaluation that fails (a bad validation shard, an OOM) never costs the step
+        saved = not fresh and will_save(step)
+        if saved:
+            save(step)
+        if evaluate and is_due(step, args.eval_every, last, at_start=True):
             if val_batches is None:
                 val_batches = load_val_batches(tokenizer, B, T, eval_steps)
             model.eval()
@@ -326,7 +331,7 @@ def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_ba
             print0(f"step {step:05d}/{num_iterations:05d} | val bpb {val_bpb:.4f}")
             record = record or {"step": step}
             record["val_bpb"] = val_bpb
-        if not fresh and is_due(step, args.core_metric_every, last, at_end=False):
+        if evaluate and is_due(step, args.core_metric_every, last, at_end=False):
             orig_model.eval()
             with autocast_ctx(device):
                 res = evaluate_core(orig_model, tokenizer, device, max_per_task=args.core_metric_max_per_task)
@@ -336,16 +341,16 @@ def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_ba
                    f"({res['num_available']}/{res['num_tasks']} tasks)")
             record = record or {"step": step}
             record["core"] = res["core"]
-        if not fresh and master and is_due(step, args.sample_every, last, at_end=False):
+        if evaluate and master and is_due(step, args.sample_every, last, at_end=False):
             orig_model.eval()
             with autocast_ctx(device):
                 for sample in greedy_samples(orig_model, tokenizer):
                     print0(f"  {sample!r}")
             orig_model.train()
+        if (saved or fresh) and master and record:  # a checkpoint step: its evaluations go into its meta too (export hf)
+            ck.annotate_meta(ckpt_dir, step, **{k: v for k, v in record.items() if k in ("val_bpb", "core")})
         write_record(ckpt_dir, record, wandb_run, master)
         record = None
-        if not fresh and will_save(step):
-            save(step)
         if last:
             break
         log.begin_step()  # evaluations do not count as step time

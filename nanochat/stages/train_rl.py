@@ -26,9 +26,9 @@ from nanochat.chat_eval import pick_problems
 from nanochat.common import (UserError, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
                              init_wandb, print0, synchronize)
 from nanochat.engine import Engine
-from nanochat.training import (add_lr_flags, add_training_flags, announce_start, check_common_args, check_horizon, format_time,
-                               global_max, global_sum, inherited_lrs, is_due, log_report, resolve_start,
-                               set_lrs, write_record)
+from nanochat.training import (add_lr_flags, add_training_flags, announce_start, check_common_args, check_horizon,
+                               evaluated_before, format_time, global_max, global_sum, inherited_lrs, is_due,
+                               log_report, resolve_start, set_lrs, write_record)
 from tasks.gsm8k import GSM8K
 
 
@@ -208,6 +208,7 @@ def train(args, rank, world_size, device):
         optimizer.load_state_dict(shard["optimizer"])
         ck.set_rng_state(shard["rng"])
         total_time = meta["loop"]["total_time"]
+    done_at_start = evaluated_before(out_dir, resume_step)  # before begin_run trims the metrics
     ck.begin_run(out_dir, resume_step, master)
     start_step = resume_step or 0
     wandb_run = init_wandb(args.run, "nanochat-rl", {**user_config, **derived}, master)
@@ -228,7 +229,11 @@ def train(args, rank, world_size, device):
     while True:
         last = step == num_iterations
         fresh = step == start_step and resume_step is not None
-        if not fresh and is_due(step, args.eval_every, last, at_start=True):
+        evaluate = not (fresh and done_at_start)
+        saved = not fresh and is_due(step, args.save_every, last)
+        if saved:  # first: an evaluation that fails never costs the step
+            save(step)
+        if evaluate and is_due(step, args.eval_every, last, at_start=True):
             model.eval()
             with autocast_ctx(device):
                 p1, pk = evaluate_pass_at_k(engine, tokenizer, val_task, eval_problems, args.eval_samples,
@@ -238,10 +243,10 @@ def train(args, rank, world_size, device):
             print0(f"step {step:05d}/{num_iterations:05d} | GSM8K test pass@1 {p1:.4f} | pass@{args.eval_samples} {pk:.4f}")
             record = record or {"step": step}
             record.update({"pass@1": p1, f"pass@{args.eval_samples}": pk})
+        if (saved or fresh) and master and record:  # this step is a checkpoint: its evaluations go into its meta too
+            ck.annotate_meta(out_dir, step, **{k: v for k, v in record.items() if k.startswith("pass@")})
         write_record(out_dir, record, wandb_run, master)
         record = None
-        if not fresh and is_due(step, args.save_every, last):
-            save(step)
         if last:
             break
 
