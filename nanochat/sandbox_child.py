@@ -26,12 +26,16 @@ _SEQS = {list: "L", tuple: "T", set: "S", frozenset: "F"}
 _BUILD = {"L": list, "T": tuple, "S": set, "F": frozenset}
 
 
-def _encode(x, depth=0):
-    t = type(x)
+def _is_scalar(x, depth):
     if depth > 64:
         raise ValueError("nested too deeply")
-    if t in _SCALARS:
+    return type(x) in _SCALARS
+
+
+def _encode(x, depth=0):
+    if _is_scalar(x, depth):
         return x
+    t = type(x)
     if t in _SEQS:
         return [_SEQS[t], [_encode(v, depth + 1) for v in x]]
     if t is dict:
@@ -45,12 +49,9 @@ def _encode(x, depth=0):
 
 
 def _decode(x, depth=0):
-    t = type(x)
-    if depth > 64:
-        raise ValueError("nested too deeply")
-    if t in _SCALARS:
+    if _is_scalar(x, depth):
         return x
-    if t is not list or len(x) != 2 or type(x[0]) is not str:
+    if type(x) is not list or len(x) != 2 or type(x[0]) is not str:
         raise ValueError("not an encoded value")
     tag, v = x
     if tag in _BUILD and type(v) is list:

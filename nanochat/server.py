@@ -256,13 +256,18 @@ def create_app(model, tokenizer, max_batch=8, model_name="nanochat", token_delay
             raise BadRequest("malformed JSON: nested too deeply")
         return validate_request(body, tokenizer, context_len)
 
-    def submit(prompt, settings):
-        """Queue a job, before any response is started; BadRequest 503 when the queue is full."""
+    async def accept(request):
+        """(job, None) for a valid request, queued before any response is started; (None, the
+        error response) for a bad one (400/408/413) or when the queue is full (503)."""
+        try:
+            prompt, settings = await parse(request)
+        except BadRequest as e:
+            return None, _refusal(e)
         job = Job(prompt, settings, asyncio.get_running_loop())
         if not scheduler.submit(job):
-            raise BadRequest(f"the server is busy ({scheduler.max_queue} requests waiting): "
-                             f"retry in {RETRY_AFTER_S} s", status=503)
-        return job
+            return None, _refusal(BadRequest(f"the server is busy ({scheduler.max_queue} requests waiting): "
+                                             f"retry in {RETRY_AFTER_S} s", status=503))
+        return job, None
 
     async def watch_disconnect(request, job):
         # the body has been read, so the next ASGI message is the client going away (uvicorn
@@ -313,11 +318,9 @@ def create_app(model, tokenizer, max_batch=8, model_name="nanochat", token_delay
 
     @app.post("/chat/completions")
     async def chat_completions(request: Request):
-        try:
-            prompt, settings = await parse(request)
-            job = submit(prompt, settings)
-        except BadRequest as e:
-            return _refusal(e)
+        job, refused = await accept(request)
+        if refused:
+            return refused
 
         async def events():
             text = TextStream(tokenizer)
@@ -343,18 +346,16 @@ def create_app(model, tokenizer, max_batch=8, model_name="nanochat", token_delay
 
     @app.post("/v1/chat/completions")
     async def openai_chat_completions(request: Request):
-        try:
-            prompt, settings = await parse(request)
-            job = submit(prompt, settings)
-        except BadRequest as e:
-            return _refusal(e)
+        job, refused = await accept(request)
+        if refused:
+            return refused
         cid = "chatcmpl-" + uuid.uuid4().hex[:24]
         now = int(time.time())
 
         def usage(n):
-            return {"prompt_tokens": len(prompt), "completion_tokens": n, "total_tokens": len(prompt) + n}
+            return {"prompt_tokens": len(job.prompt), "completion_tokens": n, "total_tokens": len(job.prompt) + n}
 
-        if not settings["stream"]:
+        if not job.settings["stream"]:
             tokens, reason = [], None
             async with aclosing(follow(job, request)) as events:  # closed (row freed) on every return
                 async for items in events:
@@ -374,7 +375,7 @@ def create_app(model, tokenizer, max_batch=8, model_name="nanochat", token_delay
                 "usage": usage(len(tokens)),
             }
 
-        include_usage = settings["include_usage"]
+        include_usage = job.settings["include_usage"]
 
         def chunk(delta, reason=None):
             return _sse({"id": cid, "object": "chat.completion.chunk", "created": now, "model": model_name,
