@@ -43,6 +43,8 @@ from nanochat.stages.train_base import AUTO_BATCH_CANDIDATES, cuda_batch_fits
 from nanochat.tokenizer import Tokenizer, capped_texts
 from nanochat.training import largest_fitting, model_dims
 
+from infer import SpecialsOnly  # bench/infer.py's stand-in tokenizer (this folder is on sys.path)
+
 CHECKS = ("dtypes", "graphs", "flex", "train", "autobatch", "memory", "decode", "serve")
 
 
@@ -325,30 +327,6 @@ def check_serve(device, s, data_dir=None):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
-
-
-class SpecialsOnly:
-    """Enough of a tokenizer for the decoder (special ids at the top of the vocabulary)."""
-    NAMES = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
-             "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
-
-    def __init__(self, vocab_size):
-        self.ids = {n: vocab_size - len(self.NAMES) + i for i, n in enumerate(self.NAMES)}
-
-    def encode_special(self, name):
-        return self.ids[name]
-
-    def get_bos_token_id(self):
-        return self.ids["<|bos|>"]
-
-    def stop_ids(self):
-        return {self.ids["<|assistant_end|>"], self.ids["<|bos|>"]}
-
-    def decode(self, ids):
-        return ""
-
-    def encode(self, text):
-        return []
 
 
 def main(argv=None):

@@ -35,19 +35,27 @@ def make_model(vocab_size, seed=0, sequence_len=128):
 # are overridden so that generated position i is script[i]: tests of the engine's state machine,
 # the server and the UI, not of the model.
 
-class Scripted(torch.nn.Module):
-    def __init__(self, model, prompt_len, script):
+class Wrapped(torch.nn.Module):
+    """A real GPT inside, with what the engine asks of a model besides forward(): subclasses
+    change forward() to script, poison or break it."""
+
+    def __init__(self, model):
         super().__init__()
         self.inner = model
         self.config = model.config
-        self.prompt_len = prompt_len
-        self.script = script
 
     def get_device(self):
         return self.inner.get_device()
 
     def new_kv_cache(self, *args, **kwargs):
         return self.inner.new_kv_cache(*args, **kwargs)
+
+
+class Scripted(Wrapped):
+    def __init__(self, model, prompt_len, script):
+        super().__init__(model)
+        self.prompt_len = prompt_len
+        self.script = script
 
     def forward(self, idx, kv_cache=None, kv_len=None, logits_positions=None):
         before = kv_cache.lengths.clone()

@@ -3,7 +3,7 @@ and the calculator tool's state machine."""
 import pytest
 import torch
 
-from helpers import Scripted, make_model
+from helpers import Scripted, Wrapped, make_model
 from nanochat.engine import BatchDecoder, Engine, Sequence, sample
 
 
@@ -368,19 +368,13 @@ def test_settings_that_cannot_be_honoured_are_refused():
             Sequence([1, 2, 3], **bad)
 
 
-class Poisoned(torch.nn.Module):
+class Poisoned(Wrapped):
     """The real model, except that the logits predicting position `at_len` of a row (the token
     that would make it at_len tokens long) are NaN: that row cannot be sampled."""
 
     def __init__(self, model, at_len):
-        super().__init__()
-        self.inner, self.config, self.at_len = model, model.config, at_len
-
-    def get_device(self):
-        return self.inner.get_device()
-
-    def new_kv_cache(self, *args, **kwargs):
-        return self.inner.new_kv_cache(*args, **kwargs)
+        super().__init__(model)
+        self.at_len = at_len
 
     def forward(self, idx, kv_cache=None, kv_len=None, logits_positions=None):
         before = kv_cache.lengths.clone()

@@ -9,9 +9,8 @@ import time
 import openai
 import pytest
 import requests
-import torch
 
-from helpers import LiveServer, Scripted, make_model
+from helpers import LiveServer, Scripted, Wrapped, make_model
 from nanochat.server import MAX_MESSAGES, TextStream, create_app
 
 
@@ -399,19 +398,13 @@ def test_a_failing_row_ends_only_its_own_request(tokenizer):
         live.close()
 
 
-class ExplodingPrefill(torch.nn.Module):
+class ExplodingPrefill(Wrapped):
     """The real model, except that a prefill that includes a prompt of exactly `bad_len` tokens
     raises (an error in one request's prefill, e.g. an out-of-memory)."""
 
     def __init__(self, model, bad_len):
-        super().__init__()
-        self.inner, self.config, self.bad_len = model, model.config, bad_len
-
-    def get_device(self):
-        return self.inner.get_device()
-
-    def new_kv_cache(self, *args, **kwargs):
-        return self.inner.new_kv_cache(*args, **kwargs)
+        super().__init__(model)
+        self.bad_len = bad_len
 
     def forward(self, idx, kv_cache=None, kv_len=None, logits_positions=None):
         if not isinstance(logits_positions, int) and (logits_positions + 1 == self.bad_len).any():

@@ -20,6 +20,20 @@ def metrics(tag):
     return ck.read_metrics(ck.checkpoint_dir("base", tag))
 
 
+def run_killed_after(flags, step, monkeypatch):
+    """tb.main(flags), killed right after it logs `step` (as a SIGKILL would: no cleanup)."""
+    real_append = ck.append_metrics
+
+    def dies(d, record):
+        real_append(d, record)
+        if record["step"] == step:
+            raise KeyboardInterrupt(f"simulated kill after step {step}")
+    monkeypatch.setattr(ck, "append_metrics", dies)
+    with pytest.raises(KeyboardInterrupt):
+        tb.main(flags)
+    monkeypatch.setattr(ck, "append_metrics", real_append)
+
+
 # ---------------------------------------------------------------------------
 # derived configuration
 
@@ -84,16 +98,7 @@ def test_exact_resume_reproduces_uninterrupted_run(tokenizer, monkeypatch):
     tb.main(flags + ["--model-tag", "full"])
     full = metrics("full")
 
-    real_append = ck.append_metrics
-
-    def dies_after_step_4(d, record):
-        real_append(d, record)
-        if record["step"] == 4:
-            raise KeyboardInterrupt("simulated kill after step 4")
-    monkeypatch.setattr(ck, "append_metrics", dies_after_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        tb.main(flags + ["--model-tag", "part", "--save-every", "3"])
-    monkeypatch.setattr(ck, "append_metrics", real_append)
+    run_killed_after(flags + ["--model-tag", "part", "--save-every", "3"], 4, monkeypatch)
     assert ck.complete_steps(ck.checkpoint_dir("base", "part")) == [3]
     assert [r["step"] for r in metrics("part")] == [0, 1, 2, 3, 4]
 
@@ -124,16 +129,7 @@ def test_resume_with_another_thread_count_is_still_exact(tokenizer, monkeypatch)
         torch.set_num_threads(2)
         tb.main(flags + ["--model-tag", "thr-full"])
         full = metrics("thr-full")
-        real_append = ck.append_metrics
-
-        def dies_after_step_3(d, record):
-            real_append(d, record)
-            if record["step"] == 3:
-                raise KeyboardInterrupt("simulated kill after step 3")
-        monkeypatch.setattr(ck, "append_metrics", dies_after_step_3)
-        with pytest.raises(KeyboardInterrupt):
-            tb.main(flags + ["--model-tag", "thr-part"])
-        monkeypatch.setattr(ck, "append_metrics", real_append)
+        run_killed_after(flags + ["--model-tag", "thr-part"], 3, monkeypatch)
         assert ck.load_meta(ck.checkpoint_dir("base", "thr-part"), 2)["threads"] == 2
         torch.set_num_threads(1)  # the resumed process would run with another count
         tb.main(flags + ["--model-tag", "thr-part", "--resume"])
