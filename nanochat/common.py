@@ -3,6 +3,7 @@ import argparse
 import contextlib
 import json
 import os
+import platform
 import sys
 import time
 
@@ -182,16 +183,102 @@ _DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "fp
 
 
 def get_compute_dtype(device_type: str):
-    """bf16 on CUDA with compute capability >= 8.0, fp32 everywhere else (CPUs here do bf16
-    matmuls ~100x slower than fp32). NANOCHAT_DTYPE=bfloat16|float32|float16 overrides."""
+    """The dtype the model computes in (its weights stay fp32): bf16 on CUDA with compute
+    capability >= 8.0, and on a CPU whose bf16 matmuls are really faster than its fp32 ones (see
+    cpu_bf16); fp32 everywhere else. NANOCHAT_DTYPE=bfloat16|float32|float16 overrides."""
+    return compute_dtype_choice(device_type)[0]
+
+
+def compute_dtype_choice(device_type: str):
+    """(dtype, why): get_compute_dtype and the reason for it, for logs and the report card."""
     env = os.environ.get("NANOCHAT_DTYPE")
     if env:
         if env.lower() not in _DTYPES:
             raise UserError(f"NANOCHAT_DTYPE must be one of {sorted(set(_DTYPES))}, not '{env}'")
-        return getattr(torch, _DTYPES[env.lower()])
-    if device_type == "cuda" and torch.cuda.get_device_capability()[0] >= 8:
-        return torch.bfloat16
-    return torch.float32
+        return getattr(torch, _DTYPES[env.lower()]), f"NANOCHAT_DTYPE={env}"
+    if device_type == "cuda":
+        major = torch.cuda.get_device_capability()[0]
+        return (torch.bfloat16 if major >= 8 else torch.float32), f"CUDA compute capability {major}.x"
+    if device_type == "cpu":
+        fast, why = cpu_bf16()
+        return (torch.bfloat16 if fast else torch.float32), why
+    return torch.float32, f"{device_type}: fp32 by default"
+
+
+CPU_BF16_MIN_SPEEDUP = 1.3  # bf16 must beat fp32 by this much on a matmul to be chosen on a CPU
+
+
+def cpu_flags() -> set:
+    """The feature flags of this machine's CPU (/proc/cpuinfo; empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _bf16_matmul_speedup(n=768, repeats=5):
+    """fp32 matmul seconds / bf16 matmul seconds on an n x n problem, best of `repeats`,
+    interleaved so that a busy machine slows both alike."""
+    a32, b32 = torch.randn(n, n), torch.randn(n, n)
+    a16, b16 = a32.bfloat16(), b32.bfloat16()
+    best = {torch.float32: float("inf"), torch.bfloat16: float("inf")}
+    for _ in range(repeats + 1):  # the first round warms up both kernels
+        for dtype, (a, b) in ((torch.float32, (a32, b32)), (torch.bfloat16, (a16, b16))):
+            t0 = time.perf_counter()
+            a @ b
+            best[dtype] = min(best[dtype], time.perf_counter() - t0)
+    return best[torch.float32] / best[torch.bfloat16]
+
+
+_CPU_BF16 = {}
+
+
+def cpu_bf16():
+    """(bf16 is the faster CPU dtype here?, why). Only a CPU with bf16 matrix instructions (AMX
+    or AVX512-BF16) can win, and some that have them still do not: a short matmul probe decides,
+    cached per process and in $NANOCHAT_BASE_DIR/cpu_dtype.json (per CPU model, torch version and
+    thread count), so every stage of a pipeline makes the same choice."""
+    key = f"{_cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    if key in _CPU_BF16:
+        return _CPU_BF16[key]
+    flags = cpu_flags()
+    kind = "AMX" if "amx_bf16" in flags else ("AVX512-BF16" if "avx512_bf16" in flags else None)
+    if kind is None:
+        _CPU_BF16[key] = (False, "CPU without bf16 matrix instructions (AMX, AVX512-BF16): fp32")
+        return _CPU_BF16[key]
+    path = os.path.join(get_base_dir(), "cpu_dtype.json")
+    try:
+        with open(path) as f:
+            cached = json.load(f)
+    except (OSError, ValueError):
+        cached = {}
+    speedup = cached.get(key) if isinstance(cached, dict) else None
+    if not isinstance(speedup, (int, float)):
+        speedup = _bf16_matmul_speedup()
+        cached = (cached if isinstance(cached, dict) else {}) | {key: speedup}
+        try:
+            atomic_write_text(path, json.dumps(cached, indent=1))
+        except OSError:
+            pass  # a read-only base dir: probe again next time
+    fast = speedup >= CPU_BF16_MIN_SPEEDUP
+    _CPU_BF16[key] = (fast, f"CPU with {kind}: a bf16 matmul runs {speedup:.1f}x the fp32 one"
+                            f" -> {'bf16' if fast else 'fp32'} (threshold {CPU_BF16_MIN_SPEEDUP}x)")
+    return _CPU_BF16[key]
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def autocast_ctx(device):

@@ -21,7 +21,7 @@ import psutil
 import torch
 
 from nanochat.checkpoint import read_metrics
-from nanochat.common import atomic_write_text, get_base_dir, get_dist_info
+from nanochat.common import atomic_write_text, compute_dtype_choice, get_base_dir, get_dist_info
 
 # The order sections appear in report.md; unknown sections go after these, by time written.
 SECTION_ORDER = [
@@ -78,6 +78,11 @@ def bloat() -> dict:
     return {"files": files, "lines": lines, "characters": chars, "dependencies": deps}
 
 
+def _dtype_line() -> str:
+    dtype, why = compute_dtype_choice("cuda" if torch.cuda.is_available() else "cpu")
+    return f"{str(dtype).replace('torch.', '')} ({why})"
+
+
 def environment() -> dict:
     env = {
         "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
@@ -89,6 +94,7 @@ def environment() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "CUDA": torch.version.cuda or "none",
+        "compute dtype": _dtype_line(),
     }
     if torch.cuda.is_available():
         n = torch.cuda.device_count()

@@ -18,6 +18,9 @@ os.environ["NANOCHAT_OFFLINE"] = "1"
 _BASE = tempfile.mkdtemp(prefix="nanochat-test-")
 os.environ["NANOCHAT_BASE_DIR"] = _BASE
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# fp32 unless a test asks for bf16: exact-equality tests must not depend on whether this CPU
+# has fast bf16 (the automatic choice is tested with its probe stubbed out)
+os.environ.setdefault("NANOCHAT_DTYPE", "float32")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TEST_VOCAB_SIZE = 1024  # small, so tiny test models are fast; trained from a real shard

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from nanochat import checkpoint as ck
 from nanochat.common import (UserError, add_common_flags, autocast_ctx, autodetect_device_type, compute_cleanup,
-                             compute_init, get_compute_dtype, get_peak_flops, init_wandb, print0)
+                             compute_dtype_choice, compute_init, get_peak_flops, init_wandb, print0)
 from nanochat.core_eval import evaluate_core
 from nanochat.dataloader import PretrainLoader  # see docs/data.md
 from nanochat.dataset import list_shards, validate_shards
@@ -163,7 +163,7 @@ def main(argv=None):
 def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_batch,
           model_dim, n_head, n_kv_head, window_pattern):
     device_type = device.type
-    dtype = get_compute_dtype(device_type)
+    dtype, dtype_why = compute_dtype_choice(device_type)
     model_tag = args.model_tag or f"d{args.depth}"
     ckpt_dir = ck.checkpoint_dir("base", model_tag)
     T = args.max_seq_len
@@ -232,6 +232,7 @@ def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_ba
     eval_tokens = args.eval_tokens if args.eval_tokens > 0 else 20 * total_batch_size
     eval_steps = max(1, eval_tokens // tokens_per_fwdbwd)
 
+    print0(f"compute dtype: {str(dtype).replace('torch.', '')} ({dtype_why}); weights and optimizer state fp32")
     print0(f"model: depth {args.depth}, dim {model_dim}, heads {n_head} (kv {n_kv_head}), windows {window_pattern}, "
            f"seq len {T}, vocab {vocab_size}")
     print0(f"parameters: {num_params:,} ({', '.join(f'{k} {v:,}' for k, v in counts.items())}); "

@@ -1,0 +1,188 @@
+"""nanochat against the reference (karpathy/nanochat) on this machine, in one run: the same
+shards, the same tokenizer settings, the same model and batch, trained back to back, then
+decoding from each trained checkpoint. Prints JSON (docs/benchmarks.md, "Against the reference").
+Not part of CI: it needs a checkout of the reference with an environment of its own.
+
+    git clone https://github.com/karpathy/nanochat /path/up && python3 -m venv /path/up-venv
+    /path/up-venv/bin/pip install torch==2.13.0 && /path/up-venv/bin/pip install -e /path/up
+    python bench/vs_reference.py --upstream /path/up --upstream-python /path/up-venv/bin/python
+
+The config (the d4 of the issue that asked for this): depth 4, width 256, heads of 64, context
+512, 8 x 512 = 4,096-token steps, full attention, vocab 32,768, --steps optimizer steps, then the
+validation bpb over --eval-tokens. Measured for each codebase and each of --repeats runs
+(interleaved: ours, the reference, ours, ...): the median step time of steps 10..end (the
+first steps include warm-up), the peak RSS of the training process, the final val bpb, and
+decode tok/s of its Engine at batch 1 and 8 (`generate_batch`, sampling at temperature 1, top-k
+50, --new-tokens per row). Both use --threads torch threads. `--dtype` sets NANOCHAT_DTYPE for
+ours (default: its own choice for this CPU); the reference runs in its default (fp32 on CPU)
+unless --upstream-dtype says otherwise.
+"""
+import argparse
+import glob
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+DECODE = r'''
+import json, sys, time, torch
+torch.set_num_threads(int(sys.argv[1]))
+ours = sys.argv[2] == "ours"
+if ours:
+    from nanochat.checkpoint import load_model
+    model, tokenizer, _ = load_model("base", "cpu", model_tag="vsref")
+else:
+    from nanochat.checkpoint_manager import load_model
+    model, tokenizer, _ = load_model("base", "cpu", "eval", model_tag="vsref")
+from nanochat.engine import Engine
+engine = Engine(model, tokenizer)
+prompt = tokenizer.encode("The history of the city begins", prepend=tokenizer.get_bos_token_id())
+out = {}
+for batch in (1, 8):
+    best = None
+    for rep in range(3):
+        t0 = time.perf_counter()
+        results, _ = engine.generate_batch(prompt, num_samples=batch, max_tokens=int(sys.argv[3]),
+                                           temperature=1.0, top_k=50, seed=rep)
+        dt = time.perf_counter() - t0
+        tokens = sum(len(r) - len(prompt) for r in results)
+        rate = tokens / dt
+        best = rate if best is None else max(best, rate)
+    out[f"decode_b{batch}_tok_per_sec"] = round(best, 1)
+print(json.dumps(out))
+'''
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run(cmd, cwd, env, log_path):
+    """Run a command to completion; (exit status, peak RSS in MiB of its process tree's largest
+    process, seconds, log text)."""
+    t0 = time.time()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    text = open(log_path, encoding="utf-8", errors="replace").read()
+    rc = os.waitstatus_to_exitcode(status)
+    if rc != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({rc}); see {log_path}:\n{text[-3000:]}")
+    return usage.ru_maxrss / 1024, time.time() - t0, text
+
+
+def step_times(text, ours):
+    """Per-step seconds from a training log (our `dt 123.4ms`, the reference's `dt: 123.40ms`)."""
+    pat = r"^step (\d+)/\d+ .*?\| dt ([\d.]+)ms" if ours else r"^step (\d+)/\d+ .*?\| dt: ([\d.]+)ms"
+    return {int(s): float(ms) / 1000 for s, ms in re.findall(pat, text, re.M)}
+
+
+def final_bpb(text, ours):
+    pat = r"\| val bpb ([\d.]+)" if ours else r"Validation bpb: ([\d.]+)"
+    found = re.findall(pat, text)
+    return float(found[-1]) if found else None
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--upstream", required=True, help="a checkout of karpathy/nanochat")
+    p.add_argument("--upstream-python", required=True, help="the Python of the reference's own environment")
+    p.add_argument("--data", default=os.environ.get("NANOCHAT_DATA"), help="data root with pretrain/*.parquet")
+    p.add_argument("--work", default=None, help="folder for both base dirs and the logs (default: a temp dir)")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--eval-tokens", type=int, default=32768)
+    p.add_argument("--vocab-size", type=int, default=32768)
+    p.add_argument("--tokenizer-chars", type=int, default=50_000_000)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--dtype", default=None, help="NANOCHAT_DTYPE for ours (default: its own choice)")
+    p.add_argument("--upstream-dtype", default=None, help="NANOCHAT_DTYPE for the reference (default: its own)")
+    p.add_argument("--only", default="ours,upstream", help="ours, upstream or both")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if not args.data or not glob.glob(os.path.join(args.data, "pretrain", "*.parquet")):
+        raise SystemExit("--data (or NANOCHAT_DATA) must hold pretrain/*.parquet")
+    work = args.work or tempfile.mkdtemp(prefix="vs-reference-")
+    shards = sorted(glob.glob(os.path.join(os.path.abspath(args.data), "pretrain", "*.parquet")))
+    base = {"ours": os.path.join(work, "ours"), "upstream": os.path.join(work, "upstream")}
+    up_data = os.path.join(base["upstream"], "base_data_climbmix")  # where the reference looks for shards
+    os.makedirs(up_data, exist_ok=True)
+    for s in shards:  # the same files, last = validation, for both
+        link = os.path.join(up_data, os.path.basename(s))
+        if not os.path.exists(link):
+            os.symlink(s, link)
+    threads = str(args.threads)
+    common = {k: v for k, v in os.environ.items() if not k.startswith(("NANOCHAT_", "PYTHONPATH"))}
+    common.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false")
+    env = {"ours": dict(common, NANOCHAT_BASE_DIR=base["ours"], NANOCHAT_DATA=os.path.abspath(args.data)),
+           "upstream": dict(common, NANOCHAT_BASE_DIR=base["upstream"], PYTHONPATH=os.path.abspath(args.upstream))}
+    if args.dtype:
+        env["ours"]["NANOCHAT_DTYPE"] = args.dtype
+    if args.upstream_dtype:
+        env["upstream"]["NANOCHAT_DTYPE"] = args.upstream_dtype
+    python = {"ours": sys.executable, "upstream": args.upstream_python}
+    cwd = {"ours": REPO, "upstream": os.path.abspath(args.upstream)}
+    shape = ["--device-type", "cpu", "--depth", "4", "--aspect-ratio", "64", "--head-dim", "64", "--max-seq-len", "512",
+             "--window-pattern", "L", "--device-batch-size", "8", "--total-batch-size", "4096",
+             "--num-iterations", str(args.steps), "--eval-every", str(args.steps), "--eval-tokens", str(args.eval_tokens),
+             "--core-metric-every", "-1", "--sample-every", "-1", "--model-tag", "vsref"]
+    train = {"ours": [python["ours"], "-m", "nanochat", "train", "base"] + shape,
+             "upstream": [python["upstream"], "-m", "scripts.base_train"] + shape}
+    tok = {"ours": [python["ours"], "-m", "nanochat", "tokenizer", "train"],
+           "upstream": [python["upstream"], "-m", "scripts.tok_train"]}
+    who = [w.strip() for w in args.only.split(",") if w.strip()]
+    for w in who:  # the same tokenizer settings on the same shards
+        if not os.path.exists(os.path.join(base[w], "tokenizer")):
+            run(tok[w] + ["--vocab-size", str(args.vocab_size), "--max-chars", str(args.tokenizer_chars)],
+                cwd[w], env[w], os.path.join(work, f"tokenizer_{w}.log"))
+    results = {w: {"runs": []} for w in who}
+    for rep in range(args.repeats):
+        for w in who:  # interleaved: load and machine drift hit both alike
+            rss, seconds, text = run(train[w], cwd[w], env[w], os.path.join(work, f"train_{w}_{rep}.log"))
+            times = step_times(text, w == "ours")
+            measured = [t for s, t in sorted(times.items()) if s >= 10]
+            results[w]["runs"].append({"step_time_median_s": statistics.median(measured) if measured else None,
+                                       "peak_rss_mib": round(rss), "val_bpb": final_bpb(text, w == "ours"),
+                                       "wall_s": round(seconds, 1), "load_1min": round(os.getloadavg()[0], 2)})
+            print(json.dumps({w: results[w]["runs"][-1]}), flush=True)
+    for w in who:
+        r = subprocess.run([python[w], "-c", DECODE, threads, w, str(args.new_tokens)], cwd=cwd[w], env=env[w],
+                           capture_output=True, text=True, timeout=1800)
+        if r.returncode != 0:
+            raise SystemExit(f"decode ({w}) failed:\n{r.stderr[-3000:]}")
+        results[w].update(json.loads(r.stdout.strip().splitlines()[-1]))
+        runs = results[w]["runs"]
+        results[w]["step_time_median_s"] = statistics.median(x["step_time_median_s"] for x in runs)
+        results[w]["peak_rss_mib"] = max(x["peak_rss_mib"] for x in runs)
+    summary = {"machine": cpu_name(), "cpu_count": os.cpu_count(),
+               "date": time.strftime("%Y-%m-%d %H:%M"), "threads": args.threads, "steps": args.steps,
+               "work": work, **results}
+    if len(who) == 2:
+        o, u = results["ours"], results["upstream"]
+        summary["ratios"] = {"training_speed": u["step_time_median_s"] / o["step_time_median_s"],
+                             "decode_b1": o["decode_b1_tok_per_sec"] / u["decode_b1_tok_per_sec"],
+                             "decode_b8": o["decode_b8_tok_per_sec"] / u["decode_b8_tok_per_sec"],
+                             "peak_rss": o["peak_rss_mib"] / u["peak_rss_mib"]}
+    print(json.dumps(summary, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(summary, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
