@@ -292,22 +292,29 @@ def score_sequences(model, seqs, device, batch_tokens=16384, pad_id=0):
             toks = seqs[k][0]
             ids[r, :len(toks)] = torch.tensor(toks, dtype=torch.long)
         ids = ids.to(device)
-        logits = model(ids).float()  # (B, T, V)
-        # the loss at t is of predicting token t+1; the last column's target is junk, never read
-        targets = torch.roll(ids, shifts=-1, dims=1)
-        losses = F.cross_entropy(logits.reshape(B * T, -1), targets.reshape(B * T), reduction="none").view(B, T)
-        preds = logits.argmax(dim=-1)
-        del logits
-        losses, preds, ids_cpu = losses.cpu(), preds.cpu(), ids.cpu()
-        for r, k in enumerate(rows):
+        logits = model(ids)  # (B, T, V)
+        # only the span positions need a loss and an argmax: gather them from all rows at once
+        # (usually a few tokens per row, so this skips a softmax over nearly all of B x T x V);
+        # position t predicts token t+1, and an empty span (e.g. identical options) has none
+        spans = []
+        for k in rows:
             toks, start = seqs[k]
-            end = len(toks)
-            if start < 1 or start >= end:  # nothing to score (e.g. identical options)
+            spans.append((start, len(toks)) if 1 <= start < len(toks) else (1, 1))  # (1, 1): nothing
+        row_idx = torch.cat([torch.full((end - start,), r) for r, (start, end) in enumerate(spans)]).to(device)
+        pos_idx = torch.cat([torch.arange(start - 1, end - 1) for start, end in spans]).to(device)
+        picked = logits[row_idx, pos_idx].float()  # (span tokens, V)
+        targets = ids[row_idx, pos_idx + 1]
+        losses = F.cross_entropy(picked, targets, reduction="none").cpu()
+        hits = (picked.argmax(dim=-1) == targets).cpu()
+        del logits, picked
+        offset = 0
+        for (start, end), k in zip(spans, rows):
+            n = end - start
+            if n == 0:
                 out[k] = (math.nan, True)
-                continue
-            mean_loss = losses[r, start - 1:end - 1].mean().item()
-            exact = bool((preds[r, start - 1:end - 1] == ids_cpu[r, start:end]).all())
-            out[k] = (mean_loss, exact)
+            else:
+                out[k] = (losses[offset:offset + n].mean().item(), bool(hits[offset:offset + n].all()))
+            offset += n
         i = j
     return out
 
