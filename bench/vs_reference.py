@@ -40,7 +40,7 @@ if ours:
     model, tokenizer, _ = load_model("base", "cpu", model_tag="vsref")
 else:
     from nanochat.checkpoint_manager import load_model
-    model, tokenizer, _ = load_model("base", "cpu", "eval", model_tag="vsref")
+    model, tokenizer, _ = load_model("base", torch.device("cpu"), "eval", model_tag="vsref")
 from nanochat.engine import Engine
 engine = Engine(model, tokenizer)
 prompt = tokenizer.encode("The history of the city begins", prepend=tokenizer.get_bos_token_id())

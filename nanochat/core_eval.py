@@ -1,27 +1,26 @@
-"""CORE: the DCLM in-context-learning benchmark suite, scored as a mean of centered accuracies.
+"""CORE: the DCLM in-context-learning benchmark suite, scored as a mean of centered accuracies,
+item for item the way upstream nanochat's scorer (nanochat/core_eval.py, scripts/base_eval.py)
+scores it, so our numbers compare with its leaderboard and with GPT-2's CORE.
 
 The bundle: `core.yaml` (list `icl_tasks` of {label, dataset_uri, num_fewshot, icl_task_type,
 continuation_delimiter}), `eval_meta_data.csv` (the `Random baseline` of each label, in percent)
 and `eval_data/<category>/<task>.jsonl`. Three task types:
 
 - multiple_choice {query, choices, gold}: one context, several continuations; the model picks
-  the continuation with the lowest mean loss over its tokens.
+  the choice with the lowest mean loss over the tokens after the prefix all choices share.
 - schema {context_options, continuation, gold}: several contexts, one continuation; the model
-  picks the context under which the continuation has the lowest mean loss.
+  picks the option with the lowest mean loss over the suffix all options share.
 - language_modeling {context, continuation}: correct iff greedy decoding (argmax at every
-  position, teacher-forced) reproduces the continuation's tokens exactly.
+  position, teacher-forced) reproduces every token after the prompt stripped of whitespace.
 
-Every sequence starts with <|bos|>; few-shot examples (their gold answers filled in) come first,
-separated by blank lines. Which tokens are "the continuation": we tokenize the whole prompt
-(context + delimiter + continuation) in one piece, exactly as the model would see the text, and
-also the prompt up to the continuation; the scored tokens are those after the longest common
-prefix of the two. Tokenizing the parts separately and concatenating would produce token
-sequences the model never saw (e.g. a lone " " token before a word, where BPE merges it into
-" word"); the common prefix handles that merge and any other merge across the boundary.
+Items: each task file is shuffled with random.Random(1337) and cut to --max-per-task; item i of
+that list gets its few-shot examples from the same list, drawn by random.Random(1234 + i).
+Every sequence starts with <|bos|> and is tokenized in one piece; nothing is cropped.
 
 Speed: all options of many items are packed into one right-padded forward (rows sorted by
-length, at most `batch_tokens` tokens of padded batch per forward). Under torchrun each rank
-takes every world_size-th item and the correct counts are summed over ranks.
+length, at most `batch_tokens` tokens of padded batch per forward); a causal model gives each
+row the same logits as a forward of its own. Under torchrun each rank takes every
+world_size-th item and the correct counts are summed over ranks.
 """
 import csv
 import io
@@ -34,13 +33,14 @@ import zipfile
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 import yaml
 
 from nanochat.common import DownloadError, UserError, atomic_write_text, download_file, downloads_off, get_data_dir, print0
 from nanochat.dataset import check_writable
 
 FEWSHOT_SEED = 1234     # few-shot examples of item i come from random.Random(FEWSHOT_SEED + i)
-SUBSAMPLE_SEED = 1337   # --max-per-task takes the first N items of this fixed shuffle
+SUBSAMPLE_SEED = 1337   # every task file is shuffled with it; --max-per-task keeps the first N
 
 
 # ---------------------------------------------------------------------------
@@ -120,7 +120,8 @@ def load_bundle(config_path=None):
         with open(meta_path, encoding="utf-8", newline="") as f:
             for row in csv.DictReader(f):
                 try:
-                    baselines[row["Eval Task"].strip()] = float(row["Random baseline"]) / 100.0
+                    # 0.01 * x as upstream computes it (x / 100 can round differently)
+                    baselines[row["Eval Task"].strip()] = 0.01 * float(row["Random baseline"])
                 except (KeyError, TypeError, ValueError):
                     continue
     tasks = []
@@ -136,7 +137,7 @@ def load_bundle(config_path=None):
             shots = shots[0] if shots else 0
         baseline = baselines.get(e["label"])
         if "random_baseline" in e:  # a task of your own can carry its baseline (percent) in the yaml
-            baseline = float(e["random_baseline"]) / 100.0
+            baseline = 0.01 * float(e["random_baseline"])
         tasks.append({
             "label": e["label"], "type": e["icl_task_type"],
             "path": os.path.join(data_root, e["dataset_uri"]),
@@ -172,8 +173,20 @@ def random_guess_baseline(task_type, items) -> float:
 # ---------------------------------------------------------------------------
 # Turning an item into token sequences
 
+def task_subset(num_items, max_per_task):
+    """Indices into a task file of the items to score, in scoring order: the whole file shuffled
+    with random.Random(SUBSAMPLE_SEED), then cut to the first max_per_task (<= 0: all of them).
+    The shuffle happens even without a limit, because the few-shot draw below picks positions
+    in this shuffled (and cut) list: that is how upstream's scorer does it."""
+    order = list(range(num_items))
+    random.Random(SUBSAMPLE_SEED).shuffle(order)
+    return order[:max_per_task] if max_per_task > 0 else order
+
+
 def fewshot_indices(num_items, idx, k, seed=FEWSHOT_SEED):
-    """k distinct item indices other than idx, the same every time for the same (idx, k)."""
+    """k distinct positions other than idx, drawn by random.Random(seed + idx) from the scored
+    list (num_items long), the same every time. Where the list is too short for k (upstream then
+    fails), we take all the others."""
     k = min(k, num_items - 1)
     if k <= 0:
         return []
@@ -182,52 +195,75 @@ def fewshot_indices(num_items, idx, k, seed=FEWSHOT_SEED):
     return rng.sample(others, k)
 
 
-def render_texts(task_type, items, idx, num_fewshot, delimiter):
-    """[(prefix, full)] one pair per option of item idx: the text up to the continuation and the
-    whole text. The options of a multiple-choice item share the prefix; those of a schema item
-    share the continuation; a language-modeling item has one option."""
+def render_prompts(task_type, items, idx, num_fewshot, delimiter):
+    """The texts to tokenize for item idx of the scored list `items`: one full prompt per choice
+    (multiple choice) or per context option (schema); for language modelling two texts, the
+    prompt without the continuation (stripped on both sides) and the prompt with it. Few-shot
+    examples, their gold answers filled in, come first, each followed by a blank line."""
     item = items[idx]
     shots = [items[j] for j in fewshot_indices(len(items), idx, num_fewshot)]
     if task_type == "multiple_choice":
         header = "".join(f"{s['query']}{delimiter}{s['choices'][s['gold']]}\n\n" for s in shots)
-        prefix = header + item["query"] + delimiter
-        return [(prefix, prefix + c) for c in item["choices"]]
+        return [f"{header}{item['query']}{delimiter}{c}" for c in item["choices"]]
     if task_type == "schema":
         header = "".join(f"{s['context_options'][s['gold']]}{delimiter}{s['continuation']}\n\n" for s in shots)
-        return [(header + ctx + delimiter, header + ctx + delimiter + item["continuation"])
-                for ctx in item["context_options"]]
+        return [f"{header}{ctx}{delimiter}{item['continuation']}" for ctx in item["context_options"]]
     if task_type == "language_modeling":
-        # contexts are stored with stray trailing whitespace in places; the delimiter supplies it
-        header = "".join(f"{s['context'].rstrip()}{delimiter}{s['continuation']}\n\n" for s in shots)
-        prefix = header + item["context"].rstrip() + delimiter
-        return [(prefix, prefix + item["continuation"])]
+        # some contexts carry stray whitespace: both ends are trimmed, the delimiter separates
+        header = "".join(f"{s['context'].strip()}{delimiter}{s['continuation']}\n\n" for s in shots)
+        without = f"{header}{item['context'].strip()}{delimiter}"
+        # the strip drops the delimiter's trailing space, so in the tokens with the
+        # continuation that space stays inside the scored span (" Paris", not "Paris")
+        return [without.strip(), without + item["continuation"]]
     raise ValueError(f"unknown task type {task_type}")
 
 
-def common_prefix_len(a, b):
+def common_prefix_len(seqs):
+    """Length of the longest prefix all the token lists share."""
     n = 0
-    for x, y in zip(a, b):
-        if x != y:
+    for column in zip(*seqs):
+        if any(t != column[0] for t in column):
             break
         n += 1
     return n
 
 
-def encode_option(tokenizer, prefix, full, max_len):
-    """(tokens, start) with tokens[start:] the scored continuation. Jointly tokenized, BOS first;
-    if longer than max_len, tokens are dropped from the left just after BOS, so the continuation
-    and the text right before it survive."""
-    bos = tokenizer.get_bos_token_id()
-    full_ids = tokenizer.encode(full, prepend=bos)
-    prefix_ids = tokenizer.encode(prefix, prepend=bos)
-    start = common_prefix_len(prefix_ids, full_ids)
-    start = min(max(start, 1), len(full_ids) - 1)  # at least one scored token, BOS never scored
-    if len(full_ids) > max_len:
-        drop = len(full_ids) - max_len
-        # a continuation longer than the window keeps its tail (start clamps to 1 below)
-        full_ids = full_ids[:1] + full_ids[1 + drop:]
-        start = max(start - drop, 1)
-    return full_ids, start
+def common_suffix_len(seqs):
+    return common_prefix_len([s[::-1] for s in seqs])
+
+
+def scored_spans(task_type, token_lists):
+    """[(tokens, start)]: the scored span of each option is tokens[start:].
+    multiple choice: after the prefix all choices share (a choice's first tokens that every
+    choice has are left out of every mean);
+    schema: the suffix all options share, which may reach back into the context options when
+    they end alike; language modelling: everything after the stripped prompt, so the
+    delimiter's trailing space is scored with the continuation."""
+    if task_type == "multiple_choice":
+        start = common_prefix_len(token_lists)
+        return [(t, start) for t in token_lists]
+    if task_type == "schema":
+        n = common_suffix_len(token_lists)
+        return [(t, len(t) - n) for t in token_lists]
+    if task_type == "language_modeling":
+        without, full = token_lists
+        start = len(without)
+        if full[:start] != without or start >= len(full):
+            # the stripped prompt did not tokenize as a prefix of the whole (a merge across the
+            # boundary): upstream stops with an assertion here; we score after the common
+            # prefix instead, at least the last token
+            start = min(common_prefix_len([without, full]), len(full) - 1)
+        return [(full, start)]
+    raise ValueError(f"unknown task type {task_type}")
+
+
+def encode_item(tokenizer, task, items, idx):
+    """[(tokens, start)] for every option of item idx: each prompt tokenized in one piece as the
+    model reads it, <|bos|> first, never cropped (the model takes sequences longer than its
+    training context: rotary positions are computed for any length)."""
+    prompts = render_prompts(task["type"], items, idx, task["num_fewshot"], task["delimiter"])
+    token_lists = tokenizer.encode(prompts, prepend=tokenizer.get_bos_token_id())
+    return scored_spans(task["type"], token_lists)
 
 
 # ---------------------------------------------------------------------------
@@ -235,9 +271,12 @@ def encode_option(tokenizer, prefix, full, max_len):
 
 @torch.no_grad()
 def score_sequences(model, seqs, device, batch_tokens=16384, pad_id=0):
-    """For each (tokens, start): (mean loss over tokens[start:], greedy argmax reproduces them).
-    Rows are sorted by length and packed into right-padded batches; the model is causal, so
-    the padding after a row never changes that row's logits."""
+    """For each (tokens, start): (mean loss over tokens[start:], whether the argmax at every one
+    of those positions is the token there). An empty span gives (nan, True).
+    Rows are sorted by length and packed into right-padded batches. The model is causal and
+    works position by position, so a row's logits do not depend on the other rows or on the
+    padding after it: the result is the same as scoring each item's options on their own
+    (up to float rounding, which differs between batch shapes)."""
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
     out = [None] * len(seqs)
     i = 0
@@ -248,51 +287,68 @@ def score_sequences(model, seqs, device, batch_tokens=16384, pad_id=0):
         while j < len(order) and (j - i + 1) * len(seqs[order[j]][0]) <= batch_tokens:
             j += 1
         rows = order[i:j]
-        T = len(seqs[rows[-1]][0])
-        ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+        B, T = len(rows), len(seqs[rows[-1]][0])
+        ids = torch.full((B, T), pad_id, dtype=torch.long)
         for r, k in enumerate(rows):
             toks = seqs[k][0]
             ids[r, :len(toks)] = torch.tensor(toks, dtype=torch.long)
         ids = ids.to(device)
-        logits = model(ids).float()  # (B, T, V)
-        # position t predicts token t+1; loss = logsumexp - logit of the target (no (B*T, V) copies)
-        lse = torch.logsumexp(logits[:, :-1], dim=-1)
-        target_logit = logits[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
-        losses = lse - target_logit
-        preds = logits[:, :-1].argmax(dim=-1)
-        del logits
-        losses, preds, ids_cpu = losses.cpu(), preds.cpu(), ids.cpu()
-        for r, k in enumerate(rows):
+        logits = model(ids)  # (B, T, V)
+        # only the span positions need a loss and an argmax: gather them from all rows at once
+        # (usually a few tokens per row, so this skips a softmax over nearly all of B x T x V);
+        # position t predicts token t+1, and an empty span (e.g. identical options) has none
+        spans = []
+        for k in rows:
             toks, start = seqs[k]
-            end = len(toks)
-            mean_loss = losses[r, start - 1:end - 1].mean().item()
-            exact = bool((preds[r, start - 1:end - 1] == ids_cpu[r, start:end]).all())
-            out[k] = (mean_loss, exact)
+            spans.append((start, len(toks)) if 1 <= start < len(toks) else (1, 1))  # (1, 1): nothing
+        row_idx = torch.cat([torch.full((end - start,), r) for r, (start, end) in enumerate(spans)]).to(device)
+        pos_idx = torch.cat([torch.arange(start - 1, end - 1) for start, end in spans]).to(device)
+        picked = logits[row_idx, pos_idx].float()  # (span tokens, V)
+        targets = ids[row_idx, pos_idx + 1]
+        losses = F.cross_entropy(picked, targets, reduction="none").cpu()
+        hits = (picked.argmax(dim=-1) == targets).cpu()
+        del logits, picked
+        offset = 0
+        for (start, end), k in zip(spans, rows):
+            n = end - start
+            if n == 0:
+                out[k] = (math.nan, True)
+            else:
+                out[k] = (losses[offset:offset + n].mean().item(), bool(hits[offset:offset + n].all()))
+            offset += n
         i = j
     return out
 
 
-def evaluate_task(model, tokenizer, device, task, items, indices, max_len, batch_tokens=16384):
-    """Number of correct items among `indices` (this rank's share) of one task."""
-    seqs, owners = [], []  # owners[s] = (position in indices, option number)
+def score_task(model, tokenizer, device, task, items, indices, batch_tokens=16384):
+    """Per item of `indices` (positions in the scored list `items`): its options' scores,
+    [(mean loss, greedy exact)], all the items' options batched together."""
+    seqs, owners = [], []  # owners[s] = position in indices
     for n, idx in enumerate(indices):
-        for o, (prefix, full) in enumerate(render_texts(task["type"], items, idx, task["num_fewshot"],
-                                                        task["delimiter"])):
-            seqs.append(encode_option(tokenizer, prefix, full, max_len))
-            owners.append((n, o))
+        for seq in encode_item(tokenizer, task, items, idx):
+            seqs.append(seq)
+            owners.append(n)
     scores = score_sequences(model, seqs, device, batch_tokens, pad_id=tokenizer.get_bos_token_id())
     per_item = [[] for _ in indices]
-    for (n, o), s in zip(owners, scores):
+    for n, s in zip(owners, scores):
         per_item[n].append(s)
-    correct = 0
-    for idx, opts in zip(indices, per_item):
-        if task["type"] == "language_modeling":
-            correct += int(opts[0][1])
-        else:
-            losses = [s[0] for s in opts]
-            pred = min(range(len(losses)), key=lambda o: losses[o])  # ties: the first option
-            correct += int(pred == items[idx]["gold"])
-    return correct
+    return per_item
+
+
+def is_correct(task_type, options, gold):
+    """language modelling: greedy decoding reproduces the continuation. Otherwise the option
+    with the lowest mean loss must be gold; a tie goes to the first such option, and a nan
+    (empty span) never beats an earlier number, exactly as list.index(min(losses)) decides."""
+    if task_type == "language_modeling":
+        return bool(options[0][1])
+    losses = [s[0] for s in options]
+    return min(range(len(losses)), key=losses.__getitem__) == gold
+
+
+def evaluate_task(model, tokenizer, device, task, items, indices, batch_tokens=16384):
+    """Number of correct items among `indices` (this rank's share of the scored list `items`)."""
+    per_item = score_task(model, tokenizer, device, task, items, indices, batch_tokens)
+    return sum(int(is_correct(task["type"], opts, items[idx].get("gold"))) for idx, opts in zip(indices, per_item))
 
 
 def centered(acc, baseline):
@@ -300,36 +356,27 @@ def centered(acc, baseline):
     return (acc - baseline) / (1.0 - baseline)
 
 
-def evaluate_core(model, tokenizer, device, config_path=None, max_per_task=-1, batch_tokens=16384,
-                  max_seq_len=None, verbose=False):
+def evaluate_core(model, tokenizer, device, config_path=None, max_per_task=-1, batch_tokens=16384, verbose=False):
     """Run every available task of the bundle. Returns {core, centered {task: x}, accuracy
     {task: x}, missing [task], num_tasks, num_available, tasks [rows for the CSV]}.
     core is the mean centered accuracy over the available tasks (nan if none)."""
     device = torch.device(device)
-    if max_seq_len is None:
-        max_seq_len = model.config.sequence_len
     is_dist = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if is_dist else (0, 1)
     tasks = load_bundle(config_path)
     was_training = model.training
     model.eval()
     results = {"centered": {}, "accuracy": {}, "missing": [], "tasks": []}
-    cache = {}
     for task in tasks:
         if not os.path.isfile(task["path"]):
             results["missing"].append(task["label"])
             if verbose:
                 print0(f"{task['label']:<34} missing ({task['path']})")
             continue
-        if task["path"] not in cache:
-            cache[task["path"]] = load_items(task["path"])
-        items = cache[task["path"]]
-        chosen = list(range(len(items)))
-        if max_per_task > 0 and len(chosen) > max_per_task:
-            random.Random(SUBSAMPLE_SEED).shuffle(chosen)
-            chosen = sorted(chosen[:max_per_task])
-        mine = chosen[rank::world]
-        correct = evaluate_task(model, tokenizer, device, task, items, mine, max_seq_len, batch_tokens)
+        file_items = load_items(task["path"])
+        items = [file_items[i] for i in task_subset(len(file_items), max_per_task)]
+        mine = list(range(rank, len(items), world))
+        correct = evaluate_task(model, tokenizer, device, task, items, mine, batch_tokens)
         counts = torch.tensor([correct, len(mine)], dtype=torch.long, device=device)
         if is_dist and world > 1:
             dist.all_reduce(counts, op=dist.ReduceOp.SUM)
@@ -337,12 +384,12 @@ def evaluate_core(model, tokenizer, device, config_path=None, max_per_task=-1, b
         acc = correct / max(total, 1)
         baseline = task["baseline"]
         if baseline is None:
-            baseline = random_guess_baseline(task["type"], [items[i] for i in chosen])
+            baseline = random_guess_baseline(task["type"], items)
         c = centered(acc, baseline)
         results["accuracy"][task["label"]] = acc
         results["centered"][task["label"]] = c
         results["tasks"].append({"task": task["label"], "type": task["type"], "num_items": total,
-                                 "accuracy": acc, "centered": c, "baseline": baseline})
+                                 "num_correct": correct, "accuracy": acc, "centered": c, "baseline": baseline})
         if verbose:
             print0(f"{task['label']:<34} {task['type']:<18} n={total:<6} acc {acc:.4f}  centered {c:+.4f}")
     if was_training:

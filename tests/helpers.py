@@ -4,6 +4,7 @@ import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
 
 import requests
 import torch
@@ -87,6 +88,36 @@ class BigramStub(nn.Module):
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
                                reduction=loss_reduction)
         return loss.view(targets.shape) if loss_reduction == "none" else loss
+
+
+class OracleLM(nn.Module):
+    """A causal stub: after any prefix of one of the `preferred` token sequences it puts a logit
+    of 20 on that sequence's next token (0 elsewhere); after any other prefix every token is
+    equally likely. So a preferred continuation costs ~0 nats per token, anything else ~log V."""
+
+    def __init__(self, vocab_size, preferred, sequence_len=256):
+        super().__init__()
+        self.config = SimpleNamespace(sequence_len=sequence_len)
+        self.vocab_size = vocab_size
+        self.preferred = [list(seq) for seq in preferred]
+        self.dummy = nn.Parameter(torch.zeros(()))
+        self.next = {}
+        for seq in preferred:
+            for i in range(len(seq) - 1):
+                self.next[tuple(seq[:i + 1])] = seq[i + 1]
+        self.rows_seen = []  # batch sizes of the forwards, to check batching
+
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+        B, T = idx.shape
+        self.rows_seen.append(B)
+        logits = torch.zeros(B, T, self.vocab_size)
+        for b in range(B):
+            row = idx[b].tolist()
+            for t in range(T):
+                nxt = self.next.get(tuple(row[:t + 1]))
+                if nxt is not None:
+                    logits[b, t, nxt] = 20.0
+        return logits
 
 
 class LiveServer:

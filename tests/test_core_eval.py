@@ -1,11 +1,17 @@
-"""CORE scoring with stub models whose preferences are constructed, so the right accuracy is
-known: each task type at accuracy exactly 1 and exactly 0, centering, the missing-task path,
-few-shot sampling, left truncation, --max-per-task, a custom bundle, and the real bundle's
-reading, and the 2-rank torchrun split. The `nanochat eval base` smoke run on the real tiny
-checkpoint is in test_eval_chat.py."""
+"""CORE scoring. With a character-level tokenizer and a bigram model whose logits are set by
+hand, the scored spans, mean losses and decisions of each task type are computed by hand, the
+way upstream nanochat's scorer defines them: multiple choice after the choices' common prefix,
+schema over the options' common suffix (which may reach into the contexts), language modelling
+with the delimiter's space inside the span. Also: the item order and few-shot draw (exact
+indices from Python's random with seeds 1337 and 1234), no cropping of long prompts, batched
+scoring equal to per-item scoring on a real GPT, stub oracles at accuracy exactly 1 and 0,
+centering, missing tasks, custom bundles, the real bundle's reading, and the 2-rank torchrun
+split. The `nanochat eval base` smoke run on the real tiny checkpoint is in test_eval_chat.py;
+bench/core_vs_upstream.py runs upstream's own scorer beside ours."""
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 import textwrap
@@ -14,41 +20,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+from helpers import OracleLM
 from nanochat import core_eval
-from nanochat.core_eval import (centered, core_summary, encode_option, evaluate_core, fewshot_indices, load_bundle,
-                                render_texts, score_sequences, write_core_csv)
+from nanochat.core_eval import (centered, core_summary, encode_item, evaluate_core, fewshot_indices, load_bundle,
+                                render_prompts, score_sequences, score_task, scored_spans, task_subset,
+                                write_core_csv)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class OracleLM(nn.Module):
-    """A causal stub: after any prefix of one of the `preferred` token sequences it puts a logit
-    of 20 on that sequence's next token (0 elsewhere); after any other prefix every token is
-    equally likely. So a preferred continuation costs ~0 nats per token, anything else ~log V."""
-
-    def __init__(self, vocab_size, preferred, sequence_len=256):
-        super().__init__()
-        self.config = SimpleNamespace(sequence_len=sequence_len)
-        self.vocab_size = vocab_size
-        self.dummy = nn.Parameter(torch.zeros(()))
-        self.next = {}
-        for seq in preferred:
-            for i in range(len(seq) - 1):
-                self.next[tuple(seq[:i + 1])] = seq[i + 1]
-        self.rows_seen = []  # batch sizes of the forwards, to check batching
-
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
-        B, T = idx.shape
-        self.rows_seen.append(B)
-        logits = torch.zeros(B, T, self.vocab_size)
-        for b in range(B):
-            row = idx[b].tolist()
-            for t in range(T):
-                nxt = self.next.get(tuple(row[:t + 1]))
-                if nxt is not None:
-                    logits[b, t, nxt] = 20.0
-        return logits
 
 
 MC_ITEMS = [
@@ -220,86 +200,251 @@ def test_fewshot_rendering_uses_gold_answers_and_scores(tokenizer):
     items = [{"query": f"Question {i}: pick", "choices": [f"alpha{i}", f"beta{i}", f"gamma{i}"], "gold": i % 3}
              for i in range(8)]
     for idx in range(len(items)):
-        opts = render_texts("multiple_choice", items, idx, 3, "\nAnswer: ")
-        prefix = opts[0][0]
+        prompts = render_prompts("multiple_choice", items, idx, 3, "\nAnswer: ")
         shots = fewshot_indices(len(items), idx, 3)
-        for j in shots:
-            s = items[j]
-            assert f"{s['query']}\nAnswer: {s['choices'][s['gold']]}\n\n" in prefix
-        assert f"Question {idx}:" not in prefix[:-len(items[idx]["query"]) - len("\nAnswer: ")]
-        assert prefix.endswith(f"Question {idx}: pick\nAnswer: ")
-        assert [full for _, full in opts] == [prefix + c for c in items[idx]["choices"]]
+        header = "".join(f"{items[j]['query']}\nAnswer: {items[j]['choices'][items[j]['gold']]}\n\n" for j in shots)
+        assert prompts == [f"{header}Question {idx}: pick\nAnswer: {c}" for c in items[idx]["choices"]]
+        assert idx not in shots
     # scoring with few-shot: an oracle over the rendered gold options gets all right
     bos = tokenizer.get_bos_token_id()
-    preferred = [tokenizer.encode(render_texts("multiple_choice", items, i, 3, "\nAnswer: ")[items[i]["gold"]][1],
+    preferred = [tokenizer.encode(render_prompts("multiple_choice", items, i, 3, "\nAnswer: ")[items[i]["gold"]],
                                   prepend=bos) for i in range(len(items))]
     model = OracleLM(tokenizer.get_vocab_size(), preferred)
     task = {"type": "multiple_choice", "num_fewshot": 3, "delimiter": "\nAnswer: "}
-    assert core_eval.evaluate_task(model, tokenizer, "cpu", task, items, list(range(8)), 256) == 8
+    assert core_eval.evaluate_task(model, tokenizer, "cpu", task, items, list(range(8))) == 8
 
 
 def test_joint_tokenization_scores_the_continuation(tokenizer):
-    bos = tokenizer.get_bos_token_id()
-    # " " delimiter: the space merges into the continuation's first token in the joint encoding
-    toks, start = encode_option(tokenizer, "The capital of France is ", "The capital of France is Paris", 64)
-    assert toks == tokenizer.encode("The capital of France is Paris", prepend=bos)
-    assert tokenizer.decode(toks[start:]).strip() == "Paris" and tokenizer.decode(toks[start:]).endswith("Paris")
-    assert tokenizer.decode(toks[1:start]).rstrip() == "The capital of France is"
-    # one option a prefix of another: both still score at least their own tokens
-    t1, s1 = encode_option(tokenizer, "A pet: ", "A pet: dog", 64)
-    t2, s2 = encode_option(tokenizer, "A pet: ", "A pet: dogs", 64)
-    assert s1 < len(t1) and s2 < len(t2) and tokenizer.decode(t2[s2:]).strip() == "dogs"
-
-
-def test_left_truncation_keeps_the_continuation(tokenizer):
-    bos = tokenizer.get_bos_token_id()
-    context = "Once upon a time there was a very long story that went on and on. " * 20
-    cont = "The end of it all."
-    full_ids = tokenizer.encode(context + cont, prepend=bos)
-    assert len(full_ids) > 40
-    toks, start = encode_option(tokenizer, context, context + cont, 32)
-    assert len(toks) == 32 and toks[0] == bos
-    assert toks[1:] == full_ids[-31:]
-    assert tokenizer.decode(toks[start:]).endswith(cont) and tokenizer.decode(toks[start:]).strip() == cont
-    # and end-to-end with a short model window: the oracle over the truncated text still wins
-    items = [{"query": context + f"Item {i} ends with", "choices": ["a bang.", "a whimper."], "gold": i % 2}
-             for i in range(4)]
-    preferred = [encode_option(tokenizer, it["query"] + " ", it["query"] + " " + it["choices"][it["gold"]], 32)[0]
-                 for it in items]
-    model = OracleLM(tokenizer.get_vocab_size(), preferred, sequence_len=32)
+    """The real BPE: with the " " delimiter the space merges into the choice's first token."""
     task = {"type": "multiple_choice", "num_fewshot": 0, "delimiter": " "}
-    assert core_eval.evaluate_task(model, tokenizer, "cpu", task, items, list(range(4)), 32) == 4
+    items = [{"query": "The capital of France is", "choices": ["Paris", "London"], "gold": 0}]
+    bos = tokenizer.get_bos_token_id()
+    seqs = encode_item(tokenizer, task, items, 0)
+    assert [t for t, _ in seqs] == [tokenizer.encode(f"The capital of France is {c}", prepend=bos)
+                                    for c in ("Paris", "London")]
+    assert [tokenizer.decode(t[s:]) for t, s in seqs] == [" Paris", " London"]
 
 
-def test_batched_scoring_packs_items_and_matches_one_by_one(tokenizer):
-    torch.manual_seed(0)
+# ---------------------------------------------------------------------------
+# Hand-computed spans and decisions: one token per character, a bigram model
+
+class CharTokenizer:
+    """One token per byte and <|bos|> = 256, so every span can be counted by hand."""
+    bos = 256
+
+    def get_bos_token_id(self):
+        return self.bos
+
+    def get_vocab_size(self):
+        return 257
+
+    def encode(self, text, prepend=None):
+        if isinstance(text, list):
+            return [self.encode(t, prepend) for t in text]
+        return ([] if prepend is None else [prepend]) + list(text.encode())
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i < 256).decode()
+
+
+CHARS = CharTokenizer()
+
+
+class BigramLM(nn.Module):
+    """The logits of the next token depend on the current token only: boosts[(a, b)] is the
+    logit of character b after character a, every other logit is 0. Keeps every row it is fed."""
+
+    def __init__(self, boosts, sequence_len=16):
+        super().__init__()
+        self.config = SimpleNamespace(sequence_len=sequence_len)
+        self.table = torch.zeros(257, 257)
+        for (a, b), v in boosts.items():
+            self.table[ord(a), ord(b)] = v
+        self.rows = []
+
+    def forward(self, idx):
+        self.rows.extend(idx.tolist())
+        return self.table[idx]
+
+
+def hand_loss(boosts, prev, nxt):
+    """-log p(nxt | prev) written out: log of the sum of exp(logits) minus the logit of nxt."""
+    row = {b: v for (a, b), v in boosts.items() if a == prev}
+    return math.log(257 - len(row) + sum(math.exp(v) for v in row.values())) - row.get(nxt, 0.0)
+
+
+def test_multiple_choice_scores_after_the_common_prefix_of_the_choices():
+    task = {"type": "multiple_choice", "num_fewshot": 0, "delimiter": " "}
+    items = [{"query": "Q", "choices": ["xy", "xzz"], "gold": 0}]
+    seqs = encode_item(CHARS, task, items, 0)
+    # "Q xy" and "Q xzz" share <bos> "Q x", 4 tokens: only "y" and "zz" are scored
+    assert [s for _, s in seqs] == [4, 4]
+    assert [CHARS.decode(t[s:]) for t, s in seqs] == ["y", "zz"]
+    boosts = {("x", "y"): 3.0, ("z", "z"): 10.0}
+    (options,) = score_task(BigramLM(boosts), CHARS, "cpu", task, items, [0])
+    a = hand_loss(boosts, "x", "y")                                    # 2.6207
+    b = (hand_loss(boosts, "x", "z") + hand_loss(boosts, "z", "z")) / 2  # 2.8161
+    assert options[0][0] == pytest.approx(a, abs=1e-5) and options[1][0] == pytest.approx(b, abs=1e-5)
+    assert core_eval.is_correct("multiple_choice", options, 0)
+    # scoring the whole choice ("xy" vs "xzz" after "Q ") would pick the longer, wrong one
+    first = hand_loss(boosts, " ", "x")
+    assert (first + 2 * b) / 3 < (first + a) / 2
+
+
+def test_multiple_choice_ties_and_empty_spans():
+    """A tie goes to the first option; a choice whose tokens are all shared with another (an
+    empty span, mean nan) is never picked over an earlier number, and as the first option it is
+    always picked: list.index(min(...)) with nan, as upstream decides."""
+    task = {"type": "multiple_choice", "num_fewshot": 0, "delimiter": " "}
+    (options,) = score_task(BigramLM({}), CHARS, "cpu", task, [{"query": "Q", "choices": ["xa", "xb"], "gold": 1}], [0])
+    assert options[0][0] == options[1][0] and not core_eval.is_correct("multiple_choice", options, 1)
+    items = [{"query": "Q", "choices": ["x", "xy"], "gold": 1}]
+    assert [CHARS.decode(t[s:]) for t, s in encode_item(CHARS, task, items, 0)] == ["", "y"]
+    (options,) = score_task(BigramLM({("x", "y"): 9.0}), CHARS, "cpu", task, items, [0])
+    assert math.isnan(options[0][0]) and options[1][0] < 0.05
+    assert core_eval.is_correct("multiple_choice", options, 0)
+    assert core_eval.is_correct("multiple_choice", options[::-1], 0)
+
+
+def test_schema_scores_the_common_suffix_even_inside_the_contexts():
+    task = {"type": "schema", "num_fewshot": 0, "delimiter": " "}
+    items = [{"context_options": ["Ann ate", "Bob ate"], "continuation": "it", "gold": 1}]
+    seqs = encode_item(CHARS, task, items, 0)
+    # "Ann ate it" and "Bob ate it" end alike over " ate it" (7 tokens): the span starts inside the contexts
+    assert [s for _, s in seqs] == [4, 4]
+    assert [CHARS.decode(t[s:]) for t, s in seqs] == [" ate it", " ate it"]
+    boosts = {("b", " "): 5.0}
+    (options,) = score_task(BigramLM(boosts), CHARS, "cpu", task, items, [0])
+    rest = sum(hand_loss(boosts, p, n) for p, n in zip(" ate i", "ate it"))
+    assert options[0][0] == pytest.approx((hand_loss(boosts, "n", " ") + rest) / 7, abs=1e-5)
+    assert options[1][0] == pytest.approx((hand_loss(boosts, "b", " ") + rest) / 7, abs=1e-5)
+    # only the span's first token tells the options apart; scoring just "it" would be a tie (-> option 0)
+    assert core_eval.is_correct("schema", options, 1)
+
+
+@pytest.mark.parametrize("delim", [" ", "\nAnswer: "])
+def test_language_modelling_trims_the_context_and_scores_the_delimiter_space(delim):
+    task = {"type": "language_modeling", "num_fewshot": 0, "delimiter": delim}
+    items = [{"context": "  2+2= \n", "continuation": "4"}]
+    # the context is trimmed on both sides, the prompt without the continuation too
+    assert render_prompts("language_modeling", items, 0, 0, delim) == ["2+2=" + delim.rstrip(), "2+2=" + delim + "4"]
+    ((toks, start),) = encode_item(CHARS, task, items, 0)
+    assert CHARS.decode(toks[start:]) == " 4" and start == 1 + len("2+2=" + delim.rstrip())
+    before_space = (delim.rstrip() or "=")[-1]
+    # greedy decoding must produce the space too: "4" alone after it is not enough
+    wrong = BigramLM({(before_space, "5"): 5.0, (" ", "4"): 5.0})
+    right = BigramLM({(before_space, " "): 5.0, (" ", "4"): 5.0})
+    assert core_eval.evaluate_task(wrong, CHARS, "cpu", task, items, [0]) == 0
+    assert core_eval.evaluate_task(right, CHARS, "cpu", task, items, [0]) == 1
+    # few-shot contexts are trimmed too
+    items = [{"context": " a ", "continuation": "b"}, {"context": "c\n", "continuation": "d"}]
+    assert render_prompts("language_modeling", items, 1, 1, delim)[1] == f"a{delim}b\n\nc{delim}d"
+
+
+def test_language_modelling_without_a_clean_prefix_scores_after_the_common_prefix():
+    """Where the stripped prompt's tokens are no prefix of the whole's (upstream stops there)."""
+    without, full = [256, 1, 2, 9], [256, 1, 2, 3, 4]
+    assert scored_spans("language_modeling", [without, full]) == [(full, 3)]
+    assert scored_spans("language_modeling", [[256, 1, 2], [256, 1, 2]]) == [([256, 1, 2], 2)]
+
+
+# ---------------------------------------------------------------------------
+# Item order, few-shot draw, no cropping, batching
+
+def test_item_order_and_fewshot_draw_follow_the_seeds():
+    # random.Random(1337).shuffle(list(range(10))) gives [0, 3, 7, 2, 1, 6, 4, 5, 8, 9]
+    assert task_subset(10, -1) == [0, 3, 7, 2, 1, 6, 4, 5, 8, 9]
+    assert task_subset(10, 4) == [0, 3, 7, 2]  # the first 4 of the shuffle, not sorted
+    assert task_subset(10, 20) == task_subset(10, 0) == task_subset(10, -1)
+    # position p of the scored list: random.Random(1234 + p).sample(the other positions, k)
+    assert [fewshot_indices(4, p, 2) for p in range(4)] == [[2, 1], [3, 2], [3, 1], [0, 1]]
+    assert fewshot_indices(4, 0, 2) == random.Random(1234).sample([1, 2, 3], 2)
+
+
+def test_prompts_come_from_the_shuffled_and_cut_list(tmp_path):
+    """10 items, 2-shot, --max-per-task 4: the items scored are file items 0, 3, 7, 2 (positions
+    0-3), and the shots of position p are the positions fewshot_indices(4, p, 2) of that list."""
+    items = [{"context": f"c{i}", "continuation": f"v{i}"} for i in range(10)]
+    cfg = write_bundle(str(tmp_path / "b"), [
+        {"label": "order", "dataset_uri": "o.jsonl", "num_fewshot": [2], "icl_task_type": "language_modeling"},
+    ], meta={"order": 0}, files={"o.jsonl": items})
+    model = BigramLM({})
+    r = evaluate_core(model, CHARS, "cpu", config_path=cfg, max_per_task=4)
+    assert r["tasks"][0]["num_items"] == 4
+    assert sorted(CHARS.decode(row) for row in model.rows) == sorted([
+        "c7 v7\n\nc3 v3\n\nc0 v0",  # position 0 (file 0): shots at positions 2, 1 = files 7, 3
+        "c2 v2\n\nc7 v7\n\nc3 v3",  # position 1 (file 3): positions 3, 2 = files 2, 7
+        "c2 v2\n\nc3 v3\n\nc7 v7",  # position 2 (file 7): positions 3, 1 = files 2, 3
+        "c0 v0\n\nc3 v3\n\nc2 v2",  # position 3 (file 2): positions 0, 1 = files 0, 3
+    ])
+
+
+def tiny_gpt(vocab_size, sequence_len=16, seed=0):
+    """A random 2-layer GPT with a short attention window (8) and every weight nonzero."""
+    from nanochat.gpt import GPT, GPTConfig
+    cfg = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=32,
+                    window_pattern="SL", short_window=8)
+    torch.manual_seed(seed)
+    model = GPT(cfg)
+    model.init_weights()
+    with torch.no_grad():  # the init zeroes the output projections: give attention a voice
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 1.0 / math.sqrt(p.size(1)))
+    return model.eval()
+
+
+def test_long_prompts_are_never_cropped():
+    task = {"type": "multiple_choice", "num_fewshot": 0, "delimiter": " "}
+    items = [{"query": "a long question " * 5, "choices": ["yes", "no"], "gold": 0}]
+    model = BigramLM({}, sequence_len=8)
+    core_eval.evaluate_task(model, CHARS, "cpu", task, items, [0])
+    assert [len(CHARS.decode(r)) for r in model.rows] == [80 + 1 + 2, 80 + 1 + 3]  # the whole text, 10x the context
+    # our GPT takes rows longer than its training context (rotary angles are computed per
+    # position, nothing is cached up to sequence_len), and its first positions do not change
+    gpt = tiny_gpt(257, sequence_len=16)
+    ids = torch.randint(0, 256, (1, 160))
+    with torch.no_grad():
+        long, short = gpt(ids), gpt(ids[:, :16])
+    assert long.shape == (1, 160, 257) and torch.isfinite(long).all()
+    assert torch.allclose(long[:, :16], short, atol=1e-5)
+    # and the loss of a long sequence is over all of it
+    toks = [256] + ids[0].tolist()
+    ((loss, _),) = score_sequences(gpt, [(toks, 1)], "cpu", pad_id=256)
+    with torch.no_grad():
+        want = F.cross_entropy(gpt(torch.tensor([toks]))[0, :-1], torch.tensor(toks[1:])).item()
+    assert loss == pytest.approx(want, abs=1e-5)
+
+
+def test_batched_scoring_equals_each_item_scored_alone(tokenizer):
+    """Our batches (many items' options, sorted by length) against upstream's way (one item's
+    options right-padded together per forward) on a real GPT: the same mean losses (to float
+    rounding) and the same decisions."""
     V = tokenizer.get_vocab_size()
-
-    class CausalStub(nn.Module):
-        """Logits at t depend on tokens 0..t only (a running mean of embeddings): padding after a
-        row must not change it."""
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding(V, 16)
-            self.head = nn.Linear(16, V)
-            self.calls = 0
-
-        def forward(self, idx):
-            self.calls += 1
-            h = self.emb(idx).cumsum(1) / torch.arange(1, idx.size(1) + 1).view(1, -1, 1)
-            return self.head(h)
-
-    model = CausalStub()
-    seqs = [encode_option(tokenizer, p, f, 128) for it in MC_ITEMS for p, f in render_texts("multiple_choice",
-                                                                                         MC_ITEMS, MC_ITEMS.index(it),
-                                                                                         2, " ")]
-    together = score_sequences(model, seqs, "cpu", batch_tokens=100000)
-    assert model.calls == 1  # every option of every item in one forward
-    model.calls = 0
-    alone = score_sequences(model, seqs, "cpu", batch_tokens=1)
-    assert model.calls == len(seqs)
-    for (la, ea), (lb, eb) in zip(together, alone):
-        assert abs(la - lb) < 1e-5 and ea == eb
+    model = tiny_gpt(V)
+    calls = []
+    model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape))
+    pad = tokenizer.get_bos_token_id()
+    for task, items in [({"type": "multiple_choice", "num_fewshot": 2, "delimiter": " "}, MC_ITEMS),
+                        ({"type": "schema", "num_fewshot": 1, "delimiter": " "}, SCHEMA_ITEMS),
+                        ({"type": "language_modeling", "num_fewshot": 2, "delimiter": "\nAnswer: "}, LM_ITEMS)]:
+        calls.clear()
+        batched = score_task(model, tokenizer, "cpu", task, items, list(range(len(items))), batch_tokens=100000)
+        assert len(calls) == 1  # every option of every item in one forward
+        for idx, options in enumerate(batched):
+            seqs = encode_item(tokenizer, task, items, idx)
+            T = max(len(t) for t, _ in seqs)
+            ids = torch.tensor([t + [pad] * (T - len(t)) for t, _ in seqs])
+            with torch.no_grad():
+                logits = model(ids)
+            losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+            for r, ((t, s), (mean, exact)) in enumerate(zip(seqs, options)):
+                assert mean == pytest.approx(losses[r, s - 1:len(t) - 1].mean().item(), abs=1e-5)
+                assert exact == bool((logits[r, s - 1:len(t) - 1].argmax(-1) == ids[r, s:len(t)]).all())
+            alone = score_task(model, tokenizer, "cpu", task, items, [idx], batch_tokens=1)
+            assert [e for _, e in alone[0]] == [e for _, e in options]
+            assert core_eval.is_correct(task["type"], alone[0], items[idx].get("gold")) == \
+                core_eval.is_correct(task["type"], options, items[idx].get("gold"))
 
 
 def test_max_per_task_and_subsample_is_deterministic(tokenizer, tmp_path):
@@ -308,8 +453,9 @@ def test_max_per_task_and_subsample_is_deterministic(tokenizer, tmp_path):
         {"label": "nums", "dataset_uri": "n.jsonl", "num_fewshot": [2], "icl_task_type": "language_modeling"},
     ], meta={"nums": 0}, files={"n.jsonl": items})
     bos = tokenizer.get_bos_token_id()
-    preferred = [tokenizer.encode(render_texts("language_modeling", items, i, 2, " ")[0][1], prepend=bos)
-                 for i in range(30)]
+    scored = [items[i] for i in task_subset(30, 7)]
+    preferred = [tokenizer.encode(render_prompts("language_modeling", scored, i, 2, " ")[1], prepend=bos)
+                 for i in range(7)]
     model = OracleLM(tokenizer.get_vocab_size(), preferred)
     r = evaluate_core(model, tokenizer, "cpu", config_path=cfg, max_per_task=7)
     assert r["tasks"][0]["num_items"] == 7 and r["accuracy"]["nums"] == 1.0
@@ -328,8 +474,8 @@ def test_real_bundle_reads(data_dir):
     for t in tasks:
         if os.path.isfile(t["path"]):
             items = core_eval.load_items(t["path"])
-            # every item renders and encodes for its type
-            assert render_texts(t["type"], items, 0, t["num_fewshot"], t["delimiter"])
+            # every item renders for its type
+            assert render_prompts(t["type"], items, 0, t["num_fewshot"], t["delimiter"])
 
 
 def test_distributed_core_matches_single_process(tokenizer, tmp_path):
@@ -337,16 +483,19 @@ def test_distributed_core_matches_single_process(tokenizer, tmp_path):
     cfg = three_task_bundle(tmp_path)
     single = evaluate_core(oracle_for(tokenizer, "mc", MC_ITEMS, " ", lambda it: it["gold"]), tokenizer, "cpu",
                            config_path=cfg)
+    oracle = oracle_for(tokenizer, "mc", MC_ITEMS, " ", lambda it: it["gold"])
+    (tmp_path / "preferred.json").write_text(json.dumps(oracle.preferred))
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(f"""
         import json, sys, torch.distributed as dist
         sys.path.insert(0, {os.path.join(REPO, 'tests')!r})
-        from test_core_eval import oracle_for, MC_ITEMS
+        from helpers import OracleLM
         from nanochat.core_eval import evaluate_core
         from nanochat.tokenizer import get_tokenizer
         dist.init_process_group("gloo")
         tok = get_tokenizer()
-        r = evaluate_core(oracle_for(tok, "mc", MC_ITEMS, " ", lambda it: it["gold"]), tok, "cpu", config_path={cfg!r})
+        oracle = OracleLM(tok.get_vocab_size(), json.load(open({str(tmp_path / 'preferred.json')!r})))
+        r = evaluate_core(oracle, tok, "cpu", config_path={cfg!r})
         json.dump(r, open({str(tmp_path)!r} + f"/out{{dist.get_rank()}}.json", "w"))
         dist.destroy_process_group()
     """))
