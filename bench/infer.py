@@ -54,7 +54,8 @@ class SpecialsOnly:
 def build(args, device):
     if args.source:
         from nanochat.checkpoint import load_model
-        model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag)
+        model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag,
+                                         dtype=get_compute_dtype(device.type))  # as chat and serve load it
         return model, tokenizer
     dim = -(-args.depth * args.aspect_ratio // args.head_dim) * args.head_dim
     cfg = GPTConfig(sequence_len=args.max_seq_len, vocab_size=args.vocab_size, n_layer=args.depth,
@@ -64,6 +65,7 @@ def build(args, device):
         model = GPT(cfg)
     model.to_empty(device=device)
     model.init_weights()
+    model.to(get_compute_dtype(device.type))  # inference weights in the compute dtype, as chat and serve have them
     return model.eval(), SpecialsOnly(args.vocab_size)
 
 

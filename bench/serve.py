@@ -45,14 +45,15 @@ def serve(args):
     import torch
     import uvicorn
 
-    from nanochat.common import autodetect_device_type
+    from nanochat.common import autodetect_device_type, get_compute_dtype
     from nanochat.server import create_app
     device = torch.device(args.device_type or autodetect_device_type())
     if device.type == "cpu":  # the same default as `nanochat serve --threads`
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) - 1))
     if args.source:
         from nanochat.checkpoint import load_model
-        model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag)
+        model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag,
+                                         dtype=get_compute_dtype(device.type))
     else:
         from nanochat.gpt import GPT, GPTConfig
         tokenizer = get_or_train_tokenizer(args.vocab_size)
@@ -64,7 +65,7 @@ def serve(args):
             model = GPT(cfg)
         model.to_empty(device=device)
         model.init_weights()
-        model.eval()
+        model.to(get_compute_dtype(device.type)).eval()  # as `nanochat serve` loads it
     app = create_app(model, tokenizer, max_batch=args.max_batch, model_name="bench", compile=args.compile)
     if not args.source or args.ignore_stop:
         app.state.scheduler.decoder.specials["stop"] = set()  # fixed-length replies

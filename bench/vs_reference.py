@@ -37,7 +37,8 @@ torch.set_num_threads(int(sys.argv[1]))
 ours = sys.argv[2] == "ours"
 if ours:
     from nanochat.checkpoint import load_model
-    model, tokenizer, _ = load_model("base", "cpu", model_tag="vsref")
+    from nanochat.common import get_compute_dtype
+    model, tokenizer, _ = load_model("base", "cpu", model_tag="vsref", dtype=get_compute_dtype("cpu"))  # as chat does
 else:
     from nanochat.checkpoint_manager import load_model
     model, tokenizer, _ = load_model("base", torch.device("cpu"), "eval", model_tag="vsref")

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from nanochat.common import UserError, add_common_flags, compute_init, get_base_dir, print0, read_jsonl
+from nanochat.common import (UserError, add_common_flags, compute_init, get_base_dir, get_compute_dtype, print0,
+                             read_jsonl)
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import get_tokenizer
 
@@ -370,9 +371,12 @@ def load_checkpoint(ckpt_dir, step, device="cpu", load_optimizer=False, rank=0, 
     return model_state, shard, meta
 
 
-def build_model(ckpt_dir, step, device, phase="eval"):
+def build_model(ckpt_dir, step, device, phase="eval", dtype=None):
     """(model, tokenizer, meta) from a saved step: the model is built on the meta device,
-    materialized on `device`, loaded (fp32 master weights) and put in train or eval mode."""
+    materialized on `device`, loaded (fp32 master weights) and put in train or eval mode.
+    dtype: the weights' dtype after loading, for inference (None = fp32, as stored). A model that
+    only runs forward needs no fp32 master copy, and with weights in the compute dtype no matmul
+    casts a weight per call (autocast would, every decode step)."""
     if phase not in ("train", "eval"):
         raise ValueError(f"phase must be 'train' or 'eval', not {phase!r}")
     device = torch.device(device)
@@ -393,6 +397,8 @@ def build_model(ckpt_dir, step, device, phase="eval"):
         raise _corrupt(ckpt_dir, step, _model_path(ckpt_dir, step),
                        f"its weights do not fit the model_config in {os.path.basename(meta_path)}: {first[0]}") from None
     model.train() if phase == "train" else model.eval()
+    if dtype is not None:
+        model.to(dtype)
     tokenizer = get_tokenizer()
     if tokenizer.get_vocab_size() > config.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model in {ckpt_dir} "
@@ -435,11 +441,11 @@ def resolve_checkpoint(source, model_tag=None, step=None):
     return ckpt_dir, model_tag, step
 
 
-def load_model(source, device, phase="eval", model_tag=None, step=None):
+def load_model(source, device, phase="eval", model_tag=None, step=None, dtype=None):
     """Load a base/mid/sft/rl model: (model, tokenizer, meta). Defaults: the largest model tag
-    and its latest complete step."""
+    and its latest complete step; fp32 weights unless `dtype` (see build_model)."""
     ckpt_dir, _, step = resolve_checkpoint(source, model_tag, step)
-    return build_model(ckpt_dir, step, device, phase)
+    return build_model(ckpt_dir, step, device, phase, dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -469,7 +475,8 @@ def load_chat_model(args):
     """(model, tokenizer, meta, source) for the flags of add_model_flags, on --device-type."""
     source = pick_source(args.source)
     _, _, _, _, device = compute_init(args.device_type)
-    model, tokenizer, meta = load_model(source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+    model, tokenizer, meta = load_model(source, device, phase="eval", model_tag=args.model_tag, step=args.step,
+                                        dtype=get_compute_dtype(device.type))  # inference: weights in the compute dtype
     return model, tokenizer, meta, source
 
 

@@ -205,3 +205,26 @@ def test_compiled_training_matches_eager(tokenizer):
     compiled = [r["loss"] for r in metrics("compiled")]
     assert len(eager) == 3 and compiled == pytest.approx(eager, abs=1e-3)
     assert metrics("compiled")[-1]["val_bpb"] == pytest.approx(metrics("eager")[-1]["val_bpb"], abs=1e-3)
+
+
+def test_inference_loads_weights_in_the_compute_dtype(base_checkpoint, monkeypatch):
+    """chat, serve and the evaluations load the weights in the compute dtype (no fp32 master copy,
+    no per-call weight casts): with bf16 every floating tensor is bf16, the logits stay fp32, and
+    the KV-cache path gives the no-cache logits (within bf16 rounding) and the Engine decodes."""
+    from nanochat.engine import Engine
+    monkeypatch.setenv("NANOCHAT_DTYPE", "bfloat16")
+    model, tokenizer, _ = ck.load_model("base", "cpu", model_tag=base_checkpoint.tag, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    ids = tokenizer.encode("The cat sat on the", prepend="<|bos|>")
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]))
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    cache = model.new_kv_cache(1, 32)
+    assert cache.k[0].dtype == torch.bfloat16
+    with torch.no_grad():
+        cached = model(torch.tensor([ids]), kv_cache=cache, logits_positions=len(ids) - 1)
+    torch.testing.assert_close(cached[0], logits[0, -1], atol=0.1, rtol=0)
+    results, _ = Engine(model, tokenizer).generate_batch(ids, max_tokens=6, temperature=0)
+    assert results[0][:len(ids)] == ids  # decoding in bf16 ran through the cache
+    fp32, _, _ = ck.load_model("base", "cpu", model_tag=base_checkpoint.tag)  # the default stays fp32 (export, training)
+    assert {p.dtype for p in fp32.parameters()} == {torch.float32}

@@ -13,7 +13,8 @@ import os
 import time
 
 from nanochat.checkpoint import build_model, resolve_checkpoint
-from nanochat.common import UserError, add_common_flags, autocast_ctx, compute_cleanup, compute_init, get_base_dir, print0
+from nanochat.common import (UserError, add_common_flags, autocast_ctx, compute_cleanup, compute_init, get_base_dir,
+                             get_compute_dtype, print0)
 from nanochat.core_eval import core_summary, evaluate_core, write_core_csv
 from nanochat.dataloader import PretrainLoader
 from nanochat.engine import greedy_samples
@@ -79,7 +80,7 @@ def main(argv=None):
 
     is_dist, rank, local_rank, world_size, device = compute_init(args.device_type)
     ckpt_dir, model_tag, step = resolve_checkpoint(args.source, args.model_tag, args.step)
-    model, tokenizer, meta = build_model(ckpt_dir, step, device, phase="eval")
+    model, tokenizer, meta = build_model(ckpt_dir, step, device, phase="eval", dtype=get_compute_dtype(device.type))
     print0(f"Evaluating {args.source}/{model_tag} step {step} on {device} ({', '.join(evals)})")
 
     record = {"source": args.source, "model_tag": model_tag, "step": step}

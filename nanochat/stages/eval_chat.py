@@ -19,7 +19,8 @@ import time
 
 from nanochat.chat_eval import TASK_NAMES, chatcore, evaluate_task, load_task, pick_problems
 from nanochat.checkpoint import build_model, resolve_checkpoint
-from nanochat.common import UserError, add_common_flags, atomic_write_text, compute_cleanup, compute_init, get_base_dir, print0
+from nanochat.common import (UserError, add_common_flags, atomic_write_text, compute_cleanup, compute_init, get_base_dir,
+                             get_compute_dtype, print0)
 from nanochat.engine import Engine
 from nanochat.report import get_report
 
@@ -74,7 +75,7 @@ def main(argv=None):
 
     is_dist, rank, local_rank, world_size, device = compute_init(args.device_type)
     ckpt_dir, model_tag, step = resolve_checkpoint(args.source, args.model_tag, args.step)
-    model, tokenizer, meta = build_model(ckpt_dir, step, device, phase="eval")
+    model, tokenizer, meta = build_model(ckpt_dir, step, device, phase="eval", dtype=get_compute_dtype(device.type))
     engine = Engine(model, tokenizer)
     print0(f"Evaluating {args.source}/{model_tag} step {step} on {device}: {', '.join(names)}")
 
