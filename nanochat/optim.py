@@ -6,8 +6,8 @@ Two kinds of parameter groups:
     dict(kind="muon",  params=[matrices of one shape], lr=..., momentum=0.95, weight_decay=0.0,
          ns_steps=5, beta2=0.95)
 
-AdamW is the textbook one (bias-corrected moments, decoupled weight decay). Muon is: Nesterov
-momentum -> Polar Express orthogonalization -> NorMuon per-neuron variance normalization ->
+AdamW is the textbook one (bias-corrected moments, decoupled weight decay; on the CPU it runs as
+torch's fused kernel). Muon is: Nesterov momentum -> Polar Express orthogonalization -> NorMuon per-neuron variance normalization ->
 cautious weight decay, with the rate scaled by sqrt(rows/cols) for tall matrices. A Muon group's
 matrices are stacked into one (K, rows, cols) tensor so the math runs batched.
 
@@ -160,6 +160,9 @@ class MuonAdamW(torch.optim.Optimizer):
         if compile is None:
             compile = first is not None and first.is_cuda
         self._muon_fn, self._adamw_fn = muon_update, adamw_update
+        # On the CPU, torch's fused AdamW kernel does the same arithmetic in one pass over the
+        # tensors (~4x faster than the eager ops above at 1 thread; same results to rounding).
+        self._fused_cpu = not compile and first is not None and first.device.type == "cpu"
         if compile:
             self._muon_fn = torch.compile(muon_update, dynamic=False, fullgraph=True)
             self._adamw_fn = torch.compile(adamw_update, dynamic=False, fullgraph=True)
@@ -266,9 +269,14 @@ class MuonAdamW(torch.optim.Optimizer):
             state["step"] += 1
             beta1, beta2 = group["betas"]
             t = state["step"]
-            scalars = self._scalar(p.device, group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
-                                   1 - beta1 ** t, (1 - beta2 ** t) ** 0.5)
-            self._adamw_fn(mine, g, state["exp_avg"], state["exp_avg_sq"], *scalars)
+            if self._fused_cpu:  # the kernel reads the step count from a tensor (bias corrections)
+                torch._fused_adamw_([mine], [g], [state["exp_avg"]], [state["exp_avg_sq"]], [], [torch.tensor(float(t))],
+                                    lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+                                    eps=group["eps"], amsgrad=False, maximize=False)
+            else:
+                scalars = self._scalar(p.device, group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
+                                       1 - beta1 ** t, (1 - beta2 ** t) ** 0.5)
+                self._adamw_fn(mine, g, state["exp_avg"], state["exp_avg_sq"], *scalars)
             if sharded and world > 1:
                 # the shard is a view of p; gather from a copy so input and output never alias
                 job["work"] = _gather_start(p, mine.clone(), world, nccl)

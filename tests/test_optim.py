@@ -68,10 +68,20 @@ def _regression(seed=1):
     return X, Y, W, b
 
 
+def _eager_muonadamw(ps):
+    opt = MuonAdamW([dict(kind="adamw", params=ps, lr=0.01, weight_decay=0.1)])
+    opt._fused_cpu = False  # the update function (the one CUDA compiles) instead of the CPU kernel
+    return opt
+
+
 def test_adamw_group_matches_torch_adamw():
+    """Both AdamW paths of MuonAdamW (torch's fused kernel, used on the CPU, and our update
+    function, compiled on CUDA) follow torch.optim.AdamW through an lr schedule."""
+    assert MuonAdamW([dict(kind="adamw", params=[torch.zeros(2, requires_grad=True)], lr=0.1)])._fused_cpu
     results = []
     for make in (lambda ps: torch.optim.AdamW(ps, lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1),
-                 lambda ps: MuonAdamW([dict(kind="adamw", params=ps, lr=0.01, weight_decay=0.1)])):
+                 lambda ps: MuonAdamW([dict(kind="adamw", params=ps, lr=0.01, weight_decay=0.1)]),
+                 _eager_muonadamw):
         X, Y, W, b = _regression()
         opt = make([W, b])
         for step in range(25):
@@ -82,10 +92,11 @@ def test_adamw_group_matches_torch_adamw():
             loss.backward()
             opt.step()
         results.append((W.detach(), b.detach()))
-    (W1, b1), (W2, b2) = results
+    (W1, b1), *ours = results
     assert not torch.equal(W1, _regression()[2])  # it did move
-    torch.testing.assert_close(W2, W1, atol=1e-6, rtol=0)
-    torch.testing.assert_close(b2, b1, atol=1e-6, rtol=0)
+    for W2, b2 in ours:
+        torch.testing.assert_close(W2, W1, atol=1e-6, rtol=0)
+        torch.testing.assert_close(b2, b1, atol=1e-6, rtol=0)
 
 
 def test_groups_get_initial_lr_and_defaults():
