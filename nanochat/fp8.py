@@ -32,8 +32,10 @@ sampling (model.eval()) use the ordinary matmul in the compute dtype, as upstrea
 FP8 tensor cores exist from compute capability 8.9 (Ada, Hopper, Blackwell). torch._scaled_mm
 also runs on CPU in recent torch (a slow reference implementation), which is how the tests check
 these exact code paths; the training stage refuses --fp8 anywhere but on such a GPU
-(unsupported_reason). The speed-up needs torch.compile (upstream measured eager FP8 several times
+(unsupported_reason). The speed-up needs torch.compile (upstream measured uncompiled FP8 about 4x
 slower than bf16: the scaling ops are only cheap when fused).
+
+Not verified on a GPU yet (bench/gpu_check.py --only fp8 does it).
 """
 import collections
 import re
