@@ -88,7 +88,7 @@ class _FP8Matmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2d, w):
-        xq, x_inv = quantize(x2d, E4M3)
+        xq, x_inv = quantize(x2d.contiguous(), E4M3)  # row-major FP8 copies (elementwise ops keep layout)
         wq, w_inv = quantize(w, E4M3)
         ctx.save_for_backward(xq, x_inv, wq, w_inv)
         ctx.dtypes = (x2d.dtype, w.dtype)
@@ -100,7 +100,7 @@ class _FP8Matmul(torch.autograd.Function):
     def backward(ctx, dy):
         xq, x_inv, wq, w_inv = ctx.saved_tensors
         x_dtype, w_dtype = ctx.dtypes
-        dyq, dy_inv = quantize(dy, E5M2)
+        dyq, dy_inv = quantize(dy.contiguous(), E5M2)
         dx = dw = None
         if ctx.needs_input_grad[0]:  # (rows, out) @ (out, in)
             dx = torch._scaled_mm(dyq, _col_major(wq), scale_a=dy_inv, scale_b=w_inv, out_dtype=x_dtype,

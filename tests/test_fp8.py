@@ -151,6 +151,20 @@ def test_fp8_linear_bf16_activations():
     torch.testing.assert_close(layer.weight.grad, rdw, rtol=1e-5, atol=1e-6)
 
 
+def test_non_contiguous_inputs_and_gradients():
+    """_scaled_mm wants a row-major first operand: a transposed input or gradient is made
+    contiguous first, and the result is the emulation's."""
+    layer = fp8.FP8Linear(64, 48, bias=False)
+    x = torch.randn(16, 2, 64).transpose(0, 1).requires_grad_()  # (2, 16, 64), not contiguous
+    dy = torch.randn(48, 16, 2).permute(2, 1, 0)                 # (2, 16, 48), not contiguous
+    y = layer(x)
+    y.backward(dy)
+    ry, rdx, rdw = fp8.reference_linear(x.detach().reshape(32, 64), layer.weight.detach(), dy.reshape(32, 48))
+    torch.testing.assert_close(y.detach().reshape(32, 48), ry)
+    torch.testing.assert_close(x.grad.reshape(32, 64), rdx)
+    torch.testing.assert_close(layer.weight.grad, rdw)
+
+
 def test_eval_mode_and_odd_row_counts_use_the_ordinary_matmul():
     layer = fp8.FP8Linear(64, 32, bias=False)
     x = torch.randn(16, 64)
@@ -213,6 +227,21 @@ def test_converted_model_compiles_without_graph_breaks():
     idx = torch.randint(0, 512, (2, 64))
     ex = torch._dynamo.explain(model)(idx, idx)
     assert ex.graph_count == 1 and ex.graph_break_count == 0
+
+
+@pytest.mark.slow
+def test_compiled_fp8_linear_equals_eager():
+    """torch.compile (inductor, here on CPU) of the FP8 layer: forward and both gradients as in eager."""
+    layer = fp8.FP8Linear(128, 256, bias=False)
+    x = torch.randn(4, 32, 128, requires_grad=True)
+    y = torch.compile(layer)(x)
+    y.sum().backward()
+    grads = x.grad.clone(), layer.weight.grad.clone()
+    x.grad = layer.weight.grad = None
+    y2 = layer(x)
+    y2.sum().backward()
+    torch.testing.assert_close(y, y2, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grads, (x.grad, layer.weight.grad), rtol=1e-6, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------
