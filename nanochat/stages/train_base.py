@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat import checkpoint as ck
+from nanochat import fp8
 from nanochat.common import (UserError, add_common_flags, autocast_ctx, autodetect_device_type, compute_cleanup,
                              compute_dtype_choice, compute_init, get_peak_flops, init_wandb, print0)
 from nanochat.core_eval import evaluate_core
@@ -80,6 +81,9 @@ def build_parser():
     add_compile_flag(g)
     g.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block's activations in the backward pass: less memory, ~30%% more compute")
+    g.add_argument("--fp8", action="store_true",
+                   help="the transformer's linear layers in FP8 (tensorwise scaling); needs a GPU of compute "
+                        "capability >= 8.9 (H100-class) and compile to pay off (docs/training.md, FP8)")
     g.add_argument("--dry-run", action="store_true", help="print the derived configuration and exit")
     return p
 
@@ -192,6 +196,14 @@ def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_ba
     orig_model = model  # uncompiled: for saving, sampling and evaluation
     if args.activation_checkpointing:
         model.checkpoint_activations = True  # gpt.py wraps each block in torch.utils.checkpoint
+    fp8_note = "off"
+    if args.fp8:  # before the batch probe, compile and the optimizer; the parameters stay the same
+        why_not = fp8.unsupported_reason(device)
+        if why_not:
+            raise UserError(f"--fp8: {why_not}; train without --fp8 (bf16)")
+        converted, kept = fp8.convert_to_fp8(model)
+        fp8_note = (f"on, tensorwise: {len(converted)} linear layers ({fp8.summarize(converted)}); "
+                    f"kept in the compute dtype: {fp8.summarize(kept) or 'none'}")
     num_params = sum(p.numel() for p in model.parameters())
     counts = model.num_params_by_category()
     # the horizon counts the parameters that cost FLOPs: not the embedding lookups
@@ -233,6 +245,7 @@ def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_ba
     eval_steps = max(1, eval_tokens // tokens_per_fwdbwd)
 
     print0(f"compute dtype: {str(dtype).replace('torch.', '')} ({dtype_why}); weights and optimizer state fp32")
+    print0(f"fp8: {fp8_note}")
     print0(f"model: depth {args.depth}, dim {model_dim}, heads {n_head} (kv {n_kv_head}), windows {window_pattern}, "
            f"seq len {T}, vocab {vocab_size}")
     print0(f"parameters: {num_params:,} ({', '.join(f'{k} {v:,}' for k, v in counts.items())}); "
@@ -245,7 +258,8 @@ def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_ba
     derived = dict(model_tag=model_tag, device_batch_size=B, total_batch_size=total_batch_size,
                    grad_accum=grad_accum, num_iterations=num_iterations, weight_decay_scaled=weight_decay,
                    num_params=num_params, scaling_params=scaling_params, flops_per_token=flops_per_token,
-                   world_size=world_size, dtype=str(dtype).replace("torch.", ""), eval_steps=eval_steps)
+                   world_size=world_size, dtype=str(dtype).replace("torch.", ""), eval_steps=eval_steps,
+                   fp8=args.fp8)
     if args.dry_run:
         print0(derived)
         return 0
@@ -391,7 +405,7 @@ def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_ba
         "tokens per parameter": round(num_iterations * total_batch_size / scaling_params, 2),
         "training time (min)": round(log.total_time / 60, 2), "final val bpb": last_val_bpb,
         "min val bpb": None if min_val_bpb == float("inf") else min_val_bpb, "CORE": last_core,
-        "peak memory (MiB)": peak_mem, "processes": world_size,
+        "peak memory (MiB)": peak_mem, "processes": world_size, "fp8": args.fp8,
     }
     print0("summary: " + " | ".join(f"{k} {v}" for k, v in summary.items() if v is not None))
     if master:
