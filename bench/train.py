@@ -21,7 +21,7 @@ import torch
 
 from nanochat.common import get_compute_dtype, get_peak_flops, synchronize
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.training import model_dims
+from nanochat.training import clear_grads, model_dims
 
 
 def main(argv=None):
@@ -79,7 +79,7 @@ def main(argv=None):
                 loss = fwd(batch[:, :-1], batch[:, 1:])
             (loss / accum).backward()
         optimizer.step()
-        model.zero_grad(set_to_none=True)
+        clear_grads(model)  # as the training stages do
         return loss
 
     for _ in range(args.warmup):

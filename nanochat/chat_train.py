@@ -15,7 +15,7 @@ from nanochat.chat_eval import small_chatcore
 from nanochat.common import UserError, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init, init_wandb, print0
 from nanochat.loss_eval import evaluate_bpb, evaluate_loss
 from nanochat.tokenizer import get_token_bytes
-from nanochat.training import (StepLog, add_compile_flag, announce_start, check_common_args, check_horizon,
+from nanochat.training import (StepLog, add_compile_flag, clear_grads, announce_start, check_common_args, check_horizon,
                                check_schedule_args, evaluated_before, global_sum, inherited_lrs, is_due, log_report,
                                lr_multiplier, muon_momentum, resolve_start, set_lrs, write_record)
 
@@ -186,7 +186,7 @@ def _train(args, stage, section, mode, rank, world_size, master, device):
             optimizer.step()
         else:  # nothing to learn from in this step (every target masked): leave the weights alone
             print0(f"step {step + 1}: no trainable targets in the whole batch; skipped")
-        model.zero_grad(set_to_none=True)
+        clear_grads(model)
         if world_size > 1:
             dist.all_reduce(loss_total, op=dist.ReduceOp.SUM)
         log.end_step(loss_total / max(1, num_tokens))

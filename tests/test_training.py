@@ -112,3 +112,22 @@ def test_resolve_resume(tmp_path):
     tr.check_horizon(5, 5)
     with pytest.raises(UserError, match="past --num-iterations 4"):
         tr.check_horizon(5, 4)
+
+
+def test_clear_grads_keeps_cpu_gradients_and_steps_the_same():
+    """On the CPU the gradients stay allocated (zeroed in place: no heap churn), and the next
+    step's gradients are the same as from freshly created ones."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(5, 8)
+    a(x).square().sum().backward()
+    storage = a.weight.grad.data_ptr()
+    tr.clear_grads(a)
+    assert a.weight.grad is not None and a.weight.grad.data_ptr() == storage
+    assert not a.weight.grad.any() and not a.bias.grad.any()
+    a(x * 2).square().sum().backward()
+    b(x * 2).square().sum().backward()  # b never had gradients
+    assert a.weight.grad.data_ptr() == storage
+    torch.testing.assert_close(a.weight.grad, b.weight.grad, rtol=0, atol=0)
+    torch.testing.assert_close(a.bias.grad, b.bias.grad, rtol=0, atol=0)

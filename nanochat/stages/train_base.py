@@ -27,7 +27,7 @@ from nanochat.engine import greedy_samples
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
-from nanochat.training import (StepLog, add_compile_flag, add_schedule_flags, check_horizon, check_loop_args,
+from nanochat.training import (StepLog, add_compile_flag, clear_grads, add_schedule_flags, check_horizon, check_loop_args,
                                check_schedule_args, derive_total_batch_size, evaluated_before, is_due,
                                largest_fitting, log_report, lr_multiplier, model_dims, muon_momentum,
                                resolve_resume, scaled_weight_decay, set_lrs, write_record)
@@ -384,7 +384,7 @@ def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_ba
                 loader_state = [ld.state_dict() for ld in train_loaders]  # before taking step+2's first batch
             x, y = next(train_loaders[nxt])  # fetched while the device still works on the backward
         optimizer.step()
-        model.zero_grad(set_to_none=True)
+        clear_grads(model)
         train_loss = loss_sum / grad_accum
         if world_size > 1:
             dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)

@@ -26,7 +26,7 @@ from nanochat.chat_eval import pick_problems
 from nanochat.common import (UserError, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
                              init_wandb, print0, synchronize)
 from nanochat.engine import Engine
-from nanochat.training import (add_lr_flags, add_training_flags, announce_start, check_common_args, check_horizon,
+from nanochat.training import (add_lr_flags, clear_grads, add_training_flags, announce_start, check_common_args, check_horizon,
                                evaluated_before, format_time, global_max, global_sum, inherited_lrs, is_due,
                                log_report, resolve_start, set_lrs, write_record)
 from tasks.gsm8k import GSM8K
@@ -284,7 +284,7 @@ def train(args, rank, world_size, device):
             loss_total += float(loss.detach()) / world_size
         if num_tokens > 0:
             optimizer.step()
-        model.zero_grad(set_to_none=True)
+        clear_grads(model)
         step += 1
 
         n_all = global_sum(len(gen_lens), device)
