@@ -253,7 +253,7 @@ class MuonAdamW(torch.optim.Optimizer):
             lr = group["lr"] * max(1.0, rows / cols) ** 0.5
             scalars = self._scalar(ref.device, lr, group["momentum"], group["weight_decay"], group["beta2"])
             self._muon_fn(mine, g, state["momentum_buffer"], state["second_momentum_buffer"], *scalars,
-                          group["ns_steps"], bool(group["row_eq"]), bool(group["renorm"]))
+                          group["ns_steps"], bool(group.get("row_eq")), bool(group.get("renorm")))
             if world == 1:
                 job["full"] = mine
             else:
