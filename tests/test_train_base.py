@@ -134,16 +134,18 @@ def test_speedrun_on_paper(vocab_32k, capsys):
 
 def test_schedules_reach_the_optimizer(tokenizer, monkeypatch):
     """A real tiny run: every step sets the lr multiplier (40-step warmup), base's Muon momentum and
-    the cosine weight decay from the scaled value; the Muon lr is the flag x sqrt(512 / 2^19)."""
+    the cosine weight decay from the scaled value; the Muon lr is the flag x sqrt(512 / 2^19);
+    --muon-eq-plus turns on MuonEq and Muon+ in the Muon groups."""
     calls = []
     real = tb.set_lrs
 
     def spy(optimizer, lrm, momentum=None, weight_decay=None):
         real(optimizer, lrm, momentum, weight_decay)
         muon = next(g for g in optimizer.param_groups if g["kind"] == "muon")
+        assert muon["row_eq"] is True and muon["renorm"] is True
         calls.append((lrm, momentum, weight_decay, muon["initial_lr"], muon["weight_decay"]))
     monkeypatch.setattr(tb, "set_lrs", spy)
-    tb.main(TINY + ["--num-iterations", "4", "--eval-every", "-1", "--model-tag", "sched"])
+    tb.main(TINY + ["--num-iterations", "4", "--eval-every", "-1", "--model-tag", "sched", "--muon-eq-plus"])
     wd0 = calls[0][2]
     assert wd0 > 0 and len(calls) == 4
     for i, (lrm, momentum, wd, muon_lr, group_wd) in enumerate(calls):
