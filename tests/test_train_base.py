@@ -127,7 +127,8 @@ def test_speedrun_on_paper(vocab_32k, capsys):
     assert f"batch: {2 ** 20:,} tokens/step" in out and f"horizon: {steps:,} steps = {tokens:,} tokens" in out
     assert f"on paper: {flops_per_token * tokens:.3e} FLOPs" in out
     assert f"-> {hours:.2f} h on 8xH100 SXM at 50% MFU of 989 TFLOP/s bf16 dense" in out
-    assert "fp8: requested; not on this machine" in out and "bf16-equivalent MFU" in out
+    assert "fp8: requested, not on this machine (FP8 training needs" in out and "bf16-equivalent MFU" in out
+    assert "would be tensorwise: 144 linear layers" in out  # 6 per block
     _, derived = dry_run(flags + ["--assumed-mfu", "0.6"], capsys)
     assert derived["paper_hours_8xh100"] == pytest.approx(hours * 0.5 / 0.6)
 

@@ -109,6 +109,11 @@ def build_parser():
     return p
 
 
+def fp8_layers(converted, kept):
+    return (f"tensorwise: {len(converted)} linear layers ({fp8.summarize(converted)}); "
+            f"kept in the compute dtype: {fp8.summarize(kept) or 'none'}")
+
+
 def reference_model(model_config, args):
     """The d12 model of this run's vocabulary, context, aspect ratio and head size, on the meta
     device: the reference whose horizon (and 2^19-token batch) the batch and decay rules scale from."""
@@ -239,7 +244,9 @@ def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_ba
         why_not = fp8.unsupported_reason(device)
         if why_not and not args.dry_run:
             raise UserError(f"--fp8: {why_not}; train without --fp8 (bf16)")
-        fp8_note = f"requested; not on this machine ({why_not})" if why_not else "on"
+        if args.dry_run:  # which layers it would convert (on the meta model: shapes only)
+            fp8_note = ("on, " if not why_not else f"requested, not on this machine ({why_not}); would be ") + \
+                fp8_layers(*fp8.convert_to_fp8(model))
 
     # --- the model: materialized, initialized (not for a dry run)
     if not args.dry_run:
@@ -250,9 +257,7 @@ def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_ba
     if args.activation_checkpointing:
         model.checkpoint_activations = True  # gpt.py wraps each block in torch.utils.checkpoint
     if args.fp8 and not args.dry_run:  # before the batch probe, compile and the optimizer; the parameters stay the same
-        converted, kept = fp8.convert_to_fp8(model)
-        fp8_note = (f"on, tensorwise: {len(converted)} linear layers ({fp8.summarize(converted)}); "
-                    f"kept in the compute dtype: {fp8.summarize(kept) or 'none'}")
+        fp8_note = "on, " + fp8_layers(*fp8.convert_to_fp8(model))
 
     # --- batch: micro-batch, total batch, gradient accumulation
     if auto_batch:
