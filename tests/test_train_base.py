@@ -86,6 +86,14 @@ def test_given_total_batch_scales_the_lrs_too(tokenizer, capsys):
     assert derived["lrs"]["matrix_lr"] == pytest.approx(0.02 / 32)
 
 
+def test_dry_run_with_auto_device_batch_plans_without_probing(tokenizer, capsys):
+    """No GPU to probe: the plan (batch, steps, FLOPs) still comes out; the micro-batch is left open."""
+    out, derived = dry_run(["--depth", "2", "--device-batch-size", "auto"], capsys)
+    assert derived["device_batch_size"] is None and derived["grad_accum"] is None
+    assert derived["total_batch_size"] == 2 ** round(math.log2(derived["total_batch_size"]))
+    assert "device batch auto (probed at the start)" in out and "on paper:" in out
+
+
 @pytest.fixture
 def vocab_32k(monkeypatch):
     """The speedrun's vocabulary (32,768) for dry runs: they only ask the tokenizer its size."""

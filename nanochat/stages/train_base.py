@@ -293,7 +293,7 @@ def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_ba
     lrs = {k: getattr(args, k) * lr_scale for k in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr")}
     weight_decay = scaled_weight_decay(args.weight_decay, total_batch_size, train_tokens, ref_tokens)
     eval_tokens = args.eval_tokens if args.eval_tokens > 0 else 20 * total_batch_size
-    eval_steps = max(1, eval_tokens // tokens_per_fwdbwd)
+    eval_steps = max(1, eval_tokens // tokens_per_fwdbwd) if B else None
     total_tokens = num_iterations * total_batch_size
     total_flops = flops_per_token * total_tokens
     paper_hours = total_flops / (PAPER_GPUS * H100_BF16_PEAK_FLOPS * args.assumed_mfu) / 3600
