@@ -194,6 +194,12 @@ def test_left_padding_and_cache(env, hf):
         got = hf_model(ids[:, -3:], attention_mask=mask, past_key_values=step.past_key_values, use_cache=True).logits
     torch.testing.assert_close(got[0], reference_logits(model, a)[-3:], atol=1e-4, rtol=0)
     torch.testing.assert_close(got[1], reference_logits(model, b)[-3:], atol=1e-4, rtol=0)
+    # a cache that does not know the previous token: refused, not silently unsmeared
+    with torch.no_grad():
+        cache = hf_model(torch.tensor([a[:5]]), use_cache=True).past_key_values
+        del cache.nanochat_last_token
+        with pytest.raises(ValueError, match="prev_token_ids"):
+            hf_model(torch.tensor([a[5:6]]), past_key_values=cache, use_cache=True)
 
 
 def stop_at(tokens, stops):
