@@ -45,7 +45,7 @@ def test_dry_run_derives_everything_from_depth(tokenizer, capsys):
     # recompute every derived number by hand from the depth-4 shape and the test tokenizer's vocab
     V, C, L = tokenizer.get_vocab_size(), 256, 4
     matrices = L * (4 * C * C + 2 * 4 * C * C)         # q, k, v, proj + the 4x MLP
-    scalars = 2 * L + (L // 2) * 32 * 2                # resid/x0 lambdas + the gates of 2 value-embedding layers
+    scalars = 2 * L + (L // 2) * 12 * 2 + 24 + 2       # resid/x0, 2 value-embedding gates, smear gate + 2 lambdas
     scaling = matrices + scalars + V * C               # + lm_head; the embedding tables are lookups
     assert derived["num_params"] == scaling + V * C + (L // 2) * V * C
     assert derived["scaling_params"] == scaling
