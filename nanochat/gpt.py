@@ -217,7 +217,7 @@ class GPT(nn.Module):
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
             if block.attn.ve_gate is not None:
-                nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)  # gate slightly above 1.5
+                nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)  # gate near 1.5
         # per-layer ramps: early layers keep more of the residual stream and of x0
         ramp = torch.arange(L, dtype=torch.float32) / max(L - 1, 1)  # 0 .. 1 over the layers
         self.resid_lambdas.copy_(1.15 - 0.10 * ramp)
