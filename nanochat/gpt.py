@@ -238,6 +238,15 @@ class GPT(nn.Module):
         return KVCache(batch_size, c.n_layer, c.n_kv_head, c.n_embd // c.n_head, max_len, device, dtype,
                        keep_tokens=c.smear)
 
+    def backout_layer(self):
+        """The layer whose output the backout subtracts (n_layer // 2), or None: switched off, or
+        with n_layer <= 2, where that layer is the last one. There the subtraction would only
+        rescale the final stream, which the norm undoes, so backout_lambda's true gradient is 0
+        and Adam would turn the round-off it gets into full-size steps; past 1 it would flip the
+        logits' sign. Upstream (which never trains such shallow models) applies it anyway."""
+        i = self.config.n_layer // 2
+        return i if self.config.backout and i < self.config.n_layer - 1 else None
+
     def _embed(self, idx, dtype):
         return norm(self.wte(idx).to(dtype))
 
@@ -300,7 +309,7 @@ class GPT(nn.Module):
             x = self._smear(x, torch.cat([first, x[:, :-1]], dim=1))
         x0 = x
         ckpt = self.checkpoint_activations and torch.is_grad_enabled() and kv_cache is None
-        backout_layer = self.config.n_layer // 2 if self.config.backout else None
+        backout_layer = self.backout_layer()
         x_mid = None
         for i, block in enumerate(self.blocks):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0

@@ -19,6 +19,7 @@ The architecture, in the order a token sees it:
   scaled per kv head by a gate 3 * sigmoid(W x[:, :12])
 - MLP: ReLU^2, 4x wide
 - backout: the residual stream after layer n_layer // 2, times backout_lambda, is subtracted
+  (not with n_layer <= 2, where that layer is the last one)
 - final RMSNorm, untied lm_head, logits in fp32 soft-capped: 15 * tanh(logits / 15)
 
 Generation keeps every key in a transformers DynamicCache; sliding windows are applied by the
@@ -220,7 +221,9 @@ class NanochatForCausalLM(PreTrainedModel, GenerationMixin):
         if cache is not None:
             cache.nanochat_last_token = input_ids[:, -1:]
         x0 = x
-        backout_layer = self.config.n_layer // 2 if self.config.backout else None
+        backout_layer = self.config.n_layer // 2
+        if not self.config.backout or backout_layer >= self.config.n_layer - 1:
+            backout_layer = None  # off, or n_layer <= 2 (that layer is the last: nanochat skips it)
         x_mid = None
         for i, block in enumerate(self.blocks):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
