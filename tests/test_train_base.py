@@ -63,6 +63,12 @@ def test_dry_run_derives_everything_from_depth(tokenizer, capsys):
     ref_counts, _ = meta_counts(12, V)
     scaling = counts["transformer_matrices"] + counts["lm_head"]     # not the embeddings, not the scalars
     assert counts["lm_head"] == V * 256 and derived["num_params"] == counts["total"]
+    # ...and the counts themselves by hand: q, k, v, proj + the 4x MLP, plus the two value-embedding
+    # gates (kv heads 2 x 12 channels, trained by Muon with the matrices); smear gate + 2 lambdas
+    C, L = 256, 4
+    assert counts["transformer_matrices"] == L * (4 * C * C + 2 * 4 * C * C) + (L // 2) * 2 * 12
+    assert counts["scalars"] == 2 * L + 24 + 2
+    assert derived["num_params"] == scaling + counts["scalars"] + V * C + (L // 2) * V * C
     assert derived["scaling_params"] == scaling
     D, D_ref = 12 * scaling, 12 * (ref_counts["transformer_matrices"] + ref_counts["lm_head"])
     assert derived["train_tokens"] == D and derived["ref_tokens"] == D_ref
