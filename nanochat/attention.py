@@ -109,7 +109,7 @@ class KVCache:
     written like the keys. The model's smear mixes the previous position's embedding into each
     token's; a decode step (or a chunk appended to a row) reads the previous token of each row
     from here and looks its embedding up again (the embedding is a function of the id alone, so
-    this is the stored embedding at 1/C of the memory). Rows of any lengths, narrow views,
+    one int64 per position stands for n_embd stored values). Rows of any lengths, narrow views,
     copy_row/fork and padded prefill all work for it as they do for the keys."""
 
     def __init__(self, batch_size, num_layers, num_kv_heads, head_dim, max_len, device, dtype, keep_tokens=False):

@@ -11,10 +11,9 @@ The architecture, in the order a token sees it:
   for a row's first token); the result x0 is kept for every layer
 - per layer: x = resid_lambdas[i] * x + x0_lambdas[i] * x0, then two pre-norm residual branches
   (parameter-free RMSNorm before each; no biases anywhere)
-- attention: rotary embeddings (base 100,000, pairs (i, i + D/2)), then QK-norm and q, k times 1.2,
-  grouped-query
-  attention, causal with a per-layer window ("S" layers see the last short_window tokens, "L"
-  layers everything, the last layer always everything)
+- attention: rotary embeddings (base 100,000, pairs (i, i + D/2)), then QK-norm and q, k times
+  1.2, grouped-query attention, causal with a per-layer window ("S" layers see the last
+  short_window tokens, "L" layers everything, the last layer always everything)
 - alternating layers (always the last) add a value embedding of the input token to the values,
   scaled per kv head by a gate 3 * sigmoid(W x[:, :12])
 - MLP: ReLU^2, 4x wide
