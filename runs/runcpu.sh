@@ -96,7 +96,7 @@ stage "pretraining"
 nanochat train base --device-type cpu --depth "$DEPTH" --max-seq-len "$MAX_SEQ_LEN" \
     --window-pattern L --device-batch-size "$DEVICE_BATCH_SIZE" --total-batch-size "$TOTAL_BATCH_SIZE" \
     --num-iterations "$BASE_STEPS" --eval-every "$BASE_EVAL_EVERY" --eval-tokens "$EVAL_TOKENS" \
-    --core-metric-every -1 --sample-every "$SAMPLE_EVERY" $COMPILE_FLAG
+    --core-metric-every -1 --sample-every "$SAMPLE_EVERY" --lr-batch-scaling none $COMPILE_FLAG
 
 stage "base model evaluation: bpb, samples, CORE"
 nanochat eval base --device-type cpu --eval core,bpb,sample --max-per-task "$CORE_MAX_PER_TASK" --split-tokens "$SPLIT_TOKENS" \

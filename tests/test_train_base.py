@@ -92,6 +92,28 @@ def test_given_total_batch_scales_the_lrs_too(tokenizer, capsys):
     assert derived["lrs"]["matrix_lr"] == pytest.approx(0.02 / 32)
 
 
+def test_lr_batch_scaling_none_keeps_the_given_lrs(tokenizer, capsys):
+    """runs/runcpu.sh's 4,096-token batch: the rule would divide every lr by sqrt(2^19 / 4096) =
+    11.3; --lr-batch-scaling none keeps them, and the weight decay rule is unchanged."""
+    flags = ["--depth", "2", "--max-seq-len", "64", "--device-batch-size", "4", "--total-batch-size", "512"]
+    _, scaled = dry_run(flags, capsys)
+    out, derived = dry_run(flags + ["--lr-batch-scaling", "none"], capsys)
+    assert derived["lr_scale"] == 1.0 and "learning rates (not batch-scaled)" in out
+    assert derived["lrs"] == pytest.approx(dict(embedding_lr=0.3, unembedding_lr=0.008, matrix_lr=0.02, scalar_lr=0.5))
+    assert derived["weight_decay_scaled"] == pytest.approx(scaled["weight_decay_scaled"])
+
+
+def test_dry_run_without_a_tokenizer_plans_for_the_default_vocab(tmp_path, monkeypatch, capsys):
+    """A plan on a fresh machine: no tokenizer, no shards; the vocabulary is tokenizer train's default."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "fresh"))
+    monkeypatch.setenv("NANOCHAT_DATA", str(tmp_path / "no-data"))
+    out, derived = dry_run(["--depth", "24", "--target-param-data-ratio", "8"], capsys)
+    counts, _ = meta_counts(24, 32768)
+    assert "no tokenizer yet, planning for the default vocabulary of 32,768 tokens" in out
+    assert "add --window-pattern SSSL for a GPU plan" in out
+    assert derived["num_params"] == counts["total"] and derived["total_batch_size"] == 2 ** 20
+
+
 def test_dry_run_with_auto_device_batch_plans_without_probing(tokenizer, capsys):
     """No GPU to probe: the plan (batch, steps, FLOPs) still comes out; the micro-batch is left open."""
     out, derived = dry_run(["--depth", "2", "--device-batch-size", "auto"], capsys)

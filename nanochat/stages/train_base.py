@@ -79,6 +79,9 @@ def build_parser():
     g.add_argument("--weight-decay", type=float, default=0.28,
                    help="Muon weight decay of the d12 reference run; scaled by sqrt(batch/2^19) x (d12 tokens / tokens), "
                         "then cosine-decayed to 0 over the run (default 0.28)")
+    g.add_argument("--lr-batch-scaling", choices=("sqrt", "none"), default="sqrt",
+                   help="sqrt: every lr x sqrt(total batch / 2^19) (upstream's rule, default); none: the lrs as given "
+                        "(runs/runcpu.sh: at a 4,096-token batch the rule divides them by 11; docs/training.md)")
     g.add_argument("--muon-eq-plus", action="store_true",
                    help="MuonEq row equilibration and Muon+ renormalization in Muon (upstream HEAD has them; docs/optim.md)")
     add_schedule_flags(g, warmdown_ratio=0.65, final_lr_frac=0.05, warmup_steps=40)
@@ -126,6 +129,7 @@ def reference_model(model_config, args):
 # ---------------------------------------------------------------------------
 # Memory helpers (CUDA)
 
+DEFAULT_VOCAB_SIZE = GPTConfig.vocab_size  # what `nanochat tokenizer train` makes by default (32,768)
 AUTO_BATCH_CANDIDATES = (256, 128, 64, 32, 16, 8, 4, 2, 1)
 
 
@@ -190,10 +194,20 @@ def main(argv=None):
         raise UserError(f"--window-pattern must be made of S and L, not '{args.window_pattern}'")
 
     # --- tokenizer and data must exist before we spin anything up
-    tokenizer = get_tokenizer()
-    if not args.dry_run:
+    if args.dry_run:  # a plan needs only the vocabulary size: without a tokenizer, plan for the default one
+        try:
+            tokenizer = get_tokenizer()
+            vocab_size = tokenizer.get_vocab_size()
+        except UserError:
+            tokenizer, vocab_size = None, DEFAULT_VOCAB_SIZE
+            print0(f"dry run: no tokenizer yet, planning for the default vocabulary of {vocab_size:,} tokens")
+        if args.window_pattern is None and device_type != "cuda":
+            print0(f"dry run: windows {window_pattern} (the default on {device_type}); on CUDA the default is SSSL: "
+                   f"add --window-pattern SSSL for a GPU plan")
+    else:
+        tokenizer = get_tokenizer()
         validate_shards(list_shards())  # every train and val shard's schema, before anything starts
-    vocab_size = tokenizer.get_vocab_size()
+        vocab_size = tokenizer.get_vocab_size()
 
     is_dist, rank, local_rank, world_size, device = compute_init(device_type, seed=args.seed)
     master = rank == 0
@@ -289,7 +303,7 @@ def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_ba
     else:
         num_iterations = max(1, round(train_tokens / total_batch_size))
     check_horizon(resume_step, num_iterations)
-    lr_scale = batch_lr_scale(total_batch_size)
+    lr_scale = batch_lr_scale(total_batch_size) if args.lr_batch_scaling == "sqrt" else 1.0
     lrs = {k: getattr(args, k) * lr_scale for k in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr")}
     weight_decay = scaled_weight_decay(args.weight_decay, total_batch_size, train_tokens, ref_tokens)
     eval_tokens = args.eval_tokens if args.eval_tokens > 0 else 20 * total_batch_size
@@ -309,7 +323,8 @@ def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_ba
     print0(f"batch: {total_batch_size:,} tokens/step = {micro}")
     print0(f"horizon: {num_iterations:,} steps = {total_tokens:,} tokens "
            f"({total_tokens / n_scaling:.2f} tokens/scaling param); d{REF_DEPTH} reference {ref_tokens:,.0f} tokens")
-    print0("learning rates (x sqrt(batch / 2^19) = x " + f"{lr_scale:.4g}): "
+    scaling = f"x sqrt(batch / 2^19) = x {lr_scale:.4g}" if args.lr_batch_scaling == "sqrt" else "not batch-scaled"
+    print0(f"learning rates ({scaling}): "
            + ", ".join(f"{k} {v:.4g}" for k, v in lrs.items())
            + f"; Muon weight decay {weight_decay:.4g}, cosine to 0")
     print0(f"schedule: lr warmup {args.warmup_steps} steps, warmdown over the last {args.warmdown_ratio:g} to "
