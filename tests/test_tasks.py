@@ -116,6 +116,12 @@ def test_mc_item_renders_to_exact_tokens(tokenizer):
     assert ids == prompt + tokenizer.encode("B") + [sp("<|assistant_end|>")]
     assert len(tokenizer.encode("B")) == 1
     assert mask == [0] * len(prompt) + [1, 1]
+    # the point of "choice=letter" with no space: each letter in the prompt is the very token the
+    # assistant answers with (" A" would be another token)
+    text_ids = tokenizer.encode(text)
+    for letter in "ABCD":
+        want = [tokenizer.encode("=")[0], tokenizer.encode(letter)[0]]
+        assert any(text_ids[k:k + 2] == want for k in range(len(text_ids) - 1)), letter
     assert tokenizer.render_for_completion(ex) == prompt
 
 
