@@ -9,8 +9,8 @@ assistant's tokens only.
 
 Whole conversations are packed best-fit into rows of max-seq-len + 1 tokens; the rest of a row
 is padding, never half an answer (a conversation longer than a row is truncated to it). The loss
-is the mean over the step's assistant tokens. Steps of 32,768 tokens (16 rows of 2,048: about as
-many optimizer steps per epoch as upstream's classic 32 conversations per step). Learning rates:
+is the mean over the step's assistant tokens. Steps of 32,768 tokens (16 rows of 2,048, ~45
+conversations: near the step count of upstream's classic 32 conversations per step). Learning rates:
 the source checkpoint's, times --init-lr-frac (0.02), decaying linearly to 0; both chosen from a
 measured comparison (docs/chat_training.md). Output: checkpoints/sft/<tag>.
 The training loop, shared with `train mid`, is nanochat/chat_train.py.
