@@ -1,19 +1,26 @@
-"""Chat evaluation: ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval, SpellingBee and ChatCORE.
-Used by `nanochat eval chat` and by the small ChatCORE that `train mid`/`train sft` run.
+"""Chat evaluation: ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval (the five of ChatCORE) and
+SpellingBee (reported beside it). Used by `nanochat eval chat` and by the small ChatCORE that
+`train mid`/`train sft` run.
 
 Categorical tasks (ARC, MMLU) are scored from the logits alone: at the position right after
-<|assistant_start|> the answer letters' logits are compared and the largest wins (no sampling,
-many prompts per padded forward). Generative tasks (GSM8K, HumanEval, SpellingBee) sample
-`num_samples` completions per problem with the Engine (continuous batching over all prompts);
-a problem counts as solved if any sample passes the task's check (pass@k).
+<|assistant_start|> the logits of the item's answer labels are compared and the largest wins (no
+sampling, many prompts per padded forward). Generative tasks (GSM8K, HumanEval, SpellingBee)
+sample `num_samples` completions per problem with the Engine (continuous batching over all
+prompts); a problem counts as solved if any sample passes the task's check (pass@k). GSM8K and
+HumanEval check as upstream nanochat does unless `lenient` (tasks/gsm8k.py, tasks/humaneval.py).
 
-Centered accuracy = (acc - b) / (1 - b). b for a categorical task is the accuracy of guessing:
-the mean over the scored problems of 1/number-of-choices (0.25 for 4-way items; ARC's few 3- and
-5-choice items count with 1/3 and 1/5). b = 0 for generative tasks. ChatCORE = the mean centered
-accuracy over the tasks run (the six of TASK_NAMES for the real ChatCORE).
+ChatCORE as upstream nanochat (karpathy/nanochat 92d63d4, scripts/chat_eval.py) defines it:
+centered accuracy (acc - b) / (1 - b) with the fixed random baselines b = 0.25 for ARC-Easy,
+ARC-Challenge and MMLU and b = 0 for GSM8K and HumanEval, then the plain mean over those five
+tasks. SpellingBee is not part of it.
+
+Subsets: `--max-problems N` scores the first N problems of the task in a fixed shuffled order
+(numpy's default_rng(42).permutation, the order in which upstream's tasks present their rows),
+so the same N problems as upstream's `--max-problems N`.
 """
 import math
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -26,30 +33,37 @@ from tasks.humaneval import HumanEval
 from tasks.mmlu import MMLU
 from tasks.spellingbee import SpellingBee
 
-TASK_NAMES = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]
+CHATCORE_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval"]
+TASK_NAMES = CHATCORE_TASKS + ["SpellingBee"]  # everything `eval chat` can run
+# random-chance accuracy per task: 1 of 4 letters for the multiple-choice ones, 0 for open answers
+RANDOM_BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0,
+                    "SpellingBee": 0.0}
 SPELLINGBEE_EVAL_SIZE = 256  # the test split's problems are generated; this many are scored
+SUBSET_SEED = 42
 
 
-def load_task(name):
+def load_task(name, lenient=False):
+    """The test split of one task; `lenient` picks our looser GSM8K/HumanEval checkers."""
     if name in ("ARC-Easy", "ARC-Challenge"):
         return ARC(subset=name, split="test")
     if name == "MMLU":
         return MMLU(subset="all", split="test")
     if name == "GSM8K":
-        return GSM8K(subset="main", split="test")
+        return GSM8K(subset="main", split="test", lenient=lenient)
     if name == "HumanEval":
-        return HumanEval()
+        return HumanEval(lenient=lenient)
     if name == "SpellingBee":
         return SpellingBee(size=SPELLINGBEE_EVAL_SIZE, split="test")
     raise UserError(f"unknown task '{name}' (choose from {', '.join(TASK_NAMES)})")
 
 
-def pick_problems(n, max_problems):
-    """All problem indices, or max_problems evenly spaced ones (MMLU's test split is sorted by
-    subject: the first N would all be abstract algebra)."""
+def pick_problems(n, max_problems, seed=SUBSET_SEED):
+    """All problem indices in order, or the first max_problems of the permutation
+    np.random.default_rng(seed).permutation(n): upstream nanochat shuffles every task's rows that
+    way (seed 42) and takes the first N, so both score the same N problems."""
     if max_problems is None or max_problems <= 0 or max_problems >= n:
         return list(range(n))
-    return [i * n // max_problems for i in range(max_problems)]
+    return [int(i) for i in np.random.default_rng(seed).permutation(n)[:max_problems]]
 
 
 def letter_token_ids(tokenizer, letters):
@@ -117,37 +131,43 @@ def run_generative(engine, tokenizer, task, indices, num_samples=1, max_new_toke
 
 
 def evaluate_task(engine, task, problems, device, num_samples=1, max_new_tokens=512, temperature=0.0, top_k=50,
-                  batch_size=32, progress=None):
+                  batch_size=32, progress=None, baseline=None):
     """One task over `problems` (indices into it; under torchrun each rank takes every
-    world_size-th one and the counts are summed over ranks). Returns {accuracy, centered,
-    baseline, num_problems, num_correct, eval_type}."""
+    world_size-th one and the counts are summed over ranks). `baseline` is the task's random
+    accuracy for centering (default: 0.25 for a categorical task, 0 for a generative one; what
+    RANDOM_BASELINES says for every task we have). Returns {accuracy, centered, baseline,
+    num_problems, num_correct, eval_type}."""
     _, rank, _, world = get_dist_info()
     mine = problems[rank::world]
     model, tokenizer = engine.model, engine.tokenizer
     with autocast_ctx(device):
         if task.eval_type == "categorical":
-            c, t, b = run_categorical(model, tokenizer, task, mine, device, batch_size, progress)
+            c, t, _ = run_categorical(model, tokenizer, task, mine, device, batch_size, progress)
         else:
-            c, t, b = run_generative(engine, tokenizer, task, mine, num_samples, max_new_tokens, temperature, top_k,
+            c, t, _ = run_generative(engine, tokenizer, task, mine, num_samples, max_new_tokens, temperature, top_k,
                                      batch_size, progress=progress)
-    counts = torch.tensor([c, t, b], dtype=torch.float64, device=device)
+    counts = torch.tensor([c, t], dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized() and world > 1:
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-    c, t, b = counts.tolist()
-    acc, baseline = c / max(t, 1), b / max(t, 1)
+    c, t = counts.tolist()
+    if baseline is None:
+        baseline = 0.25 if task.eval_type == "categorical" else 0.0
+    acc = c / max(t, 1)
     return {"accuracy": acc, "centered": centered(acc, baseline), "baseline": baseline,
             "num_problems": int(t), "num_correct": int(c), "eval_type": task.eval_type}
 
 
 def chatcore(results) -> float:
-    """Mean centered accuracy over the tasks in `results` ({task: {"centered": x, ...}})."""
-    vals = [r["centered"] for r in results.values()]
+    """Mean centered accuracy over the ChatCORE tasks (CHATCORE_TASKS) in `results` ({task:
+    {"centered": x, ...}}); other tasks (SpellingBee) are ignored; nan when there is none."""
+    vals = [r["centered"] for name, r in results.items() if name in CHATCORE_TASKS]
     return sum(vals) / len(vals) if vals else math.nan
 
 
 def small_chatcore(model, tokenizer, device, task_names, max_problems, max_new_tokens=128, batch_size=32):
-    """The ChatCORE of `eval chat` over a few evenly spaced problems per task, greedy: what
-    `train mid`/`train sft` report during training. Returns ({task: accuracy}, score)."""
+    """The ChatCORE of `eval chat` over a few problems per task (the subset rule of
+    pick_problems), greedy: what `train mid`/`train sft` report during training. Returns
+    ({task: accuracy} for every task run, ChatCORE over the ChatCORE tasks among them)."""
     engine = Engine(model, tokenizer)
     was_training = model.training
     model.eval()
@@ -155,6 +175,7 @@ def small_chatcore(model, tokenizer, device, task_names, max_problems, max_new_t
     for name in task_names:
         task = load_task(name)
         results[name] = evaluate_task(engine, task, pick_problems(len(task), max_problems), device,
-                                      max_new_tokens=max_new_tokens, top_k=None, batch_size=batch_size)
+                                      max_new_tokens=max_new_tokens, top_k=None, batch_size=batch_size,
+                                      baseline=RANDOM_BASELINES[name])
     model.train(was_training)
     return {name: r["accuracy"] for name, r in results.items()}, chatcore(results)

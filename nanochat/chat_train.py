@@ -27,8 +27,10 @@ def add_chat_train_flags(parser, stage, max_seq_len_default=-1):
                    help="row length in tokens (default -1: the model's context)")
     g.add_argument("--eval-tokens", type=int, default=-1, help="validation tokens per evaluation (default: 20 optimizer steps' worth)")
     g.add_argument("--chatcore-tasks", default="ARC-Easy,ARC-Challenge,MMLU,GSM8K,HumanEval,SpellingBee",
-                   help="tasks of the periodic small ChatCORE (default: all six)")
-    g.add_argument("--chatcore-max-problems", type=int, default=64, help="problems per task of the small ChatCORE (default 64)")
+                   help="tasks of the periodic small ChatCORE (default: all six of eval chat; the ChatCORE "
+                        "number is over the five upstream tasks among them, SpellingBee is reported beside it)")
+    g.add_argument("--chatcore-max-problems", type=int, default=64,
+                   help="problems per task of the small ChatCORE: the first N of eval chat's seed-42 shuffle (default 64)")
     g.add_argument("--chatcore-max-new-tokens", type=int, default=256, help="longest generative answer in the small ChatCORE (default 256)")
     add_compile_flag(g)
     return g

@@ -43,7 +43,7 @@ if [ "${RUNCPU_TINY:-0}" = "1" ]; then
     : "${DEPTH:=2}" "${MAX_SEQ_LEN:=256}" "${DEVICE_BATCH_SIZE:=2}" "${TOTAL_BATCH_SIZE:=512}"
     : "${BASE_STEPS:=10}" "${BASE_EVAL_EVERY:=5}" "${EVAL_TOKENS:=2048}" "${SAMPLE_EVERY:=-1}"
     : "${CORE_MAX_PER_TASK:=2}" "${SPLIT_TOKENS:=2048}"
-    : "${MID_STEPS:=4}" "${SFT_STEPS:=4}" "${CHAT_EVAL_TOKENS:=512}"
+    : "${MID_STEPS:=4}" "${SFT_STEPS:=4}" "${SFT_TOTAL_BATCH_SIZE:=512}" "${CHAT_EVAL_TOKENS:=512}"
     : "${RL_STEPS:=2}" "${RL_EXAMPLES:=2}" "${RL_SAMPLES:=2}" "${RL_MAX_NEW_TOKENS:=16}" "${RL_EVAL_PROBLEMS:=2}"
     : "${CHAT_MAX_PROBLEMS:=2}" "${CHAT_MAX_NEW_TOKENS:=16}" "${COMPILE:=0}"
 fi
@@ -60,8 +60,9 @@ SAMPLE_EVERY=${SAMPLE_EVERY:-100}
 CORE_MAX_PER_TASK=${CORE_MAX_PER_TASK:-20}  # CORE items per task in eval base (x 20 tasks)
 SPLIT_TOKENS=${SPLIT_TOKENS:-32768}         # train/val bpb tokens in eval base
 MID_STEPS=${MID_STEPS:-40}
-SFT_STEPS=${SFT_STEPS:-30}
-SFT_LR_FRAC=${SFT_LR_FRAC:-0.2}              # 10x SFT's default: 30 steps instead of hundreds
+SFT_STEPS=${SFT_STEPS:-48}
+SFT_TOTAL_BATCH_SIZE=${SFT_TOTAL_BATCH_SIZE:-8192}  # 16 rows x 512 per step: the setting measured best in docs/chat_training.md
+SFT_LR_FRAC=${SFT_LR_FRAC:-0.02}             # SFT's default; higher ones undid mid-training's SpellingBee (same doc)
 CHAT_EVAL_TOKENS=${CHAT_EVAL_TOKENS:-16384}
 RL_STEPS=${RL_STEPS:-4}
 RL_EXAMPLES=${RL_EXAMPLES:-4}
@@ -113,7 +114,7 @@ nanochat eval chat --device-type cpu -i mid --max-problems "$CHAT_MAX_PROBLEMS" 
 
 stage "SFT"
 nanochat train sft --device-type cpu --max-seq-len "$MAX_SEQ_LEN" --device-batch-size "$DEVICE_BATCH_SIZE" \
-    --total-batch-size "$TOTAL_BATCH_SIZE" --num-iterations "$SFT_STEPS" --eval-every -1 \
+    --total-batch-size "$SFT_TOTAL_BATCH_SIZE" --num-iterations "$SFT_STEPS" --eval-every -1 \
     --eval-tokens "$CHAT_EVAL_TOKENS" --init-lr-frac "$SFT_LR_FRAC" --chatcore-every -1 $COMPILE_FLAG
 
 stage "chat evaluation of the SFT model"

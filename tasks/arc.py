@@ -1,6 +1,6 @@
 """ARC (AI2 Reasoning Challenge): grade-school science questions, multiple choice.
 Subsets ARC-Easy and ARC-Challenge; splits train, validation, test."""
-from tasks.common import LETTERS, Task, evaluate_letter, render_mc
+from tasks.common import Task, evaluate_letter, render_mc
 from tasks.hub import load_split
 
 
@@ -17,13 +17,13 @@ class ARC(Task):
 
     def get_example(self, index):
         row = self.rows[index]
-        labels = list(row["choices"]["label"])
-        # A few ARC items are labelled 1-4 instead of A-D: re-letter them all A, B, C, ... so every
-        # categorical task answers with the same letter tokens.
-        letters = list(LETTERS[:len(labels)])
-        gold = letters[labels.index(row["answerKey"])]
+        # The item's own labels, as upstream nanochat renders them: "A".."E" for nearly all items,
+        # "1".."4" for a few (each is one token either way).
+        letters = list(row["choices"]["label"])
+        if row["answerKey"] not in letters:
+            raise ValueError(f"ARC row {index}: answer {row['answerKey']!r} is not one of its labels {letters}")
         prompt = render_mc(row["question"], letters, row["choices"]["text"])
-        return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": gold}],
+        return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["answerKey"]}],
                 "letters": letters}
 
     def evaluate(self, conversation, assistant_response):

@@ -55,20 +55,30 @@ LETTERS = "ABCDEFGHIJ"
 
 
 def render_mc(question: str, letters, choices) -> str:
-    """A multiple-choice prompt: the question, the lettered choices, and the request to answer with
-    a single letter. The letter is then the whole assistant reply, so that `eval chat` can score
-    the task from the logits of the letter tokens alone."""
-    lines = [question.strip(), ""]
-    lines += [f"{letter}. {str(choice).strip()}" for letter, choice in zip(letters, choices)]
-    lines += ["", f"Answer with the letter of the correct choice ({', '.join(letters)})."]
-    return "\n".join(lines)
+    """A multiple-choice prompt in upstream nanochat's format (karpathy/nanochat tasks/common.py),
+    used for training data (ARC, MMLU in the mid/SFT mixtures) and for `eval chat` alike:
+
+        Multiple Choice question: <question>
+        - <choice 1>=A
+        - <choice 2>=B
+
+        Respond only with the letter of the correct answer.
+
+    The label follows its choice with no space before it, so that the letter in the prompt is the
+    same token as the bare letter the assistant answers with (" A" and "A" are different tokens).
+    Question and choices are used as given (not stripped)."""
+    lines = [f"Multiple Choice question: {question}"]
+    lines += [f"- {choice}={letter}" for letter, choice in zip(letters, choices)]
+    return "\n".join(lines) + "\n\nRespond only with the letter of the correct answer."
 
 
-_LETTER_RE = re.compile(r"^\W*([A-Z])(?![A-Za-z])")
+_LETTER_RE = re.compile(r"^\W*([A-Z0-9])(?![A-Za-z0-9])")
 
 
 def evaluate_letter(conversation: dict, assistant_response: str) -> bool:
-    """Categorical scoring: the response's leading letter ("B", "B.", "(B) ...") must be the gold one."""
+    """Categorical scoring: the response's leading label ("B", "B.", "(B) ...", or "3" for the few
+    ARC items labelled 1-4) must be the gold one. `eval chat` passes exactly one of the item's
+    labels, so there this is plain equality with the gold label."""
     m = _LETTER_RE.match(assistant_response.strip())
     return bool(m) and m.group(1) == conversation["messages"][-1]["content"]
 

@@ -23,13 +23,10 @@ class MMLU(Task):
     def get_example(self, index):
         row = self.rows[index]
         letters = list(LETTERS[:len(row["choices"])])
-        question = row["question"]
-        subject = row.get("subject")
-        if subject:
-            question = f"({subject.replace('_', ' ')}) {question}"
-        return {"messages": [{"role": "user", "content": render_mc(question, letters, row["choices"])},
+        # the question as it is, without its subject (as upstream nanochat renders it)
+        return {"messages": [{"role": "user", "content": render_mc(row["question"], letters, row["choices"])},
                              {"role": "assistant", "content": letters[row["answer"]]}],
-                "letters": letters, "subject": subject or ""}
+                "letters": letters, "subject": row.get("subject") or ""}
 
     def evaluate(self, conversation, assistant_response):
         return evaluate_letter(conversation, assistant_response)

@@ -3,15 +3,18 @@ preferred letter is constructed), baselines for 3/4/5-way items, ChatCORE center
 selection, generative pass@k through the real Engine; and smoke runs of `nanochat eval base`
 and `nanochat eval chat` on the real tiny base checkpoint."""
 import json
+import math
 import os
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
 from nanochat import chat_eval
-from nanochat.chat_eval import TASK_NAMES, chatcore, letter_token_ids, pick_problems, run_categorical
+from nanochat.chat_eval import (CHATCORE_TASKS, RANDOM_BASELINES, TASK_NAMES, chatcore, evaluate_task, letter_token_ids,
+                                pick_problems, run_categorical)
 from nanochat.core_eval import centered
 from nanochat.stages import eval_chat
 from nanochat.stages.eval_chat import split_names
@@ -108,14 +111,40 @@ def test_categorical_truncates_long_prompts(tokenizer):
 def test_centering_and_chatcore():
     assert centered(0.25, 0.25) == 0 and centered(1.0, 0.25) == 1.0
     assert centered(0.5, 0.0) == 0.5 and centered(0.625, 0.25) == pytest.approx(0.5)
-    res = {"ARC-Easy": {"centered": 0.5}, "MMLU": {"centered": -0.1}, "GSM8K": {"centered": 0.2}}
-    assert chatcore(res) == pytest.approx(0.2)
+    assert CHATCORE_TASKS == ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval"]
+    assert [RANDOM_BASELINES[t] for t in CHATCORE_TASKS] == [0.25, 0.25, 0.25, 0.0, 0.0]
+    # made-up accuracies, centered by hand with upstream's fixed baselines:
+    # ARC-Easy (0.55-0.25)/0.75 = 0.4, ARC-Challenge (0.4-0.25)/0.75 = 0.2, MMLU (0.1-0.25)/0.75 = -0.2,
+    # GSM8K 0.3, HumanEval 0.05 -> ChatCORE = (0.4 + 0.2 - 0.2 + 0.3 + 0.05) / 5 = 0.15
+    accs = {"ARC-Easy": 0.55, "ARC-Challenge": 0.4, "MMLU": 0.1, "GSM8K": 0.3, "HumanEval": 0.05, "SpellingBee": 0.9}
+    res = {t: {"centered": centered(a, RANDOM_BASELINES[t])} for t, a in accs.items()}
+    assert [res[t]["centered"] for t in CHATCORE_TASKS] == pytest.approx([0.4, 0.2, -0.2, 0.3, 0.05])
+    assert chatcore(res) == pytest.approx(0.15)   # SpellingBee's 0.9 is not in it
+    del res["SpellingBee"]
+    assert chatcore(res) == pytest.approx(0.15)
+    assert chatcore({"ARC-Easy": res["ARC-Easy"], "GSM8K": res["GSM8K"]}) == pytest.approx(0.35)  # partial: 2/5
+    assert math.isnan(chatcore({"SpellingBee": {"centered": 0.9}}))
+
+
+def test_categorical_centering_uses_the_fixed_baseline(tokenizer):
+    """A 3-way and a 5-way item still count with b = 0.25 (upstream's table), not 1/3 or 1/5."""
+    task = FakeMC(["A", "D"], [3, 5])
+    engine = SimpleNamespace(model=LetterStub(tokenizer, "D"), tokenizer=tokenizer)
+    r = evaluate_task(engine, task, [0, 1], torch.device("cpu"), batch_size=8)
+    assert (r["num_correct"], r["num_problems"], r["baseline"]) == (2, 2, 0.25)
+    assert r["accuracy"] == 1.0 and r["centered"] == 1.0
 
 
 def test_problem_selection_and_task_names():
     assert pick_problems(10, -1) == list(range(10)) and pick_problems(10, 50) == list(range(10))
-    sel = pick_problems(1000, 4)
-    assert sel == [0, 250, 500, 750]
+    assert pick_problems(10, 10) == list(range(10))
+    # upstream's subset: the first N of numpy's default_rng(42) permutation of the task's rows
+    assert pick_problems(10, 4) == [5, 6, 0, 7]
+    assert pick_problems(1000, 4) == [978, 933, 859, 916]
+    assert pick_problems(1000, 4) == [int(i) for i in np.random.default_rng(42).permutation(1000)[:4]]
+    sel = pick_problems(1319, 100)
+    assert len(set(sel)) == 100 and all(0 <= i < 1319 for i in sel)
+    assert sel[:10] == pick_problems(1319, 10)   # a smaller N is a prefix of a larger one
     assert split_names(["ARC-Easy|MMLU", "GSM8K,HumanEval", "SpellingBee"]) == \
         ["ARC-Easy", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]
 
@@ -216,7 +245,10 @@ def test_eval_chat_smoke_all_tasks(base_checkpoint, base_dir):
     assert set(res["tasks"]) == set(TASK_NAMES)
     assert all(r["num_problems"] == 4 for r in res["tasks"].values())
     assert res["tasks"]["MMLU"]["baseline"] == 0.25 and res["tasks"]["GSM8K"]["baseline"] == 0.0
-    assert res["chatcore"] == pytest.approx(sum(r["centered"] for r in res["tasks"].values()) / 6)
+    assert res["chatcore"] == pytest.approx(sum(res["tasks"][t]["centered"] for t in CHATCORE_TASKS) / 5)
+    assert res["chatcore_tasks"] == CHATCORE_TASKS and res["checking"] == "strict"
+    assert res["tasks"]["ARC-Easy"]["baseline"] == 0.25
+    assert "SpellingBee (not in ChatCORE):" in out
     report = json.load(open(os.path.join(base_dir, "report", "chat-evaluation-base.json")))
     assert "ChatCORE" in report["data"] and "HumanEval" in report["data"]
 

@@ -11,8 +11,8 @@ from nanochat.common import UserError
 from tasks.arc import ARC
 from tasks.common import Task, check_conversation, content_text, render_mc
 from tasks.customjson import CustomJSON
-from tasks.gsm8k import GSM8K, annotated_to_parts, extract_answer
-from tasks.humaneval import HumanEval, build_program, extract_code
+from tasks.gsm8k import GSM8K, annotated_to_parts, extract_answer, extract_answer_strict
+from tasks.humaneval import HumanEval, build_program, build_program_strict, extract_code, leading_imports
 from tasks.identity import DEFAULT_PERSONA, IdentityConversations
 from tasks.mmlu import MMLU
 from tasks.spellingbee import SimpleSpelling, SpellingBee, final_number, load_words, words_path
@@ -38,12 +38,11 @@ def test_arc_counts_and_format(subset, split, n):
         ex = task[i]
         assert check_conversation(ex["messages"]) is None
         gold = ex["messages"][-1]["content"]
-        assert gold in ex["letters"] and ex["letters"] == list("ABCDE"[:len(ex["letters"])])
         row = task.rows[i]
-        assert ex["letters"][row["choices"]["label"].index(row["answerKey"])] == gold
-        # the gold choice's text is printed after the gold letter
+        assert ex["letters"] == row["choices"]["label"] and gold == row["answerKey"]
+        # the gold choice's text is printed right before "=" and the gold label
         gold_text = row["choices"]["text"][row["choices"]["label"].index(row["answerKey"])]
-        assert f"{gold}. {gold_text.strip()}" in ex["messages"][0]["content"]
+        assert f"\n- {gold_text}={gold}\n" in ex["messages"][0]["content"]
 
 
 def test_arc_known_item_and_numeric_labels():
@@ -51,11 +50,13 @@ def test_arc_known_item_and_numeric_labels():
     ex = task[0]
     assert "photosynthesis is the foundation of most food webs" in ex["messages"][0]["content"]
     assert ex["messages"][-1]["content"] == "A"
-    # ARC-Easy test item 14 is labelled 1..4; it is re-lettered A..D
+    # ARC-Easy test item 14 is labelled 1..4: kept as it is (as upstream renders it)
     row = task.rows[14]
-    assert row["choices"]["label"][0] == "1"
+    assert row["choices"]["label"] == ["1", "2", "3", "4"]
     ex = task[14]
-    assert ex["messages"][-1]["content"] == "ABCD"[int(row["answerKey"]) - 1]
+    assert ex["letters"] == ["1", "2", "3", "4"] and ex["messages"][-1]["content"] == row["answerKey"]
+    assert f"- {row['choices']['text'][0]}=1\n" in ex["messages"][0]["content"]
+    assert task.evaluate(ex, row["answerKey"]) and not task.evaluate(ex, "5")
 
 
 @pytest.mark.parametrize("split,n", [("dev", 285), ("validation", 1542), ("test", 14079)])
@@ -73,7 +74,8 @@ def test_mmlu_first_test_item():
     ex = MMLU("all", "test")[0]
     assert "Q(sqrt(2), sqrt(3), sqrt(18))" in ex["messages"][0]["content"]
     assert ex["messages"][-1]["content"] == "B"  # answer 1 -> "4"
-    assert "B. 4" in ex["messages"][0]["content"]
+    assert "\n- 4=B\n" in ex["messages"][0]["content"]
+    assert ex["messages"][0]["content"].startswith("Multiple Choice question: Find the degree")  # no subject prefix
 
 
 def test_categorical_evaluate():
@@ -87,10 +89,40 @@ def test_categorical_evaluate():
         assert not task.evaluate(ex, bad), bad
 
 
-def test_render_mc():
-    text = render_mc("Which is red?", ["A", "B"], ["grass", "blood"])
-    assert text.startswith("Which is red?") and "A. grass" in text and "B. blood" in text
-    assert "letter" in text.splitlines()[-1]
+def test_render_mc_exact_string():
+    """Upstream nanochat's format, character for character: the choice, '=', the letter."""
+    text = render_mc("Which is red?", ["A", "B", "C"], ["grass", "blood", " sky "])
+    assert text == ("Multiple Choice question: Which is red?\n"
+                    "- grass=A\n"
+                    "- blood=B\n"
+                    "-  sky =C\n"
+                    "\n"
+                    "Respond only with the letter of the correct answer.")
+
+
+def test_mc_item_renders_to_exact_tokens(tokenizer):
+    """A real MMLU item through the chat template: BOS, <|user_start|>, the prompt's tokens,
+    <|user_end|>, <|assistant_start|>, then the single answer-letter token (trained on) and
+    <|assistant_end|>; the completion prompt stops right after <|assistant_start|>."""
+    ex = MMLU("all", "test")[0]
+    text = ex["messages"][0]["content"]
+    assert text == (
+        "Multiple Choice question: Find the degree for the given field extension Q(sqrt(2), sqrt(3), sqrt(18)) over Q.\n"
+        "- 0=A\n- 4=B\n- 2=C\n- 6=D\n\nRespond only with the letter of the correct answer.")
+    sp = tokenizer.encode_special
+    ids, mask = tokenizer.render_conversation(ex)
+    prompt = [tokenizer.get_bos_token_id(), sp("<|user_start|>")] + tokenizer.encode(text) + \
+        [sp("<|user_end|>"), sp("<|assistant_start|>")]
+    assert ids == prompt + tokenizer.encode("B") + [sp("<|assistant_end|>")]
+    assert len(tokenizer.encode("B")) == 1
+    assert mask == [0] * len(prompt) + [1, 1]
+    # the point of "choice=letter" with no space: each letter in the prompt is the very token the
+    # assistant answers with (" A" would be another token)
+    text_ids = tokenizer.encode(text)
+    for letter in "ABCD":
+        want = [tokenizer.encode("=")[0], tokenizer.encode(letter)[0]]
+        assert any(text_ids[k:k + 2] == want for k in range(len(text_ids) - 1)), letter
+    assert tokenizer.render_for_completion(ex) == prompt
 
 
 @pytest.mark.parametrize("split,n", [("train", 7473), ("test", 1319)])
@@ -148,15 +180,39 @@ def test_gsm8k_extract_answer(text, want):
     assert extract_answer(text) == want
 
 
-def test_gsm8k_evaluate():
-    task = GSM8K("main", "test")
-    ex = task[0]
-    ref = extract_answer(task.rows[0]["answer"])
-    assert task.evaluate(ex, f"blah\n#### {ref}")
-    assert task.evaluate(ex, f"#### {ref}.00")
-    assert not task.evaluate(ex, f"#### {int(float(ref)) + 1}")
-    assert not task.evaluate(ex, f"The answer is {ref}")  # no '####': no answer
-    assert task.reward(ex, f"#### {ref}") == 1.0 and task.reward(ex, "#### -1") == 0.0
+@pytest.mark.parametrize("text,want", [
+    ("so #### 72", "72"),
+    ("#### 1,234", "1234"),
+    ("#### 72.", "72."),          # the dot is part of the match
+    ("#### 72.00", "72.00"),
+    ("#### $18", None),           # no digit right after "#### "
+    ("####72", None),             # exactly one space
+    ("#### -5", "-5"),
+    ("first #### 3 then #### 4", "3"),  # the first one
+    ("The answer is 72", None),
+])
+def test_gsm8k_extract_answer_strict(text, want):
+    assert extract_answer_strict(text) == want
+
+
+def test_gsm8k_evaluate_strict_and_lenient():
+    strict, lenient = GSM8K("main", "test"), GSM8K("main", "test", lenient=True)
+    ex = strict[0]
+    assert strict.rows[0]["answer"].endswith("#### 18")
+    both = ["blah\n#### 18", "#### 18\nthat's it", "#### 1,8"]  # commas are dropped by both
+    only_lenient = ["#### 18.", "#### 18.00", "#### $18", "####18", "#### 3 no wait #### 18"]
+    only_strict = ["#### 18 no wait #### 3"]   # strict reads the first answer, lenient the last
+    neither = ["#### 19", "The answer is 18", "#### -18"]
+    for resp in both:
+        assert strict.evaluate(ex, resp) and lenient.evaluate(ex, resp), resp
+    for resp in only_lenient:
+        assert lenient.evaluate(ex, resp) and not strict.evaluate(ex, resp), resp
+    for resp in only_strict:
+        assert strict.evaluate(ex, resp) and not lenient.evaluate(ex, resp), resp
+    for resp in neither:
+        assert not strict.evaluate(ex, resp) and not lenient.evaluate(ex, resp), resp
+    assert strict.reward(ex, "#### 18") == 1.0 and strict.reward(ex, "#### 18.0") == 0.0
+    assert lenient.reward(ex, "#### 18.0") == 1.0
 
 
 # ---------------------------------------------------------------------------
@@ -181,16 +237,44 @@ def test_humaneval_extract_code():
 
 @pytest.mark.parametrize("index", [0, 2, 53, 163])
 def test_humaneval_canonical_passes_wrong_fails(index):
-    task = HumanEval()
-    ex = task[index]
-    row = task.rows[index]
+    strict, lenient = HumanEval(), HumanEval(lenient=True)
+    ex = strict[index]
+    row = strict.rows[index]
     full = row["prompt"] + row["canonical_solution"]
-    assert task.evaluate(ex, full)                                 # whole function, raw
-    assert task.evaluate(ex, f"Sure!\n```python\n{full}```\n")     # fenced
-    assert task.evaluate(ex, row["canonical_solution"])            # body only
-    wrong = row["prompt"] + "    return None\n"
-    assert not task.evaluate(ex, wrong)
-    assert not task.evaluate(ex, "this is not code")
+    for task in (strict, lenient):
+        assert task.evaluate(ex, full)                                 # whole function, raw
+        assert task.evaluate(ex, f"Sure!\n```python\n{full}\n```\n")   # fenced
+        assert task.evaluate(ex, ex["messages"][-1]["content"])        # the reference answer
+        assert not task.evaluate(ex, row["prompt"] + "    return None\n")
+        assert not task.evaluate(ex, "this is not code")
+    assert lenient.evaluate(ex, row["canonical_solution"])             # body only: lenient appends it to the prompt
+    assert not strict.evaluate(ex, row["canonical_solution"])          # strict runs it as it is
+
+
+def test_humaneval_strict_program_assembly():
+    prompt = "from typing import List\n# helper\nimport math\n\n\ndef f(xs: List[int]) -> int:\n    import os\n"
+    assert leading_imports(prompt) == "from typing import List\nimport math"  # stops at the first def
+    fenced = "Here you go:\n```python\ndef f(xs):\n    return 1\n```\nand\n```\ndef g():\n    pass\n```"
+    assert build_program_strict(prompt, fenced) == "from typing import List\nimport math\n\ndef f(xs):\n    return 1\n"
+    # no closed ```/```python block: the whole completion, stripped (fence markers and all)
+    assert build_program_strict(prompt, "  def f(xs):\n    return 2\n\n") == \
+        "from typing import List\nimport math\n\ndef f(xs):\n    return 2\n"
+    assert build_program_strict(prompt, "```py\ndef f(xs):\n    return 3\n```").endswith("```py\ndef f(xs):\n    return 3\n```\n")
+    assert build_program_strict(prompt, "```python\ndef f(xs):\n    return 4\n").endswith("\n\n```python\ndef f(xs):\n    return 4\n")
+
+
+def test_humaneval_strict_and_lenient_differ_on_concrete_completions():
+    """Completions the lenient assembly accepts and upstream's (strict) rejects."""
+    strict, lenient = HumanEval(), HumanEval(lenient=True)
+    ex = strict[0]
+    row = strict.rows[0]
+    full = row["prompt"] + row["canonical_solution"]
+    helper_first = f"```python\nimport math\n```\nThen:\n```python\n{full}\n```"  # the first block defines nothing
+    cases = {"```py fence": f"```py\n{full}\n```", "unclosed fence": f"```python\n{full}",
+             "the defining block is not the first": helper_first, "body only": row["canonical_solution"]}
+    for name, resp in cases.items():
+        assert lenient.evaluate(ex, resp), name
+        assert not strict.evaluate(ex, resp), name
 
 
 OLD_MARKER = "__nanochat_humaneval_passed__"  # what the previous grader looked for in stdout

@@ -229,3 +229,16 @@ def test_train_sft_two_processes_and_resume(base_checkpoint):
     with pytest.raises(UserError, match="2 process"):
         from nanochat.stages import train_sft
         train_sft.main(args + ["--resume"])
+
+
+def test_sft_default_batch_and_schedule():
+    """The defaults measured in docs/chat_training.md: 32,768 tokens per step, init-lr-frac 0.02,
+    linear decay over the whole run; and they fit 1 and 8 processes at T = 2,048 (whole steps)."""
+    from nanochat.stages import train_sft
+    args = train_sft.build_parser().parse_args([])
+    assert (args.total_batch_size, args.device_batch_size) == (32768, 2)
+    assert (args.init_lr_frac, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac) == (0.02, 0.0, 1.0, 0.0)
+    for procs in (1, 2, 4, 8):
+        per_fwdbwd = args.device_batch_size * 2048 * procs
+        assert args.total_batch_size % per_fwdbwd == 0, procs
+    assert args.total_batch_size // (args.device_batch_size * 2048) == 8  # 8 micro-batches on one GPU

@@ -9,8 +9,10 @@ assistant's tokens only.
 
 Whole conversations are packed best-fit into rows of max-seq-len + 1 tokens; the rest of a row
 is padding, never half an answer (a conversation longer than a row is truncated to it). The loss
-is the mean over the step's assistant tokens. Learning rates: the source checkpoint's, times
---init-lr-frac (0.02), decaying linearly to 0. Output: checkpoints/sft/<tag> (docs/chat_training.md).
+is the mean over the step's assistant tokens. Steps of 32,768 tokens (16 rows of 2,048, ~45
+conversations: near the step count of upstream's classic 32 conversations per step). Learning rates:
+the source checkpoint's, times --init-lr-frac (0.02), decaying linearly to 0; both chosen from a
+measured comparison (docs/chat_training.md). Output: checkpoints/sft/<tag>.
 The training loop, shared with `train mid`, is nanochat/chat_train.py.
 """
 import argparse
@@ -22,7 +24,7 @@ from nanochat.training import add_lr_flags, add_schedule_flags, add_training_fla
 def build_parser():
     p = argparse.ArgumentParser(prog="nanochat train sft", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_training_flags(p, "sft", ["mid", "base"], device_batch_size=4, total_batch_size=65536, eval_every=100, save_every=-1)
+    add_training_flags(p, "sft", ["mid", "base"], device_batch_size=2, total_batch_size=32768, eval_every=100, save_every=-1)
     g = add_lr_flags(p, init_lr_frac=0.02)
     add_schedule_flags(g, warmdown_ratio=1.0)
     g = add_chat_train_flags(p, "sft")
