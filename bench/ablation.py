@@ -137,6 +137,14 @@ def final_bpb(text, codebase):
     return float(found[-1]) if found else None
 
 
+def compute_dtype(text, codebase):
+    if codebase == "upstream":
+        found = re.search(r"COMPUTE_DTYPE[^\n]*?(bfloat16|float16|float32)", text)
+        return found.group(1) if found else "float32 (its CPU default)"
+    found = re.search(r"^compute dtype: (\w+)", text, re.M)
+    return found.group(1) if found else None
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--old", default=None, help="a checkout of the old recipe (ccb2337)")
@@ -257,11 +265,12 @@ def main(argv=None):
                 load_before = os.getloadavg()[0]
                 seconds, cpu_seconds, text = run(cmd, root[codebase], env_for(codebase, base_dir),
                                     os.path.join(work, f"train_{tag}.log"))
-                for ckpt in glob.glob(os.path.join(base_dir, "base_checkpoints", "*", "*.pt")):
-                    os.remove(ckpt)  # only the log is kept
+                for sub in ("checkpoints", "base_checkpoints"):  # ours, the reference's: only the log is kept
+                    for ckpt in glob.glob(os.path.join(base_dir, sub, "**", "*.pt"), recursive=True):
+                        os.remove(ckpt)
                 record = {"name": name, "codebase": codebase, "commit": git_commit(root[codebase]), "depth": depth,
                           "seed": seed, "flags": extra, "child": child is not None,
-                          "val_bpb": final_bpb(text, codebase), "wall_s": round(seconds, 1),
+                          "val_bpb": final_bpb(text, codebase), "dtype": compute_dtype(text, codebase), "wall_s": round(seconds, 1),
                           "cpu_s": round(cpu_seconds, 1),
                           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                           "load_1min_before": round(load_before, 2), "load_1min_after": round(os.getloadavg()[0], 2)}
