@@ -40,13 +40,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # forced off. "upstream_seeded": the reference's base_train with its global seed replaced.
 CHILD_NO_SMEAR_BACKOUT = r'''
 import sys
-import nanochat.gpt as gpt
-_Config = gpt.GPTConfig
-def _config(*args, **kwargs):
-    kwargs.update(smear=False, backout=False)
-    return _Config(*args, **kwargs)
-gpt.GPTConfig = _config
 import nanochat.stages.train_base as tb
+_Config = tb.GPTConfig
+def _config(**kwargs):
+    config = _Config(**dict(kwargs, smear=False, backout=False))
+    print(f"ablation child: GPTConfig smear={config.smear} backout={config.backout}", flush=True)
+    return config
 tb.GPTConfig = _config
 sys.exit(tb.main(sys.argv[1:]))
 '''
@@ -66,36 +65,33 @@ runpy.run_module("scripts.base_train", run_name="__main__", alter_sys=True)
 B_REF = 2 ** 19  # the reference batch of the new recipe's LR rule (sqrt(B / B_REF))
 
 # name -> (codebase, extra train-base flags, child). Codebases: "old" (--old checkout), "new"
-# (this tree), "upstream". Which variants make sense depends on the merged recipe: see
-# docs/training.md for what each one undoes.
-def variants(batch_tokens):
-    undo_lr_scale = (B_REF / batch_tokens) ** 0.5
-    return {
+# (--new, default this tree), "upstream". docs/training.md says what each variant undoes.
+def variants(batch_tokens, old_weight_decay=None):
+    """old_weight_decay: the --weight-decay that makes the new rule start at the old rule's value."""
+    undo = (B_REF / batch_tokens) ** 0.5  # the base LRs divided by the rule's sqrt(B / 2^19) up front
+    unscaled = ["--embedding-lr", f"{0.3 * undo:.6g}", "--unembedding-lr", f"{0.008 * undo:.6g}",
+                "--matrix-lr", f"{0.02 * undo:.6g}", "--scalar-lr", f"{0.5 * undo:.6g}"]
+    old_schedule = ["--warmup-steps", "0", "--warmdown-ratio", "0.4", "--final-lr-frac", "0.0"]
+    old_lrs = ["--embedding-lr", "0.2", "--unembedding-lr", "0.004"]
+    table = {
         "old": ("old", [], None),
         "new": ("new", [], None),
         "upstream": ("upstream", [], None),
-        # the old schedule: no warmup, warmdown 0.4, to 0
-        "new-schedule": ("new", ["--warmup-steps", "0", "--warmdown-ratio", "0.4", "--final-lr-frac", "0.0"], None),
-        # the old embedding / unembedding LRs (0.2 / 0.004 instead of 0.3 / 0.008)
-        "new-lrs": ("new", ["--embedding-lr", "0.2", "--unembedding-lr", "0.004"], None),
-        # no Muon weight decay at all (the new rule's value is in the log)
-        "new-wd": ("new", ["--weight-decay", "0"], None),
-        # LRs not scaled by sqrt(B / 2^19): the base LRs divided by that factor up front
-        "new-lrscale": ("new", ["--embedding-lr", f"{0.3 * undo_lr_scale:.6g}",
-                                "--unembedding-lr", f"{0.008 * undo_lr_scale:.6g}",
-                                "--matrix-lr", f"{0.02 * undo_lr_scale:.6g}",
-                                "--scalar-lr", f"{0.5 * undo_lr_scale:.6g}"], None),
+        "new-schedule": ("new", old_schedule, None),  # the old schedule: no warmup, warmdown 0.4, to 0
+        "new-lrs": ("new", old_lrs, None),  # the old embedding / unembedding LRs (0.2 / 0.004, still x the rule)
+        "new-wd0": ("new", ["--weight-decay", "0"], None),  # no Muon weight decay
+        "new-lrscale": ("new", unscaled, None),  # LRs not scaled by sqrt(B / 2^19)
         "new-smear-backout": ("new", [], CHILD_NO_SMEAR_BACKOUT),
-        # the same changes undone in the reference itself (its own flags), where it has them
-        "upstream-schedule": ("upstream", ["--warmup-steps", "0", "--warmdown-ratio", "0.4", "--final-lr-frac", "0.0"],
-                              None),
-        "upstream-lrs": ("upstream", ["--embedding-lr", "0.2", "--unembedding-lr", "0.004"], None),
-        "upstream-wd": ("upstream", ["--weight-decay", "0"], None),
-        "upstream-lrscale": ("upstream", ["--embedding-lr", f"{0.3 * undo_lr_scale:.6g}",
-                                          "--unembedding-lr", f"{0.008 * undo_lr_scale:.6g}",
-                                          "--matrix-lr", f"{0.02 * undo_lr_scale:.6g}",
-                                          "--scalar-lr", f"{0.5 * undo_lr_scale:.6g}"], None),
+        "new+muoneq": ("new", ["--muon-eq-plus"], None),  # MuonEq + Muon+ on, as upstream HEAD always has them
+        # the same changes undone in the reference itself, with its own flags
+        "upstream-schedule": ("upstream", old_schedule, None),
+        "upstream-lrs": ("upstream", old_lrs, None),
+        "upstream-wd0": ("upstream", ["--weight-decay", "0"], None),
+        "upstream-lrscale": ("upstream", unscaled, None),
     }
+    if old_weight_decay is not None:  # the new rule's shape (cosine to 0) from the old rule's level
+        table["new-wdold"] = ("new", ["--weight-decay", f"{old_weight_decay:.6g}"], None)
+    return table
 
 
 def cpu_name():
@@ -148,6 +144,7 @@ def compute_dtype(text, codebase):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--old", default=None, help="a checkout of the old recipe (ccb2337)")
+    p.add_argument("--new", default=REPO, help="a checkout of the new recipe (default: this tree)")
     p.add_argument("--upstream", default=None, help="a checkout of karpathy/nanochat")
     p.add_argument("--upstream-python", default=None, help="the Python of the reference's own environment")
     p.add_argument("--data", default=os.environ.get("NANOCHAT_DATA"), help="data root with pretrain/*.parquet")
@@ -167,7 +164,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not args.data or not glob.glob(os.path.join(args.data, "pretrain", "*.parquet")):
         raise SystemExit("--data (or NANOCHAT_DATA) must hold pretrain/*.parquet")
-    table = variants(args.batch_tokens)
+    table = variants(args.batch_tokens, old_weight_decay=0.0)  # the names; the flags per depth below
     names = [n.strip() for n in args.runs.split(",") if n.strip()]
     unknown = [n for n in names if n not in table]
     if unknown:
@@ -183,7 +180,7 @@ def main(argv=None):
     work = os.path.abspath(args.work)
     data = os.path.abspath(args.data)
     shards = sorted(glob.glob(os.path.join(data, "pretrain", "*.parquet")))
-    root = {"old": os.path.abspath(args.old) if args.old else None, "new": REPO,
+    root = {"old": os.path.abspath(args.old) if args.old else None, "new": os.path.abspath(args.new),
             "upstream": os.path.abspath(args.upstream) if args.upstream else None}
     python = {"old": sys.executable, "new": sys.executable, "upstream": args.upstream_python}
     common = {k: v for k, v in os.environ.items() if not k.startswith(("NANOCHAT_", "PYTHONPATH"))}
@@ -234,7 +231,30 @@ def main(argv=None):
                          "tokenizer_chars": args.tokenizer_chars, "threads": 1}
     results["machine"] = cpu_name()
     results["cpu_count"] = os.cpu_count()
+
+    def shape_flags(depth):
+        return ["--device-type", "cpu", "--depth", str(depth), "--aspect-ratio", "64", "--head-dim", "64",
+                "--max-seq-len", str(args.seq_len), "--window-pattern", "L",
+                "--device-batch-size", str(args.batch_tokens // args.seq_len),
+                "--total-batch-size", str(args.batch_tokens), "--num-iterations", str(args.steps),
+                "--eval-tokens", str(args.eval_tokens), "--core-metric-every", "-1", "--sample-every", "-1",
+                "--model-tag", "abl"]
+
+    def old_rule_weight_decay(depth):
+        """The --weight-decay for which the new rule (x sqrt(B/2^19) x D_ref/D) starts at the old
+        rule's value, 0.2 x (12/depth)^2 capped at 1.0: the new rule's factor from its own dry run."""
+        base_dir = os.path.join(work, "dry_run")
+        prepare_base("new", base_dir)
+        if not os.path.exists(os.path.join(base_dir, "tokenizer")):
+            os.symlink(tok_dirs["ours"], os.path.join(base_dir, "tokenizer"))
+        cmd = [python["new"], "-m", "nanochat", "train", "base"] + shape_flags(depth) + ["--weight-decay", "1", "--dry-run"]
+        _, _, text = run(cmd, root["new"], env_for("new", base_dir), os.path.join(work, f"dry_run_d{depth}.log"))
+        factor = float(re.search(r"Muon weight decay ([0-9.eE+-]+)", text).group(1))
+        return min(1.0, 0.2 * (12 / depth) ** 2) / factor
+
     for depth in [int(d) for d in args.depths.split(",")]:
+        if "new-wdold" in names and not args.dry_run:
+            table = variants(args.batch_tokens, old_weight_decay=old_rule_weight_decay(depth))
         for seed in [int(s) for s in args.seeds.split(",")]:
             for name in names:
                 if (name, depth, seed) in done:
@@ -246,12 +266,7 @@ def main(argv=None):
                 tok_link = os.path.join(base_dir, "tokenizer")
                 if not os.path.exists(tok_link):
                     os.symlink(tok_dirs["upstream" if codebase == "upstream" else "ours"], tok_link)
-                shape = ["--device-type", "cpu", "--depth", str(depth), "--aspect-ratio", "64", "--head-dim", "64",
-                         "--max-seq-len", str(args.seq_len), "--window-pattern", "L",
-                         "--device-batch-size", str(args.batch_tokens // args.seq_len),
-                         "--total-batch-size", str(args.batch_tokens), "--num-iterations", str(args.steps),
-                         "--eval-tokens", str(args.eval_tokens), "--core-metric-every", "-1", "--sample-every", "-1",
-                         "--model-tag", "abl"]
+                shape = shape_flags(depth)
                 if codebase == "upstream":  # its -1 turns evaluation off; this evaluates at 0 and at the end
                     cmd = [python[codebase], "-c", CHILD_UPSTREAM_SEEDED, str(seed)] + shape + \
                           ["--eval-every", str(args.steps)]
