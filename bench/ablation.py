@@ -141,6 +141,48 @@ def compute_dtype(text, codebase):
     return found.group(1) if found else None
 
 
+DESCRIPTIONS = {
+    "old": "old recipe (ccb2337)",
+    "new": "new recipe",
+    "upstream": "upstream itself (92d63d4)",
+    "new-lrscale": "new, LRs not scaled by sqrt(B/2^19)",
+    "new-schedule": "new, old schedule (no warmup, warmdown 0.4 to 0)",
+    "new-wdold": "new, Muon WD at the old level (cosine kept)",
+    "new-wd0": "new, no Muon WD",
+    "new-smear-backout": "new, smear + backout off",
+    "new+muoneq": "new + MuonEq/Muon+ (`--muon-eq-plus`)",
+    "new-lrs": "new, old embedding/unembedding LRs (0.2/0.004)",
+    "upstream-lrscale": "upstream, LRs not scaled by sqrt(B/2^19)",
+    "upstream-schedule": "upstream, old schedule",
+    "upstream-lrs": "upstream, old embedding/unembedding LRs",
+    "upstream-wd0": "upstream, no Muon WD",
+}
+
+
+def markdown_table(results):
+    """The docs table: per depth and variant, the bpb of each seed, the mean and the mean's delta
+    against the new recipe's at that depth."""
+    runs = results["runs"]
+    seeds = sorted({r["seed"] for r in runs})
+    tokens = results["config"]["tokens"]
+    lines = ["| config | tokens | " + " | ".join(f"seed {s}" for s in seeds) + " | mean val bpb | Δ vs new |",
+             "|---|---|" + "---|" * len(seeds) + "---|---|"]
+    for depth in sorted({r["depth"] for r in runs}):
+        by_name = {}
+        for r in runs:
+            if r["depth"] == depth and r["val_bpb"] is not None:
+                by_name.setdefault(r["name"], {})[r["seed"]] = r["val_bpb"]
+        means = {n: sum(v.values()) / len(v) for n, v in by_name.items()}
+        order = sorted(by_name, key=lambda n: (list(DESCRIPTIONS).index(n) if n in DESCRIPTIONS else 99, n))
+        for n in order:
+            cells = [f"{by_name[n][s]:.4f}" if s in by_name[n] else "–" for s in seeds]
+            partial = "" if len(by_name[n]) == len(seeds) else " (1 seed)"
+            delta = f"{means[n] - means['new']:+.4f}" if "new" in means and n != "new" else ""
+            lines.append(f"| d{depth} {DESCRIPTIONS.get(n, n)} | {tokens:,} | " + " | ".join(cells)
+                         + f" | {means[n]:.4f}{partial} | {delta} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--old", default=None, help="a checkout of the old recipe (ccb2337)")
@@ -148,7 +190,7 @@ def main(argv=None):
     p.add_argument("--upstream", default=None, help="a checkout of karpathy/nanochat")
     p.add_argument("--upstream-python", default=None, help="the Python of the reference's own environment")
     p.add_argument("--data", default=os.environ.get("NANOCHAT_DATA"), help="data root with pretrain/*.parquet")
-    p.add_argument("--work", required=True, help="folder for the tokenizers, base dirs and logs")
+    p.add_argument("--work", default=None, help="folder for the tokenizers, base dirs and logs")
     p.add_argument("--out", required=True, help="results JSON, rewritten after every run")
     p.add_argument("--runs", default="old,new,upstream",
                    help="comma-separated variant names (see variants()), each at every --depths and --seeds")
@@ -161,7 +203,14 @@ def main(argv=None):
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--tokenizer-chars", type=int, default=20_000_000)
     p.add_argument("--dry-run", action="store_true", help="print the commands and exit")
+    p.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
     args = p.parse_args(argv)
+    if args.table:
+        with open(args.out) as f:
+            print(markdown_table(json.load(f)))
+        return
+    if not args.work:
+        raise SystemExit("--work is required")
     if not args.data or not glob.glob(os.path.join(args.data, "pretrain", "*.parquet")):
         raise SystemExit("--data (or NANOCHAT_DATA) must hold pretrain/*.parquet")
     table = variants(args.batch_tokens, old_weight_decay=0.0)  # the names; the flags per depth below
