@@ -103,13 +103,21 @@ class KVCache:
     advances lengths by T at the end. Stored entries beyond a row's length are garbage and never
     read. One tensor per layer (not one 5-D tensor): torch.compile writes into a whole tensor in
     place, but writing through a per-layer view of a bigger input made it copy the whole cache
-    every step (docs/benchmarks.md)."""
+    every step (docs/benchmarks.md).
 
-    def __init__(self, batch_size, num_layers, num_kv_heads, head_dim, max_len, device, dtype):
+    keep_tokens=True also keeps `tokens` (batch, max_len): the token id stored at each position,
+    written like the keys. The model's smear mixes the previous position's embedding into each
+    token's; a decode step (or a chunk appended to a row) reads the previous token of each row
+    from here and looks its embedding up again (the embedding is a function of the id alone, so
+    this is the stored embedding at 1/C of the memory). Rows of any lengths, narrow views,
+    copy_row/fork and padded prefill all work for it as they do for the keys."""
+
+    def __init__(self, batch_size, num_layers, num_kv_heads, head_dim, max_len, device, dtype, keep_tokens=False):
         shape = (batch_size, num_kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.tokens = torch.zeros(batch_size, max_len, dtype=torch.long, device=device) if keep_tokens else None
 
     @property
     def batch_size(self):
@@ -119,8 +127,12 @@ class KVCache:
     def max_len(self):
         return self.k[0].size(2)
 
+    def _rows(self):
+        """Every per-row tensor whose rows copy_row copies."""
+        return self.k + self.v + ([self.tokens] if self.tokens is not None else [])
+
     def tensors(self):
-        return self.k + self.v + [self.lengths]
+        return self._rows() + [self.lengths]
 
     def narrow(self, start, n):
         """A KVCache over rows start .. start+n-1 sharing this one's storage (writes go through)."""
@@ -128,10 +140,11 @@ class KVCache:
         view.k = [t.narrow(0, start, n) for t in self.k]
         view.v = [t.narrow(0, start, n) for t in self.v]
         view.lengths = self.lengths.narrow(0, start, n)
+        view.tokens = self.tokens.narrow(0, start, n) if self.tokens is not None else None
         return view
 
     def copy_row(self, src, dst):
-        for t in self.k + self.v:
+        for t in self._rows():
             t[dst].copy_(t[src])
         self.lengths[dst] = self.lengths[src]
 
@@ -154,3 +167,13 @@ class KVCache:
         kc.transpose(1, 2)[rows, q_pos] = k.transpose(1, 2).to(kc.dtype)
         vc.transpose(1, 2)[rows, q_pos] = v.transpose(1, 2).to(vc.dtype)
         return kc[:, :, :kv_len], vc[:, :, :kv_len]
+
+    def previous_tokens(self, idx, q_pos):
+        """Store idx (B, T) at positions q_pos (B, T) of `tokens`; return (prev, has_prev): the
+        token before each row's first new position (B,) and whether there is one (B,) bool
+        (False for a row's first token). Needs keep_tokens=True."""
+        rows = torch.arange(idx.size(0), device=idx.device)
+        first = q_pos[:, 0]
+        prev = self.tokens[rows, (first - 1).clamp(min=0)]  # read before the write below (it is at first - 1)
+        self.tokens[rows[:, None], q_pos] = idx
+        return prev, first > 0

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from nanochat.common import (UserError, add_common_flags, compute_init, get_base_dir, get_compute_dtype, print0,
                              read_jsonl)
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPT, GPTConfig, outdated_architecture
 from nanochat.tokenizer import get_tokenizer
 
 SOURCES = ("base", "mid", "sft", "rl")
@@ -359,6 +359,11 @@ def load_checkpoint(ckpt_dir, step, device="cpu", load_optimizer=False, rank=0, 
     if not isinstance(model_state, dict):
         raise _corrupt(ckpt_dir, step, path, "not a state dict")
     model_state = {k.replace(COMPILE_PREFIX, ""): v for k, v in model_state.items()}
+    outdated = outdated_architecture(model_state)
+    if outdated:
+        raise UserError(f"{path} holds a model of an older nanochat architecture ({outdated}); this version "
+                        f"cannot run it correctly. Train it again with this version, or use the nanochat "
+                        f"version that saved it.")
     shard = None
     if load_optimizer:
         path = _optim_path(ckpt_dir, step, rank)

@@ -1,13 +1,16 @@
 """The GPT model (docs/model.md has the details and the reasons).
 
-- token embedding followed by a parameter-free RMSNorm; pre-norm blocks (parameter-free RMSNorm)
+- token embedding followed by a parameter-free RMSNorm, then "smear": each position gets a
+  learned, gated share of the previous position's embedding; pre-norm blocks (parameter-free RMSNorm)
 - rotary position embeddings (base 100,000), computed on the fly from positions (no buffers)
-- QK-norm, grouped-query attention (n_kv_head divides n_head)
+- QK-norm, then q and k scaled by 1.2; grouped-query attention (n_kv_head divides n_head)
 - causal attention with a per-layer window pattern ("SSSL": short, short, short, long, tiled
   over the layers; the last layer always sees the full context)
 - ReLU^2 MLP (4x), no biases, untied embedding and lm_head, logits soft-capped at 15 in fp32
 - value embeddings mixed into the values of alternating layers through a learned per-head gate
 - per-layer learned residual scalars and x0 (input embedding) scalars
+- "backout": the residual stream after layer n_layer // 2, times a learned scalar, is subtracted
+  before the final norm
 - KVCache: a preallocated cache whose rows may hold sequences of different lengths
 """
 import math
@@ -24,7 +27,11 @@ from nanochat.loss import lm_loss, logits_of
 from nanochat.optim import MuonAdamW
 
 ROPE_BASE = 100_000
-VE_GATE_CHANNELS = 32        # the value-embedding gate looks at the first 32 channels of x
+VE_GATE_CHANNELS = 12        # the value-embedding gate looks at the first 12 channels of x
+VE_GATE_RANGE = 3.0          # value-embedding gate = VE_GATE_RANGE * sigmoid(...), in (0, 3)
+SMEAR_CHANNELS = 24          # the smear gate looks at the first 24 channels of the embedding
+QK_SCALE = 1.2               # q and k are multiplied by this after QK-norm
+BACKOUT_INIT = 0.2           # initial backout_lambda
 
 
 @dataclass
@@ -37,6 +44,8 @@ class GPTConfig:
     n_embd: int = 768
     window_pattern: str = "SSSL"  # "S" = short window, "L" = full context; tiled over the layers
     short_window: int = 0         # tokens a short-window query sees (itself included); 0 = sequence_len // 4
+    smear: bool = True            # False: the forward skips the smear (its parameters still exist, unused)
+    backout: bool = True          # False: the forward skips the backout (backout_lambda exists, unused)
 
     def __post_init__(self):
         if self.n_embd % self.n_head != 0:
@@ -56,6 +65,23 @@ class GPTConfig:
         windows = [self.short_window if pattern[i % len(pattern)] == "S" else None for i in range(self.n_layer)]
         windows[-1] = None  # the last layer always sees everything
         return windows
+
+
+def outdated_architecture(state):
+    """Why a saved GPT state dict comes from an older architecture than this code's, or None.
+    Checkpoints from before the smear, backout and 12-channel value-embedding gate (which also
+    changed the gate's range and scaled q and k by 1.2) would load wrongly or not at all."""
+    if "wte.weight" not in state:
+        return None  # not a GPT state dict
+    missing = [k for k in ("smear_gate.weight", "smear_lambda", "backout_lambda") if k not in state]
+    if missing:
+        return f"it has no {', '.join(missing)}: it was saved before the smear and backout were added"
+    want = min(VE_GATE_CHANNELS, state["wte.weight"].shape[1])
+    for k, w in state.items():
+        if k.endswith("attn.ve_gate.weight") and w.shape[1] != want:
+            return (f"its value-embedding gates read {w.shape[1]} channels ({k}), this model's read {want}: "
+                    f"it was saved before the gate changed")
+    return None
 
 
 def has_value_embedding(layer_idx, n_layer):
@@ -99,7 +125,7 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(C, self.n_kv_head * D, bias=False)
         self.c_v = nn.Linear(C, self.n_kv_head * D, bias=False)
         self.c_proj = nn.Linear(self.n_head * D, C, bias=False)
-        self.ve_gate_channels = min(VE_GATE_CHANNELS, C)
+        self.ve_gate_channels = min(VE_GATE_CHANNELS, C)  # a Linear: a 2-D matrix trained by Muon
         self.ve_gate = (nn.Linear(self.ve_gate_channels, self.n_kv_head, bias=False)
                         if has_value_embedding(layer_idx, config.n_layer) else None)
 
@@ -110,12 +136,13 @@ class CausalSelfAttention(nn.Module):
         k = self.c_k(x).view(B, T, Hkv, D)
         v = self.c_v(x).view(B, T, Hkv, D)
         if ve is not None:
-            # per-head gate in (0, 2), 1 at init (zero weights)
-            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))
+            # per-kv-head gate in (0, 3); ~1.5 at init (small positive weights)
+            gate = VE_GATE_RANGE * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))
             v = v + gate.unsqueeze(-1) * ve.view(B, T, Hkv, D)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        # QK-norm; .to(v.dtype) keeps q, k, v in the compute dtype whatever rms_norm does under autocast
-        q, k = norm(q), norm(k)  # QK-norm
+        # QK-norm (norm returns the compute dtype), then a fixed 1.2 on both: attention logits
+        # are 1.44 q.k / sqrt(D), sharper than plain QK-norm allows
+        q, k = norm(q) * QK_SCALE, norm(k) * QK_SCALE
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             kv_cache, q_pos, kv_len = cache
@@ -160,6 +187,11 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(C, V, bias=False)
         self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
         self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
+        # smear and backout parameters exist whatever config.smear / config.backout say (one
+        # state-dict layout); switched off, the forward does not use them
+        self.smear_gate = nn.Linear(min(SMEAR_CHANNELS, C), 1, bias=False)
+        self.smear_lambda = nn.Parameter(torch.zeros(1))
+        self.backout_lambda = nn.Parameter(torch.full((1,), BACKOUT_INIT))
         self.windows = config.layer_windows()
         self.checkpoint_activations = False  # torch.utils.checkpoint around each block when training
         # rows of the (B*T, vocab) logits computed at once by the chunked loss; None = automatic
@@ -169,32 +201,60 @@ class GPT(nn.Module):
     @torch.no_grad()
     def init_weights(self):
         """Explicit init (the model is usually built on the meta device, then to_empty)."""
-        C = self.config.n_embd
+        C, L = self.config.n_embd, self.config.n_layer
         s = math.sqrt(3.0 / C)  # uniform(-s, s) has std 1/sqrt(C): unit-variance outputs for unit-RMS inputs
-        nn.init.normal_(self.wte.weight, mean=0.0, std=1.0)  # RMS-normalized right after anyway
+        # RMS-normalized right after, so the std only sets the scale the optimizer (steps, weight
+        # decay) works against
+        nn.init.normal_(self.wte.weight, mean=0.0, std=0.8)
         for emb in self.value_embeds.values():
             nn.init.uniform_(emb.weight, -s, s)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
         for block in self.blocks:
-            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
                 nn.init.uniform_(lin.weight, -s, s)
+            nn.init.uniform_(block.mlp.c_fc.weight, -0.4 * s, 0.4 * s)
             # output projections start at zero: every block starts as the identity
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
             if block.attn.ve_gate is not None:
-                nn.init.zeros_(block.attn.ve_gate.weight)  # gate = 2*sigmoid(0) = 1
-        self.resid_lambdas.fill_(1.0)
-        self.x0_lambdas.fill_(0.1)
+                nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)  # gate near 1.5
+        # per-layer ramps: early layers keep more of the residual stream and of x0
+        ramp = torch.arange(L, dtype=torch.float32) / max(L - 1, 1)  # 0 .. 1 over the layers
+        self.resid_lambdas.copy_(1.15 - 0.10 * ramp)
+        self.x0_lambdas.copy_(0.20 - 0.15 * ramp)
+        nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+        self.smear_lambda.fill_(0.0)  # the smear starts off; training opens it
+        self.backout_lambda.fill_(BACKOUT_INIT)
 
     def get_device(self):
         return self.wte.weight.device
 
     def new_kv_cache(self, batch_size, max_len, dtype=None):
-        """A KVCache sized for this model (dtype: default the compute dtype of the device)."""
+        """A KVCache sized for this model (dtype: default the compute dtype of the device); with
+        the smear on it also keeps each position's token (KVCache, keep_tokens)."""
         device = self.get_device()
         c = self.config
         dtype = dtype or get_compute_dtype(device.type)
-        return KVCache(batch_size, c.n_layer, c.n_kv_head, c.n_embd // c.n_head, max_len, device, dtype)
+        return KVCache(batch_size, c.n_layer, c.n_kv_head, c.n_embd // c.n_head, max_len, device, dtype,
+                       keep_tokens=c.smear)
+
+    def backout_layer(self):
+        """The layer whose output the backout subtracts (n_layer // 2), or None: switched off, or
+        with n_layer <= 2, where that layer is the last one. There the subtraction would only
+        rescale the final stream, which the norm undoes, so backout_lambda's true gradient is 0
+        and Adam would turn the round-off it gets into full-size steps; past 1 it would flip the
+        logits' sign. Upstream (which never trains such shallow models) applies it anyway."""
+        i = self.config.n_layer // 2
+        return i if self.config.backout and i < self.config.n_layer - 1 else None
+
+    def _embed(self, idx, dtype):
+        return norm(self.wte(idx).to(dtype))
+
+    def _smear(self, x, prev):
+        """x[t] += smear_lambda * sigmoid(smear_gate(x[t, :24])) * prev[t] (prev[t] = x[t-1], zero
+        where a row has no previous token). The gate reads the current token, before smearing."""
+        gate = torch.sigmoid(self.smear_gate(x[..., :self.smear_gate.in_features]))  # (B, T, 1)
+        return x + (self.smear_lambda * gate).to(x.dtype) * prev
 
     # ---- forward
 
@@ -234,14 +294,32 @@ class GPT(nn.Module):
         # the softcapped logits and the loss are fp32 (docs/model.md, "Precision").
         on = torch.is_autocast_enabled(device.type)
         dtype = torch.get_autocast_dtype(device.type) if on else self.wte.weight.dtype
-        x = norm(self.wte(idx).to(dtype))
+        x = self._embed(idx, dtype)
+        if self.config.smear:
+            # the previous position's embedding: within the sequence a shift of x; with a cache,
+            # the first new position of each row looks up the row's previous token (if any)
+            if kv_cache is None:
+                first = torch.zeros_like(x[:, :1])
+            else:
+                if kv_cache.tokens is None:
+                    raise ValueError("this model smears the previous token's embedding: its KV cache must keep "
+                                     "the tokens (make it with model.new_kv_cache, or KVCache(..., keep_tokens=True))")
+                prev_id, has_prev = kv_cache.previous_tokens(idx, q_pos)
+                first = self._embed(prev_id[:, None], dtype) * has_prev[:, None, None].to(dtype)
+            x = self._smear(x, torch.cat([first, x[:, :-1]], dim=1))
         x0 = x
         ckpt = self.checkpoint_activations and torch.is_grad_enabled() and kv_cache is None
+        backout_layer = self.backout_layer()
+        x_mid = None
         for i, block in enumerate(self.blocks):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx).to(dtype) if str(i) in self.value_embeds else None
             args = (x, ve, cos, sin, masks[self.windows[i]], cache)
             x = checkpoint(block, *args, use_reentrant=False) if ckpt else block(*args)
+            if i == backout_layer:
+                x_mid = x  # the residual stream after layer n_layer // 2
+        if x_mid is not None:
+            x = x - self.backout_lambda.to(x.dtype) * x_mid
         if kv_cache is not None:
             kv_cache.lengths += T
 
@@ -268,69 +346,82 @@ class GPT(nn.Module):
     # ---- accounting
 
     def num_params_by_category(self):
+        """Parameter counts: the embedding tables, lm_head, everything inside the blocks
+        (transformer_matrices, the value-embedding gates included) and the model-level scalars
+        (resid/x0 lambdas, smear gate and lambda, backout lambda)."""
         wte = self.wte.weight.numel()
         value_embeds = sum(p.numel() for p in self.value_embeds.parameters())
         lm_head = self.lm_head.weight.numel()
-        gates = sum(b.attn.ve_gate.weight.numel() for b in self.blocks if b.attn.ve_gate is not None)
-        scalars = self.resid_lambdas.numel() + self.x0_lambdas.numel() + gates
+        matrices = sum(p.numel() for p in self.blocks.parameters())
+        scalars = sum(p.numel() for p in self._scalar_params())
         total = sum(p.numel() for p in self.parameters())
-        matrices = total - wte - value_embeds - lm_head - scalars
+        assert total == wte + value_embeds + lm_head + matrices + scalars
         return dict(wte=wte, value_embeds=value_embeds, lm_head=lm_head,
                     transformer_matrices=matrices, scalars=scalars, total=total)
 
+    def _scalar_params(self):
+        return [self.resid_lambdas, self.x0_lambdas, self.smear_gate.weight, self.smear_lambda, self.backout_lambda]
+
+    def num_matmul_params(self):
+        """Weights of every nn.Linear (the smear and value-embedding gates and lm_head included):
+        each multiplies the token stream, 2 FLOPs per weight per token forward. Embedding
+        tables (lookups) and the per-layer scalars are left out."""
+        return sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+
     def estimate_flops(self):
-        """Training FLOPs per token: 6 x (params except the embedding tables, which are lookups)
-        + 12 x head_dim x n_head x (context a query sees) summed over layers; the context is
-        sequence_len for full layers and min(short_window, sequence_len) for windowed ones."""
+        """Training FLOPs per token: 6 x num_matmul_params (forward 2, backward 4) + 12 x head_dim
+        x n_head x (context a query sees) summed over layers (QK^T and AV); the context is
+        sequence_len for full layers and min(short_window, sequence_len) for windowed ones.
+        Elementwise work (norms, softmax, gates' sigmoids, the scalars) is not counted. The
+        smear gate is counted even when config.smear is off (it is ~C/768 of one layer's c_q)."""
         c = self.config
-        counts = self.num_params_by_category()
-        n = counts["total"] - counts["wte"] - counts["value_embeds"]
         head_dim = c.n_embd // c.n_head
         attn = sum(12 * head_dim * c.n_head * (c.sequence_len if w is None else min(w, c.sequence_len))
                    for w in self.windows)
-        return 6 * n + attn
+        return 6 * self.num_matmul_params() + attn
 
     # ---- optimizer
 
     def optimizer_groups(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, scalar_lr=0.5,
-                         weight_decay=0.0, adam_betas=(0.8, 0.95)):
-        """The parameter groups of setup_optimizer (every parameter in exactly one group)."""
-        scale = (self.config.n_embd / 768) ** -0.5  # AdamW lrs were tuned at width 768
+                         weight_decay=0.0):
+        """The parameter groups of setup_optimizer (every parameter in exactly one group), with
+        upstream nanochat's hyperparameters (docs/model.md, "Optimizer groups")."""
+        scale = (self.config.n_embd / 768) ** -0.5  # the AdamW lrs of the tables were tuned at width 768
 
-        def adamw(params, lr, scaled=True):
-            return dict(kind="adamw", params=params, lr=lr * (scale if scaled else 1.0), betas=adam_betas,
-                        eps=1e-10, weight_decay=0.0)
-        gates = [b.attn.ve_gate.weight for b in self.blocks if b.attn.ve_gate is not None]
+        def adamw(params, lr, betas, wd):
+            return dict(kind="adamw", params=params, lr=lr, betas=betas, eps=1e-10, weight_decay=wd)
         groups = [
-            adamw([self.lm_head.weight], unembedding_lr),
-            adamw([self.wte.weight] + list(self.value_embeds.parameters()), embedding_lr),
-            # scalars and gates are not width-scaled: their scale does not grow with the width,
-            # and scaling them up at tiny widths makes early training spike
-            adamw([self.x0_lambdas] + gates, scalar_lr, scaled=False),
+            adamw([self.lm_head.weight], unembedding_lr * scale, (0.8, 0.96), 0.01),
+            adamw([self.wte.weight], embedding_lr * scale, (0.8, 0.995), 0.001),
+            adamw(list(self.value_embeds.parameters()), embedding_lr * scale * 0.5, (0.8, 0.995), 0.01),
             # the residual scalars get 1% of the scalar lr: at init their true gradient is ~0 (the
             # blocks start as identities and RMSNorm ignores scale), so Adam would turn round-off
-            # into full-size random steps
-            adamw([self.resid_lambdas], scalar_lr * 0.01, scaled=False),
+            # into full-size random steps. Scalars are not width-scaled.
+            adamw([self.resid_lambdas], scalar_lr * 0.01, (0.8, 0.95), 0.05),
+            adamw([self.x0_lambdas], scalar_lr, (0.96, 0.95), 0.0),
+            # a fixed lr, as upstream (not tied to scalar_lr)
+            adamw([self.smear_gate.weight, self.smear_lambda, self.backout_lambda], 0.2, (0.8, 0.95), 0.0),
         ]
+        groups = [g for g in groups if g["params"]]  # (a model always has value embeddings; be safe)
+        # Muon: every matrix inside the blocks (the value-embedding gates too), one group per shape
         matrices = {}
-        for b in self.blocks:
-            for lin in (b.attn.c_q, b.attn.c_k, b.attn.c_v, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj):
-                matrices.setdefault(tuple(lin.weight.shape), []).append(lin.weight)
+        for p in self.blocks.parameters():
+            matrices.setdefault(tuple(p.shape), []).append(p)
         for shape in sorted(matrices):
-            groups.append(dict(kind="muon", params=matrices[shape], lr=matrix_lr, momentum=0.95,
-                               weight_decay=weight_decay))
+            groups.append(dict(kind="muon", params=matrices[shape], lr=matrix_lr, momentum=0.95, ns_steps=5,
+                               beta2=0.9, weight_decay=weight_decay))
         for g in groups:
             g["initial_lr"] = g["lr"]
         assert sum(len(g["params"]) for g in groups) == len(list(self.parameters()))
         return groups
 
     def setup_optimizer(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, scalar_lr=0.5,
-                        weight_decay=0.0, adam_betas=(0.8, 0.95), compile=None):
+                        weight_decay=0.0, compile=None):
         """compile: torch.compile the optimizer's update functions (None = MuonAdamW's default,
         on CUDA only). On CPU the eager AdamW update makes ~7 temporaries per parameter; compiled
         it is one fused loop (docs/benchmarks.md)."""
         return MuonAdamW(self.optimizer_groups(unembedding_lr, embedding_lr, matrix_lr, scalar_lr,
-                                               weight_decay, adam_betas), compile=compile)
+                                               weight_decay), compile=compile)
 
     # ---- reference sampling
 

@@ -4,11 +4,13 @@ Two kinds of parameter groups:
 
     dict(kind="adamw", params=[...], lr=..., betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)
     dict(kind="muon",  params=[matrices of one shape], lr=..., momentum=0.95, weight_decay=0.0,
-         ns_steps=5, beta2=0.95)
+         ns_steps=5, beta2=0.9, row_eq=False, renorm=False)
 
 AdamW is the textbook one (bias-corrected moments, decoupled weight decay; on the CPU it runs as
-torch's fused kernel). Muon is: Nesterov momentum -> Polar Express orthogonalization -> NorMuon per-neuron variance normalization ->
-cautious weight decay, with the rate scaled by sqrt(rows/cols) for tall matrices. A Muon group's
+torch's fused kernel). Muon is: Nesterov momentum -> [MuonEq row equilibration] -> Polar Express
+orthogonalization -> [Muon+ renormalization] -> NorMuon per-neuron variance normalization ->
+cautious weight decay, with the rate scaled by sqrt(rows/cols) for tall matrices (the bracketed
+steps are off unless the group asks for them: docs/optim.md says why). A Muon group's
 matrices are stacked into one (K, rows, cols) tensor so the math runs batched.
 
 Distributed (torchrun) without a DDP wrapper, with the same code for 1 and N processes:
@@ -39,7 +41,7 @@ POLAR_EXPRESS_COEFFS = (
 SHARD_MIN_NUMEL = 1024
 
 ADAMW_DEFAULTS = dict(betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)
-MUON_DEFAULTS = dict(momentum=0.95, weight_decay=0.0, ns_steps=5, beta2=0.95)
+MUON_DEFAULTS = dict(momentum=0.95, weight_decay=0.0, ns_steps=5, beta2=0.9, row_eq=False, renorm=False)
 
 
 def polar_express(G, steps=5):
@@ -52,9 +54,9 @@ def polar_express(G, steps=5):
     tall = X.size(-2) > X.size(-1)
     if tall:  # iterate on the wide orientation so X @ X^T is the small (min x min) Gram matrix
         X = X.mT
-    # Frobenius norm >= spectral norm, so this puts every singular value in [0, 1]; the 2% margin
-    # is the one the coefficients were designed for.
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
+    # Frobenius norm >= spectral norm, so this puts every singular value in [0, 1]; the extra 1%
+    # is a margin for bf16 rounding (upstream nanochat tuned it down from 2%: docs/optim.md)
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-6)
     for a, b, c in POLAR_EXPRESS_COEFFS[:steps]:
         A = X @ X.mT
         B = b * A + c * (A @ A)
@@ -62,14 +64,34 @@ def polar_express(G, steps=5):
     return X.mT if tall else X
 
 
-def muon_update(p, g, mom, var, lr, momentum, wd, beta2, ns_steps: int):
+def equilibrate_rows(X):
+    """MuonEq (arXiv:2603.28254): scale every row of each matrix in X (..., rows, cols) to the
+    matrix's root-mean-square row norm, ||X||_F / sqrt(rows); the Frobenius norm is unchanged and
+    the spectrum that enters the orthogonalization is better conditioned. A zero row stays zero."""
+    target = X.norm(dim=(-2, -1), keepdim=True) / X.size(-2) ** 0.5
+    return X * (target / X.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+
+
+def renormalize(O):
+    """Muon+ (arXiv:2602.21545): scale each matrix to Frobenius norm sqrt(min(rows, cols)), the
+    norm of an exactly semi-orthogonal matrix (the iteration leaves singular values near, not
+    at, 1). A zero matrix stays zero."""
+    return O * (min(O.size(-2), O.size(-1)) ** 0.5 / O.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-6))
+
+
+def muon_update(p, g, mom, var, lr, momentum, wd, beta2, ns_steps: int, row_eq: bool = False, renorm: bool = False):
     """One Muon step on a stack of matrices p (K, rows, cols) with averaged gradients g, in place.
     mom: momentum buffer like p; var: NorMuon second moments (K, rows, 1) or (K, 1, cols).
-    lr (already scaled for tall matrices), momentum, wd, beta2: 0-D tensors on p's device."""
+    lr (already scaled for tall matrices), momentum, wd, beta2: 0-D tensors on p's device.
+    row_eq / renorm: MuonEq before and Muon+ after the orthogonalization."""
     # Nesterov momentum, EMA form: the buffer averages gradients, the update looks one step ahead.
     mom.lerp_(g, 1 - momentum)
     u = g.lerp(mom, momentum)
+    if row_eq:
+        u = equilibrate_rows(u)
     O = polar_express(u, ns_steps).to(p.dtype)
+    if renorm:
+        O = renormalize(O)
     # NorMuon (Li et al. 2025, arXiv:2510.05491): the orthogonalized update still gives some
     # neurons far bigger steps than others. Keep an EMA of the mean squared update per neuron and
     # divide by its root. Which side: O ~ U V^T has unit-norm vectors along its smaller dimension
@@ -81,9 +103,10 @@ def muon_update(p, g, mom, var, lr, momentum, wd, beta2, ns_steps: int):
     # ...then rescale each matrix back to O's Frobenius norm, so Muon's learning rates still apply
     # (and no bias correction of the EMA is needed: it would be a per-matrix constant).
     N = N * (O.norm(dim=(-2, -1), keepdim=True) / N.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))
-    # Cautious weight decay: only decay coordinates the update is already pulling towards zero
-    # (update and parameter have the same sign); elsewhere decay would fight the gradient.
-    mask = (N * p) > 0
+    # Cautious weight decay: decay a coordinate unless the update pulls it away from zero (update
+    # and parameter of opposite signs), where decay would fight the gradient. An update that is
+    # exactly zero does not oppose the decay, so it is decayed (>= 0, as upstream nanochat).
+    mask = (N * p) >= 0
     p.sub_(lr * (N + wd * p * mask))
 
 
@@ -230,7 +253,7 @@ class MuonAdamW(torch.optim.Optimizer):
             lr = group["lr"] * max(1.0, rows / cols) ** 0.5
             scalars = self._scalar(ref.device, lr, group["momentum"], group["weight_decay"], group["beta2"])
             self._muon_fn(mine, g, state["momentum_buffer"], state["second_momentum_buffer"], *scalars,
-                          group["ns_steps"])
+                          group["ns_steps"], bool(group.get("row_eq")), bool(group.get("renorm")))
             if world == 1:
                 job["full"] = mine
             else:

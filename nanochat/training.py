@@ -33,33 +33,50 @@ def model_dims(depth, aspect_ratio, head_dim):
     return dim, dim // head_dim
 
 
-# reference point for the batch-size rule: 2^19 tokens per step for a d20-sized run
+# The reference run the hyperparameters were tuned at (upstream nanochat): a depth-12 model
+# trained on --target-param-data-ratio x its scaling parameters, at 2^19 tokens per step.
+REF_DEPTH = 12
 REF_BATCH_TOKENS = 2 ** 19
-REF_TRAIN_TOKENS = 5e9
+BATCH_EXPONENT = 0.383  # B_opt ~ D^0.383 ("Power Lines", Bergsma et al. 2025, arXiv:2505.13738)
 
 
-def derive_total_batch_size(train_tokens, tokens_per_fwdbwd):
-    """Batch size grows with the horizon like D^0.383 (the power law in "Power Lines", Bergsma et
-    al. 2025), anchored at 2^19 tokens for ~5B tokens; rounded to a power of two, at least one
-    micro-batch per process, and a multiple of (device batch * seq len * processes)."""
-    target = REF_BATCH_TOKENS * (max(train_tokens, 1.0) / REF_TRAIN_TOKENS) ** 0.383
+def scaling_params(counts):
+    """The parameter count the horizon and the batch rule use (upstream's "scaling params"): the
+    transformer matrices and the output head; not the embedding tables (lookups, no FLOPs) nor
+    the scalars. `counts`: GPT.num_params_by_category()."""
+    return counts["transformer_matrices"] + counts["lm_head"]
+
+
+def derive_total_batch_size(train_tokens, ref_tokens, tokens_per_fwdbwd):
+    """Tokens per step for a horizon of `train_tokens`: 2^19 x (train_tokens / ref_tokens)^0.383,
+    rounded to the nearest power of two, then to a whole number (at least 1) of micro-batches
+    (tokens_per_fwdbwd = device batch x seq len x processes)."""
+    target = REF_BATCH_TOKENS * (max(train_tokens, 1.0) / ref_tokens) ** BATCH_EXPONENT
     target = 2 ** round(math.log2(target))
     return max(1, round(target / tokens_per_fwdbwd)) * tokens_per_fwdbwd
 
 
-def scaled_weight_decay(weight_decay, depth):
-    # Longer runs (bigger models) need less decay per step for the same total shrinkage over the
-    # horizon; steps grow ~depth^2, hence (12/depth)^2. Capped so tiny models are not crushed.
-    return min(weight_decay * (12 / depth) ** 2, 1.0)
+def batch_lr_scale(total_batch_size):
+    """Every learning rate is multiplied by sqrt(B / 2^19), B = the run's tokens per step (the
+    AdamW rule, used for Muon too, as upstream does)."""
+    return (total_batch_size / REF_BATCH_TOKENS) ** 0.5
+
+
+def scaled_weight_decay(weight_decay, total_batch_size, train_tokens, ref_tokens):
+    """Muon's weight decay for this run from the reference one (tuned at d12, 2^19 tokens per
+    step): lambda_ref x sqrt(B / 2^19) x (ref_tokens / train_tokens). With lr ~ sqrt(B) this keeps
+    B / (lr x lambda x D) (the "T_epoch" of Wang & Aitchison, arXiv:2405.13698) at the reference's."""
+    return weight_decay * batch_lr_scale(total_batch_size) * (ref_tokens / train_tokens)
 
 
 # ---------------------------------------------------------------------------
 # Schedules
 
 
-def lr_multiplier(it, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac):
-    """Linear warmup, constant, linear warmdown to final_lr_frac. `it` counts from 0."""
-    warmup = round(warmup_ratio * num_iterations)
+def lr_multiplier(it, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac, warmup_steps=None):
+    """Linear warmup, constant, linear warmdown to final_lr_frac. `it` counts from 0. The warmup
+    is warmup_steps steps when given, else round(warmup_ratio * num_iterations)."""
+    warmup = warmup_steps if warmup_steps is not None else round(warmup_ratio * num_iterations)
     warmdown = round(warmdown_ratio * num_iterations)
     if it < warmup:
         return (it + 1) / warmup
@@ -69,18 +86,44 @@ def lr_multiplier(it, num_iterations, warmup_ratio, warmdown_ratio, final_lr_fra
     return progress + (1 - progress) * final_lr_frac
 
 
-def muon_momentum(it):
-    """0.85 -> 0.95 over the first 300 steps (high momentum early makes training unstable)."""
-    frac = min(it / 300, 1.0)
-    return (1 - frac) * 0.85 + frac * 0.95
+def muon_momentum(it, warmup=300, peak=0.95, num_iterations=None, warmdown_ratio=0.0, final=0.90):
+    """0.85 -> `peak` linearly over the first `warmup` steps (high momentum early makes training
+    unstable), then `peak`. With num_iterations: from the start of the lr warmdown (the last
+    round(warmdown_ratio * num_iterations) steps, as lr_multiplier) linearly down to `final` at
+    the end (the warmup wins where they overlap). Defaults: mid's schedule, 0.85 -> 0.95."""
+    if it < warmup:
+        frac = it / warmup
+        return (1 - frac) * 0.85 + frac * peak
+    warmdown = round(warmdown_ratio * num_iterations) if num_iterations is not None else 0
+    start = num_iterations - warmdown if warmdown else None
+    if start is not None and it >= start:
+        progress = (it - start) / warmdown
+        return (1 - progress) * peak + progress * final
+    return peak
 
 
-def set_lrs(optimizer, lrm, momentum=None):
-    """Every group's lr = its initial lr x lrm; Muon groups also get `momentum` when given."""
+def base_muon_momentum(it, num_iterations, warmdown_ratio):
+    """`train base`'s Muon momentum (upstream HEAD): 0.85 -> 0.97 over 400 steps, 0.97, then down
+    to 0.90 over the lr warmdown."""
+    return muon_momentum(it, warmup=400, peak=0.97, num_iterations=num_iterations,
+                         warmdown_ratio=warmdown_ratio, final=0.90)
+
+
+def weight_decay_at(it, weight_decay, num_iterations):
+    """Muon's weight decay at step `it`: cosine from weight_decay at step 0 to 0 at the end."""
+    return weight_decay * 0.5 * (1 + math.cos(math.pi * it / num_iterations))
+
+
+def set_lrs(optimizer, lrm, momentum=None, weight_decay=None):
+    """Every group's lr = its initial lr x lrm; Muon groups also get `momentum` and
+    `weight_decay` when given."""
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] * lrm
-        if momentum is not None and group.get("kind") == "muon":
-            group["momentum"] = momentum
+        if group.get("kind") == "muon":
+            if momentum is not None:
+                group["momentum"] = momentum
+            if weight_decay is not None:
+                group["weight_decay"] = weight_decay
 
 
 def clear_grads(model):
@@ -199,7 +242,7 @@ def announce_start(args, model_tag, src_step, out_dir, lrs, world_size, plan, **
 # Learning rates inherited along base -> mid -> sft -> rl
 
 LR_KEYS = ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr")
-LR_DEFAULTS = dict(embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02, scalar_lr=0.5)
+LR_DEFAULTS = dict(embedding_lr=0.3, unembedding_lr=0.008, matrix_lr=0.02, scalar_lr=0.5)  # train base's
 
 
 def inherited_lrs(meta, args) -> dict:
@@ -225,20 +268,32 @@ def add_lr_flags(parser, init_lr_frac, weight_decay=0.0):
     return g
 
 
-def add_schedule_flags(group, warmdown_ratio):
-    """The learning-rate schedule of lr_multiplier: warmup, constant, warmdown to a final fraction."""
-    group.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps of linear lr warmup (default 0)")
+def add_schedule_flags(group, warmdown_ratio, final_lr_frac=0.0, warmup_steps=None):
+    """The learning-rate schedule of lr_multiplier: warmup, constant, warmdown to a final fraction.
+    The warmup is --warmup-ratio (a fraction of the steps), or --warmup-steps when warmup_steps
+    (its default) is given."""
+    if warmup_steps is None:
+        group.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps of linear lr warmup (default 0)")
+    else:
+        group.add_argument("--warmup-steps", type=int, default=warmup_steps,
+                           help=f"steps of linear lr warmup (default {warmup_steps})")
     group.add_argument("--warmdown-ratio", type=float, default=warmdown_ratio,
                        help=f"fraction of steps of linear lr decay at the end (default {warmdown_ratio})")
-    group.add_argument("--final-lr-frac", type=float, default=0.0, help="lr multiplier at the last step (default 0)")
+    group.add_argument("--final-lr-frac", type=float, default=final_lr_frac,
+                       help=f"lr multiplier at the last step (default {final_lr_frac})")
 
 
 def check_schedule_args(args):
-    for name in ("warmup_ratio", "warmdown_ratio"):
+    names = ("warmup_ratio", "warmdown_ratio") if hasattr(args, "warmup_ratio") else ("warmdown_ratio",)
+    for name in names:
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise UserError(f"--{name.replace('_', '-')} must be between 0 and 1")
-    if args.warmup_ratio + args.warmdown_ratio > 1.0:
+    if hasattr(args, "warmup_ratio") and args.warmup_ratio + args.warmdown_ratio > 1.0:
         raise UserError("--warmup-ratio + --warmdown-ratio must be at most 1")
+    if getattr(args, "warmup_steps", 0) < 0:
+        raise UserError(f"--warmup-steps must be >= 0, not {args.warmup_steps}")
+    if not 0.0 <= args.final_lr_frac <= 1.0:
+        raise UserError("--final-lr-frac must be between 0 and 1")
 
 
 # ---------------------------------------------------------------------------

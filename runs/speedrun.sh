@@ -4,6 +4,12 @@
 #   bash runs/speedrun.sh                       # 8 GPUs (default)
 #   NPROC=1 bash runs/speedrun.sh               # one GPU: same result, ~8x longer (gradient accumulation)
 #   DEPTH=20 bash runs/speedrun.sh              # a smaller, cheaper model
+#   FP8= bash runs/speedrun.sh                  # bf16 only (a GPU without FP8 tensor cores)
+#
+# The pretraining is upstream's GPT-2 speedrun config (d24, 8 tokens per scaling parameter, FP8):
+# 5,568 steps of 2^20 tokens, 2.79e19 FLOPs, ~2 h on 8xH100 at 50% MFU (docs/training.md, "Time
+# to GPT-2 on paper"; upstream's record is 1.65 h). Print the plan without training:
+#   nanochat train base --depth 24 --target-param-data-ratio 8 --fp8 --window-pattern SSSL --dry-run
 #   WANDB_RUN=myrun bash runs/speedrun.sh       # log to wandb as well
 #
 # Multi-node: run the same training commands under torchrun with --nnodes/--node-rank/--rdzv-endpoint
@@ -13,7 +19,9 @@ cd "$(dirname "$0")/.."
 
 NPROC=${NPROC:-8}
 DEPTH=${DEPTH:-24}                 # d24 ~ GPT-2 (1.5B) CORE grade with the ClimbMix data
-NUM_SHARDS=${NUM_SHARDS:-240}      # ~250M characters each; enough for the d24 token budget
+RATIO=${RATIO:-8}                  # training tokens per scaling parameter (train base's default is 12)
+FP8=${FP8---fp8}                   # FP8 matmuls (H100 class); set FP8= to train in bf16
+NUM_SHARDS=${NUM_SHARDS:-240}      # ~250M characters each; more than the d24 token budget (5.8B tokens at ratio 8)
 WANDB_RUN=${WANDB_RUN:-dummy}
 export OMP_NUM_THREADS=1
 export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}
@@ -38,7 +46,9 @@ echo "waiting for the data download to finish..."
 wait $DOWNLOAD_PID
 
 # Base model (pretraining), then its evaluation: bits per byte, CORE, samples.
-$TORCHRUN train base --depth "$DEPTH" --run "$WANDB_RUN"
+# --device-batch-size auto: the largest micro-batch that fits (upstream uses 16 on 80 GB H100s).
+$TORCHRUN train base --depth "$DEPTH" --target-param-data-ratio "$RATIO" $FP8 --device-batch-size auto \
+    --run "$WANDB_RUN"
 $TORCHRUN eval base
 
 # Mid-training (conversation format, tool use, identity), SFT, and their evaluations.

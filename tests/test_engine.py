@@ -9,7 +9,25 @@ from nanochat.engine import BatchDecoder, Engine, Sequence, sample
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    return make_model(tokenizer.get_vocab_size())
+    m = make_model(tokenizer.get_vocab_size())
+    with torch.no_grad():
+        # a strong smear and backout (init has smear_lambda = 0): the cached decode must carry
+        # each row's previous token through padded prefill, forks, row moves and compiled steps
+        m.smear_lambda.fill_(1.0)
+        m.backout_lambda.fill_(0.4)
+    return m
+
+
+def test_the_model_smears(model, tokenizer, prompts):
+    """The fixture's smear is strong enough to change greedy tokens (else the equivalence tests
+    below could not see a cache that lost the previous token)."""
+    ids = prompts[1]
+    with torch.no_grad():
+        on = model(torch.tensor([ids])).argmax(-1)
+        model.smear_lambda.zero_()
+        off = model(torch.tensor([ids])).argmax(-1)
+        model.smear_lambda.fill_(1.0)
+    assert (on != off).any()
 
 
 @pytest.fixture(scope="module")

@@ -55,7 +55,8 @@ def base_dir(path):
 
 def random_model(vocab_size, seed=0):
     """A GPT whose every parameter is random (nanochat's init zeroes the output projections and
-    the gates, which would hide mistakes in the attention and MLP branches)."""
+    the smear, which would hide mistakes in the attention and MLP branches and in the smear); the
+    smear and backout are strong."""
     torch.manual_seed(seed)
     config = GPTConfig(vocab_size=vocab_size, **TINY)
     with torch.device("meta"):
@@ -68,7 +69,22 @@ def random_model(vocab_size, seed=0):
                 p.uniform_(0.5, 1.5)
             else:
                 p.normal_(0.0, 1.0 / p.size(-1) ** 0.5)
+        model.smear_lambda.fill_(1.2)
+        model.backout_lambda.fill_(0.3)
     return model.eval()
+
+
+def test_the_random_model_exercises_smear_backout_and_gates(env):
+    """Each of them changes the logits, so the matches below check the remote code's version."""
+    model, ids = env["model"], torch.randint(0, 100, (1, 20))
+    with torch.no_grad():
+        ref = model(ids)
+        for name, value in (("smear_lambda", 0.0), ("backout_lambda", 0.0), ("blocks.2.attn.ve_gate.weight", 0.0)):
+            p = model.get_parameter(name)
+            saved = p.clone()
+            p.fill_(value)
+            assert (model(ids) - ref).abs().max() > 1e-2, name
+            p.copy_(saved)
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +182,24 @@ def test_left_padding_and_cache(env, hf):
             step = hf_model(torch.tensor([[t]]), past_key_values=cache, use_cache=True)
             logits.append(step.logits[0])
     torch.testing.assert_close(torch.cat(logits), reference_logits(model, a), atol=1e-4, rtol=0)
+
+    # the smear's previous token given explicitly (what generate() does), a chunk at a time, and
+    # a left-padded batch continued through its cache
+    with torch.no_grad():
+        step = hf_model(torch.tensor([a[:7]]), use_cache=True)
+        got = hf_model(torch.tensor([a[7:11]]), past_key_values=step.past_key_values, use_cache=True,
+                       prev_token_ids=torch.tensor([[a[6]]])).logits[0]
+        torch.testing.assert_close(got, reference_logits(model, a)[7:11], atol=1e-4, rtol=0)
+        step = hf_model(ids[:, :-3], attention_mask=mask[:, :-3], use_cache=True)
+        got = hf_model(ids[:, -3:], attention_mask=mask, past_key_values=step.past_key_values, use_cache=True).logits
+    torch.testing.assert_close(got[0], reference_logits(model, a)[-3:], atol=1e-4, rtol=0)
+    torch.testing.assert_close(got[1], reference_logits(model, b)[-3:], atol=1e-4, rtol=0)
+    # a cache that does not know the previous token: refused, not silently unsmeared
+    with torch.no_grad():
+        cache = hf_model(torch.tensor([a[:5]]), use_cache=True).past_key_values
+        del cache.nanochat_last_token
+        with pytest.raises(ValueError, match="prev_token_ids"):
+            hf_model(torch.tensor([a[5:6]]), past_key_values=cache, use_cache=True)
 
 
 def stop_at(tokens, stops):

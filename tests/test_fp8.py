@@ -197,8 +197,11 @@ def test_conversion_picks_the_big_matmuls_and_keeps_the_parameters():
     names = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
     assert converted == [f"blocks.{i}.{n}" for i in range(2) for n in names]
     gates = [n for n in kept if n.endswith("ve_gate")]
-    assert gates and all(kept[n].startswith("a dimension is not a multiple") for n in gates)  # 32 -> 4 heads
-    assert kept["lm_head"] == "skipped by name" and set(kept) == set(gates) | {"lm_head"}
+    # value-embedding gates (12 channels -> kv heads) and the smear gate (24 -> 1) stay as they are
+    assert gates and all(kept[n].startswith("a dimension is not a multiple") for n in gates)
+    assert kept["smear_gate"].startswith("a dimension is not a multiple")
+    assert kept["lm_head"] == "skipped by name" and set(kept) == set(gates) | {"lm_head", "smear_gate"}
+    assert type(model.smear_gate) is nn.Linear and all(type(model.get_submodule(n)) is nn.Linear for n in gates)
     assert all(isinstance(model.get_submodule(n), fp8.FP8Linear) for n in converted)
     assert type(model.lm_head) is nn.Linear
     # the same parameter objects under the same names: optimizer groups and checkpoints see no change
@@ -304,7 +307,7 @@ def test_stage_trains_with_fp8_and_saves_ordinary_weights(tokenizer, monkeypatch
     assert tb.main(TINY + ["--dry-run", "--fp8", "--model-tag", "fp8"]) == 0
     out = capsys.readouterr().out
     assert "fp8: on, tensorwise: 12 linear layers (blocks.*.attn.c_q x2," in out and "'fp8': True" in out
-    assert "kept in the compute dtype: blocks.*.attn.ve_gate, lm_head" in out
+    assert "kept in the compute dtype: blocks.*.attn.ve_gate, lm_head, smear_gate" in out
     assert tb.main(TINY + ["--num-iterations", "3", "--eval-every", "-1", "--fp8", "--model-tag", "fp8"]) == 0
     rows = ck.read_metrics(ck.checkpoint_dir("base", "fp8"))
     assert len(rows) == 3 and all(r["loss"] == r["loss"] for r in rows) and "val_bpb" in rows[-1]

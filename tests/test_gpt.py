@@ -44,9 +44,11 @@ def expected_param_count(c: GPTConfig):
     kv = c.n_kv_head * D
     per_layer = C * c.n_head * D + 2 * C * kv + c.n_head * D * C + 2 * 4 * C * C
     n_ve = sum(1 for i in range(L) if i % 2 == (L - 1) % 2)
+    # the value-embedding gates (12 channels -> n_kv_head) live in the blocks; the smear gate
+    # (24 -> 1), smear_lambda and backout_lambda are model-level scalars
     return dict(wte=V_ * C, lm_head=V_ * C, value_embeds=n_ve * V_ * kv,
-                transformer_matrices=L * per_layer,
-                scalars=2 * L + n_ve * min(32, C) * c.n_kv_head)
+                transformer_matrices=L * per_layer + n_ve * 12 * c.n_kv_head,
+                scalars=2 * L + 24 + 1 + 1)
 
 
 @pytest.mark.parametrize("depth,n_head,n_kv_head,n_embd", [(1, 2, 2, 64), (2, 4, 2, 64), (3, 4, 1, 128), (4, 8, 4, 128)])
@@ -78,7 +80,8 @@ def test_init_meta_device_no_nans_and_seeded():
     assert all(p.device.type == "cpu" for p in a.parameters())
     # output projections start at zero, the residual scalars at their documented values
     assert all((blk.attn.c_proj.weight == 0).all() and (blk.mlp.c_proj.weight == 0).all() for blk in a.blocks)
-    assert (a.resid_lambdas == 1).all() and torch.allclose(a.x0_lambdas, torch.full((3,), 0.1))
+    torch.testing.assert_close(a.resid_lambdas.data, torch.tensor([1.15, 1.10, 1.05]))
+    torch.testing.assert_close(a.x0_lambdas.data, torch.tensor([0.20, 0.125, 0.05]))
     idx = torch.randint(0, V, (2, 32))
     loss = a(idx, targets=idx)
     # near-uniform predictions at init
@@ -123,7 +126,7 @@ def test_overfits_one_batch():
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_chunked_loss_equals_full_loss(reduction):
-    model = make_model()
+    model = make_model(n_layer=3)  # (with 2 layers there is no backout, and no backout_lambda gradient)
     idx = torch.randint(0, V, (3, 21))
     targets = torch.randint(0, V, (3, 21))
     targets[1, 3:9] = -1
@@ -141,12 +144,13 @@ def test_chunked_loss_equals_full_loss(reduction):
                 loss = loss.view(3, 21)
         weights = torch.linspace(0.5, 1.5, 63).view(3, 21) if reduction == "none" else 1.0
         (loss * weights).sum().backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     full, full_grads = run(False)
     chunked, chunked_grads = run(True)
     assert model.loss_chunk_rows < 63
     torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-6)
+    assert chunked_grads.keys() == full_grads.keys()
     for name in full_grads:
         # fp32 round-off relative to the gradient's scale (the fused path computes tanh as
         # 2 sigmoid(2u) - 1: same fp32 accuracy against an fp64 reference, different rounding)
@@ -170,13 +174,13 @@ def test_fused_loss_workspace_reused_across_calls():
         model.zero_grad(set_to_none=True)
         loss = model(idx, targets=tgt)
         loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     l0, g0 = grads(a_idx, a_tgt)
     grads(b_idx, b_tgt)            # 120 rows in one chunk: the workspace grows
     grads(b_idx, b_tgt, chunk=7)   # short chunks in the larger workspace
     l1, g1 = grads(a_idx, a_tgt)
-    assert torch.equal(l0, l1)
+    assert torch.equal(l0, l1) and g0.keys() == g1.keys()
     for name in g0:
         assert torch.equal(g0[name], g1[name]), name
     with torch.no_grad():  # and it is the plain cross-entropy
@@ -193,11 +197,12 @@ def test_activation_checkpointing_same_gradients():
         model.zero_grad(set_to_none=True)
         loss = model(idx, targets=idx)
         loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     l0, g0 = grads(False)
     l1, g1 = grads(True)
     torch.testing.assert_close(l1, l0, rtol=0, atol=0)
+    assert g0.keys() == g1.keys()
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-7, msg=name)
 
@@ -215,9 +220,12 @@ def test_layer_windows():
         GPTConfig(n_head=6, n_kv_head=4)
 
 
-def test_sliding_window_blocks_influence_beyond_window():
+@pytest.mark.parametrize("smear", [False, True])
+def test_sliding_window_blocks_influence_beyond_window(smear):
     w = 5
-    model = make_model(n_layer=2, window_pattern="SL", short_window=w)
+    # the smear carries token 2 into position 3's embedding: the window then reaches one further
+    reach = w + 1 if smear else w
+    model = make_model(n_layer=2, window_pattern="SL", short_window=w, smear=smear)
     model.eval()
     outs = {}
     model.blocks[0].register_forward_hook(lambda mod, inp, out: outs.__setitem__("b0", out.detach()))
@@ -229,8 +237,8 @@ def test_sliding_window_blocks_influence_beyond_window():
     logits2 = model(idx2)
     diff = (outs["b0"] - base).abs().amax(dim=-1)[0]  # per position, after the windowed layer
     assert (diff[:2] == 0).all()                 # causal: earlier positions untouched
-    assert (diff[2:2 + w] > 1e-4).all()           # inside the window (positions 2..6): influenced
-    assert (diff[2 + w:] == 0).all()              # beyond the window: no influence at all
+    assert (diff[2:2 + reach] > 1e-4).all()       # inside the window (positions 2..6, or ..7): influenced
+    assert (diff[2 + reach:] == 0).all()          # beyond the window: no influence at all
     # the last layer has full context, so the logits far away do change
     assert (logits2[0, -1] - logits[0, -1]).abs().max() > 1e-4
     # and a full-context model lets the perturbation reach every later position of layer 0
@@ -254,7 +262,8 @@ CACHE_CONFIGS = [
 
 def new_cache(model, batch, max_len=64):
     c = model.config
-    return KVCache(batch, c.n_layer, c.n_kv_head, c.n_embd // c.n_head, max_len, "cpu", torch.float32)
+    return KVCache(batch, c.n_layer, c.n_kv_head, c.n_embd // c.n_head, max_len, "cpu", torch.float32,
+                   keep_tokens=True)
 
 
 @pytest.mark.parametrize("cfg", CACHE_CONFIGS)
@@ -400,7 +409,11 @@ def test_estimate_flops():
     full = make_model(randomize=False, window_pattern="L", **c)
     win = make_model(randomize=False, window_pattern="SSSL", short_window=16, **c)
     counts = full.num_params_by_category()
-    n = counts["total"] - counts["wte"] - counts["value_embeds"]
+    # every Linear weight: lm_head, the blocks (value-embedding gates included), the smear gate;
+    # not the tables (lookups) nor the per-layer scalars
+    n = counts["lm_head"] + counts["transformer_matrices"] + 24
+    assert n == full.num_matmul_params()
+    assert n == sum(p.numel() for name, p in full.named_parameters() if p.dim() == 2) - counts["wte"] - counts["value_embeds"]
     D = 64 // 4
     assert full.estimate_flops() == 6 * n + 4 * 12 * D * 4 * 64
     assert win.estimate_flops() == 6 * n + (3 * 12 * D * 4 * 16 + 12 * D * 4 * 64)
@@ -410,6 +423,7 @@ def test_estimate_flops():
 
 
 def test_optimizer_groups():
+    """Membership and hyperparameters of every group, as upstream nanochat's setup_optimizer."""
     model = make_model(randomize=False, n_layer=3, n_embd=128, n_head=4, n_kv_head=2)
     groups = model.optimizer_groups(unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, scalar_lr=0.5,
                                     weight_decay=0.1)
@@ -418,19 +432,38 @@ def test_optimizer_groups():
     scale = (128 / 768) ** -0.5
     adamw = [g for g in groups if g["kind"] == "adamw"]
     muon = [g for g in groups if g["kind"] == "muon"]
-    assert sorted(round(g["lr"] / scale, 6) for g in adamw[:2]) == [0.004, 0.2]
-    assert adamw[2]["lr"] == 0.5 and adamw[3]["lr"] == 0.005  # scalars are not width-scaled
-    for g in adamw:
-        assert g["betas"] == (0.8, 0.95) and g["eps"] == 1e-10 and g["weight_decay"] == 0.0
-    assert any(model.lm_head.weight is p for g in adamw for p in g["params"])
+
+    def group_of(p):
+        (g,) = [g for g in groups if any(q is p for q in g["params"])]
+        return g
+    want = {  # parameter -> (lr, betas, weight decay)
+        "lm_head": ([model.lm_head.weight], 0.004 * scale, (0.8, 0.96), 0.01),
+        "wte": ([model.wte.weight], 0.2 * scale, (0.8, 0.995), 0.001),
+        "value_embeds": (list(model.value_embeds.parameters()), 0.2 * scale * 0.5, (0.8, 0.995), 0.01),
+        "resid": ([model.resid_lambdas], 0.5 * 0.01, (0.8, 0.95), 0.05),
+        "x0": ([model.x0_lambdas], 0.5, (0.96, 0.95), 0.0),
+        "smear/backout": ([model.smear_gate.weight, model.smear_lambda, model.backout_lambda], 0.2, (0.8, 0.95), 0.0),
+    }
+    assert len(adamw) == len(want)
+    for name, (params, lr, betas, wd) in want.items():
+        g = group_of(params[0])
+        assert g["kind"] == "adamw" and len(g["params"]) == len(params), name
+        assert all(group_of(p) is g for p in params), name
+        assert g["lr"] == pytest.approx(lr, rel=1e-12) and g["betas"] == betas and g["weight_decay"] == wd, name
+        assert g["eps"] == 1e-10
     shapes = set()
     for g in muon:
-        assert g["lr"] == 0.02 and g["momentum"] == 0.95 and g["weight_decay"] == 0.1
+        assert g["lr"] == 0.02 and g["momentum"] == 0.95 and g["beta2"] == 0.9 and g["ns_steps"] == 5
+        assert g["weight_decay"] == 0.1
         assert len({tuple(p.shape) for p in g["params"]}) == 1
         assert all(p.dim() == 2 for p in g["params"])
         shapes.add(tuple(g["params"][0].shape))
     assert len(shapes) == len(muon)  # one group per distinct shape
-    assert {(128, 128), (64, 128), (512, 128), (128, 512)} == shapes
+    # c_q/c_proj, c_k/c_v, c_fc, mlp c_proj, and the value-embedding gates (2 kv heads x 12 channels)
+    assert {(128, 128), (64, 128), (512, 128), (128, 512), (2, 12)} == shapes
+    gates = [b.attn.ve_gate.weight for b in model.blocks if b.attn.ve_gate is not None]
+    assert len(gates) == 2 and all(group_of(w)["kind"] == "muon" and len(group_of(w)["params"]) == 2 for w in gates)
+    assert sum(len(g["params"]) for g in muon) == len(list(model.blocks.parameters()))
     assert all(g["initial_lr"] == g["lr"] for g in groups)
 
 
@@ -476,3 +509,222 @@ def test_all_ignored_targets_give_zero_loss_not_nan():
     loss.backward()
     assert loss.item() == 0.0
     assert all(torch.isfinite(p.grad).all() and (p.grad == 0).all() for p in model.parameters() if p.grad is not None)
+
+
+# ---------------------------------------------------------------------------
+# smear, backout, q/k scale, value-embedding gate, init (upstream nanochat's architecture)
+
+def test_smear_math_on_a_tiny_tensor():
+    model = make_model(randomize=False)
+    with torch.no_grad():
+        model.smear_gate.weight.fill_(0.01)
+        model.smear_lambda.fill_(0.5)
+    # three positions, each a constant vector: 1, 2, -1 (C = 64, the gate sees 24 channels)
+    x = torch.tensor([1.0, 2.0, -1.0])[None, :, None].expand(1, 3, 64).contiguous()
+    prev = torch.cat([torch.zeros(1, 1, 64), x[:, :-1]], dim=1)
+    with torch.no_grad():
+        out = model._smear(x, prev)
+    sig = lambda z: 1 / (1 + math.exp(-z))
+    # gate_t = sigmoid(0.01 * 24 * x_t): it reads the current token; x[t] += 0.5 * gate_t * x[t-1]
+    want = [1.0, 2.0 + 0.5 * sig(0.48) * 1.0, -1.0 + 0.5 * sig(-0.24) * 2.0]
+    for t in range(3):
+        assert torch.allclose(out[0, t], torch.full((64,), want[t]), atol=1e-6), t
+
+
+def _block_inputs(model, idx):
+    """The residual stream entering each block (forward pre-hooks)."""
+    seen = []
+    hooks = [b.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone())) for b in model.blocks]
+    try:
+        with torch.no_grad():
+            logits = model(idx)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen, logits
+
+
+def test_forward_smears_the_previous_token_embedding():
+    model = make_model(n_layer=3)
+    with torch.no_grad():
+        model.smear_lambda.fill_(1.3)
+    idx = torch.randint(0, V, (2, 10))
+    seen, _ = _block_inputs(model, idx)
+    with torch.no_grad():
+        e = F.rms_norm(model.wte(idx), (64,))
+        gate = torch.sigmoid(e[..., :24] @ model.smear_gate.weight.t())  # (B, T, 1)
+        x0 = e.clone()
+        x0[:, 1:] += 1.3 * gate[:, 1:] * e[:, :-1]
+        # block 0 sees resid_lambdas[0] * x0 + x0_lambdas[0] * x0
+        want = (model.resid_lambdas[0] + model.x0_lambdas[0]) * x0
+    torch.testing.assert_close(seen[0], want, rtol=1e-5, atol=1e-6)
+    # off: the embedding goes in unsmeared whatever smear_lambda holds
+    off = make_model(n_layer=3, smear=False)
+    off.load_state_dict(model.state_dict())
+    seen_off, _ = _block_inputs(off, idx)
+    torch.testing.assert_close(seen_off[0], (model.resid_lambdas[0] + model.x0_lambdas[0]).detach() * e,
+                               rtol=1e-5, atol=1e-6)
+    assert off.new_kv_cache(1, 8, dtype=torch.float32).tokens is None
+
+
+@pytest.mark.parametrize("n_layer", [1, 2, 3, 4])
+def test_backout_subtracts_the_middle_residual(n_layer):
+    model = make_model(n_layer=n_layer)
+    # with 1 or 2 layers the middle layer is the last: no backout there (docs/model.md)
+    assert model.backout_layer() == (n_layer // 2 if n_layer > 2 else None)
+    with torch.no_grad():
+        model.backout_lambda.fill_(0.35)
+    idx = torch.randint(0, V, (2, 12))
+    outs = []
+    hooks = [b.register_forward_hook(lambda m, args, out: outs.append(out.detach().clone())) for b in model.blocks]
+    with torch.no_grad():
+        logits = model(idx)
+    for h in hooks:
+        h.remove()
+    mid = outs[n_layer // 2] if n_layer > 2 else torch.zeros_like(outs[-1])  # after layer n_layer // 2
+    with torch.no_grad():
+        x = F.rms_norm(outs[-1] - 0.35 * mid, (64,))
+        want = 15 * torch.tanh((x @ model.lm_head.weight.t()) / 15)
+        assert torch.allclose(logits, want, rtol=1e-5, atol=1e-5)
+        # off: no subtraction, whatever backout_lambda holds
+        off = make_model(n_layer=n_layer, backout=False)
+        off.load_state_dict(model.state_dict())
+        plain = 15 * torch.tanh((F.rms_norm(outs[-1], (64,)) @ model.lm_head.weight.t()) / 15)
+        assert torch.allclose(off(idx), plain, rtol=1e-5, atol=1e-5)
+        if n_layer > 2:
+            assert not torch.allclose(logits, plain, atol=1e-3)
+        else:
+            assert torch.equal(logits, off(idx))
+
+
+def test_attention_scales_q_and_k_by_1_2_and_gates_value_embeddings_by_3_sigmoid():
+    from nanochat.gpt import apply_rotary, rotary_cos_sin
+    model = make_model()
+    attn_mod = model.blocks[1].attn  # the last layer: value embedding, full context
+    assert attn_mod.ve_gate.weight.shape == (2, 12)
+    B, T, H, Hkv, D = 2, 9, 4, 2, 16
+    x = torch.randn(B, T, 64)
+    cos, sin = rotary_cos_sin(torch.arange(T), D)
+    cos, sin = cos[None, :, None], sin[None, :, None]
+    with torch.no_grad():
+        got = attn_mod(x, None, cos, sin, None, None)
+        q = apply_rotary(attn_mod.c_q(x).view(B, T, H, D), cos, sin)
+        k = apply_rotary(attn_mod.c_k(x).view(B, T, Hkv, D), cos, sin)
+        v = attn_mod.c_v(x).view(B, T, Hkv, D)
+        q = F.rms_norm(q, (D,)) * 1.2
+        k = F.rms_norm(k, (D,)).repeat_interleave(2, dim=2) * 1.2
+        v = v.repeat_interleave(2, dim=2)
+        scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(D)
+        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+        y = torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v).reshape(B, T, H * D)
+        torch.testing.assert_close(got, attn_mod.c_proj(y), rtol=1e-5, atol=1e-5)
+        # gate = 3 * sigmoid(W x[:, :12]): with W = 0 it is 1.5, so ve = -c_v(x) / 1.5 cancels the values
+        attn_mod.ve_gate.weight.zero_()
+        ve = -attn_mod.c_v(x) / 1.5
+        assert attn_mod(x, ve, cos, sin, None, None).abs().max() < 1e-5
+        # the gate reads only the first 12 channels of x
+        w = torch.randn(2, 12)
+        attn_mod.ve_gate.weight.copy_(w)
+        gate = 3 * torch.sigmoid(x[..., :12] @ w.t())  # (B, T, Hkv)
+        ve = -attn_mod.c_v(x).view(B, T, Hkv, D) / gate[..., None]
+        assert attn_mod(x, ve.reshape(B, T, Hkv * D), cos, sin, None, None).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("n_layer", [1, 2, 5])
+def test_init_statistics_and_ramps(n_layer):
+    model = make_model(randomize=False, n_layer=n_layer, n_embd=128, n_head=4, n_kv_head=2, vocab_size=1000)
+    C = 128
+    s = math.sqrt(3 / C)
+    assert abs(model.wte.weight.std().item() - 0.8) < 0.01 and abs(model.wte.weight.mean().item()) < 0.01
+    assert abs(model.lm_head.weight.std().item() - 0.001) < 1e-4
+    for b in model.blocks:
+        fc = b.mlp.c_fc.weight
+        assert fc.abs().max() <= 0.4 * s and fc.abs().max() > 0.39 * s  # uniform(-0.4 s, 0.4 s)
+        assert abs(fc.std().item() - 0.4 * s / math.sqrt(3)) < 0.02 * 0.4 * s
+        for lin in (b.attn.c_q, b.attn.c_k, b.attn.c_v):
+            assert lin.weight.abs().max() <= s and lin.weight.abs().max() > 0.95 * s
+        assert (b.attn.c_proj.weight == 0).all() and (b.mlp.c_proj.weight == 0).all()
+        if b.attn.ve_gate is not None:
+            g = b.attn.ve_gate.weight
+            assert g.shape == (2, 12) and (g >= 0).all() and (g <= 0.02).all() and g.std() > 0
+    for emb in model.value_embeds.values():
+        assert emb.weight.abs().max() <= s and abs(emb.weight.std().item() - 1 / math.sqrt(C)) < 0.01
+    g = model.smear_gate.weight
+    assert g.shape == (1, 24) and (g >= 0).all() and (g <= 0.02).all() and g.std() > 0
+    assert model.smear_lambda.tolist() == [0.0]
+    assert model.backout_lambda.tolist() == pytest.approx([0.2])
+    L = n_layer
+    ramp = [i / max(L - 1, 1) for i in range(L)]
+    assert model.resid_lambdas.tolist() == pytest.approx([1.15 - 0.10 * r for r in ramp])
+    assert model.x0_lambdas.tolist() == pytest.approx([0.20 - 0.15 * r for r in ramp])
+    assert model.resid_lambdas[0].item() == pytest.approx(1.15) and model.x0_lambdas[0].item() == pytest.approx(0.2)
+    if L > 1:
+        assert model.resid_lambdas[-1].item() == pytest.approx(1.05)
+        assert model.x0_lambdas[-1].item() == pytest.approx(0.05)
+
+
+def test_kv_cache_with_smear_rows_of_different_lengths_padded_prefill_and_fork():
+    """The engine's pattern with a strong smear: a right-padded prefill of rows of different
+    lengths (lengths reset afterwards), token-by-token decode at each row's own position, a
+    multi-token append, a forked row, and the static kv_len of the compiled path."""
+    model = make_model(n_layer=3, window_pattern="SSL", short_window=5)
+    with torch.no_grad():
+        model.smear_lambda.fill_(1.5)
+        model.backout_lambda.fill_(0.4)
+    model.eval()
+    idx = torch.randint(0, V, (3, 22))
+    with torch.no_grad():
+        ref = model(idx)
+        unsmeared = make_model(n_layer=3, window_pattern="SSL", short_window=5)
+        unsmeared.load_state_dict(model.state_dict())
+        unsmeared.smear_lambda.zero_()
+        assert not torch.allclose(unsmeared(idx)[:, 1:], ref[:, 1:], atol=1e-2)  # the smear matters here
+        for static in (False, True):
+            cache = model.new_kv_cache(3, 24, dtype=torch.float32)
+            assert cache.tokens is not None
+            lengths = torch.tensor([4, 11, 7])
+            first = model(idx[:, :11], kv_cache=cache, kv_len=24 if static else 11, logits_positions=lengths - 1)
+            torch.testing.assert_close(first, ref[torch.arange(3), lengths - 1], rtol=1e-5, atol=1e-5)
+            cache.lengths.copy_(lengths)  # undo the padding, as BatchDecoder.add does
+            pos = lengths.clone()
+            for _ in range(5):
+                tok = idx[torch.arange(3), pos][:, None]
+                out = model(tok, kv_cache=cache, kv_len=24 if static else None, logits_positions=-1)
+                torch.testing.assert_close(out, ref[torch.arange(3), pos], rtol=1e-5, atol=1e-5)
+                pos += 1
+            # a 3-token chunk appended to rows 0 and 1 (lengths 9 and 16)
+            out = model(idx[:2, :][torch.arange(2)[:, None], pos[:2, None] + torch.arange(3)],
+                        kv_cache=cache.narrow(0, 2))
+            for r in range(2):
+                torch.testing.assert_close(out[r], ref[r, pos[r]:pos[r] + 3], rtol=1e-5, atol=1e-5)
+            # row 2 forked into row 0: row 0 continues row 2's sequence (its previous token too)
+            cache.fork(2, [0])
+            p = int(pos[2])
+            out = model(idx[2:3, p:p + 1], kv_cache=cache.narrow(0, 1))
+            torch.testing.assert_close(out[0], ref[2, p:p + 1], rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="keep the tokens"):
+            model(idx[:, :3], kv_cache=KVCache(3, 3, 2, 16, 24, "cpu", torch.float32))
+
+
+def test_old_checkpoints_fail_with_the_reason(tmp_path):
+    from nanochat import checkpoint as ck
+    from nanochat.common import UserError
+    import dataclasses
+    model = make_model(randomize=False)
+    meta = {"model_config": dataclasses.asdict(model.config)}
+    state = model.state_dict()
+    # before the smear/backout: no such keys, 32-channel value-embedding gates
+    old = {k: v for k, v in state.items() if k not in ("smear_gate.weight", "smear_lambda", "backout_lambda")}
+    old["blocks.1.attn.ve_gate.weight"] = torch.zeros(2, 32)
+    ck.save_checkpoint(str(tmp_path / "old"), 1, old, None, meta)
+    with pytest.raises(UserError, match="older nanochat architecture.*smear_gate.weight, smear_lambda, backout_lambda"):
+        ck.build_model(str(tmp_path / "old"), 1, "cpu")
+    with pytest.raises(UserError, match="older nanochat architecture"):
+        ck.load_checkpoint(str(tmp_path / "old"), 1)  # the resume path of train base reads it so
+    gate_only = dict(state)
+    gate_only["blocks.1.attn.ve_gate.weight"] = torch.zeros(2, 32)
+    ck.save_checkpoint(str(tmp_path / "gate"), 1, gate_only, None, meta)
+    with pytest.raises(UserError, match="value-embedding gates read 32 channels"):
+        ck.load_checkpoint(str(tmp_path / "gate"), 1)
+    ck.save_checkpoint(str(tmp_path / "new"), 1, state, None, meta)
+    assert ck.load_checkpoint(str(tmp_path / "new"), 1)[0].keys() == state.keys()

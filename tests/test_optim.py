@@ -9,7 +9,7 @@ import dist_optim_worker as worker
 import pytest
 import torch
 
-from nanochat.optim import MuonAdamW, polar_express
+from nanochat.optim import POLAR_EXPRESS_COEFFS, MuonAdamW, equilibrate_rows, polar_express, renormalize
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_optim_worker.py")
 
@@ -50,6 +50,21 @@ def test_polar_express_square():
     assert ((s > 0.7) & (s < 1.2)).float().mean() >= 0.95
     # zero in, zero out (padding matrices in the distributed stack rely on it)
     assert torch.equal(polar_express(torch.zeros(3, 8, 16)), torch.zeros(3, 8, 16))
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (10, 6)])
+def test_polar_express_normalizes_by_frobenius_times_1_01(shape):
+    """One iteration by hand: X = G / (1.01 ||G||_F + 1e-6), then a X + (b A + c A^2) X with
+    A = X X^T on the wide orientation (a tall G is transposed, iterated, transposed back)."""
+    torch.manual_seed(0)
+    G = torch.randn(shape, dtype=torch.float64).float()
+    W = G.double() if shape[0] <= shape[1] else G.double().T
+    X = W / (torch.linalg.matrix_norm(W) * 1.01 + 1e-6)
+    a, b, c = POLAR_EXPRESS_COEFFS[0]
+    A = X @ X.T
+    ref = a * X + (b * A + c * A @ A) @ X
+    ref = ref if shape[0] <= shape[1] else ref.T
+    torch.testing.assert_close(polar_express(G, steps=1).double(), ref, atol=1e-5, rtol=0)
 
 
 def test_polar_express_rejects_bad_steps():
@@ -103,7 +118,8 @@ def test_groups_get_initial_lr_and_defaults():
     p, q = torch.zeros(4, 4, requires_grad=True), torch.zeros(3, requires_grad=True)
     opt = MuonAdamW([dict(kind="muon", params=[p], lr=0.02), dict(kind="adamw", params=[q], lr=0.1, initial_lr=0.3)])
     muon, adamw = opt.param_groups
-    assert muon["initial_lr"] == 0.02 and muon["momentum"] == 0.95 and muon["ns_steps"] == 5 and muon["beta2"] == 0.95
+    assert muon["initial_lr"] == 0.02 and muon["momentum"] == 0.95 and muon["ns_steps"] == 5 and muon["beta2"] == 0.9
+    assert muon["row_eq"] is False and muon["renorm"] is False
     assert adamw["initial_lr"] == 0.3 and adamw["betas"] == (0.8, 0.95) and adamw["eps"] == 1e-10
 
 
@@ -160,6 +176,80 @@ def test_cautious_weight_decay_only_same_sign():
     assert 0.2 < same.float().mean() < 0.8  # both kinds of coordinates are present
     assert torch.equal(decayed[~same], plain[~same])  # opposite sign: untouched by the decay
     torch.testing.assert_close(decayed[same], plain[same] - lr_eff * wd * p0[same], atol=1e-6, rtol=0)
+
+
+def test_cautious_weight_decay_decays_where_the_update_is_zero():
+    """mask = update * p >= 0: a matrix whose gradient (and momentum) is zero gets a zero update,
+    which does not oppose the decay, so it is decayed by lr * wd (with > 0 it would not move)."""
+    p0 = torch.randn(8, 16)
+    lr, wd = 0.1, 0.5
+    out = _muon_step(p0, torch.zeros(8, 16), lr=lr, weight_decay=wd)
+    torch.testing.assert_close(out, p0 - lr * wd * p0, atol=1e-6, rtol=0)
+    assert (out - p0).abs().max() > 0.01
+
+
+def test_equilibrate_rows_and_renormalize_match_their_definitions():
+    torch.manual_seed(0)
+    X = torch.randn(2, 5, 7) * torch.tensor([0.1, 1.0, 3.0, 0.5, 2.0])[:, None]
+    X[1, 2] = 0.0  # a zero row stays zero
+    eq = equilibrate_rows(X)
+    for k in range(2):
+        target = (X[k] ** 2).sum().sqrt() / 5 ** 0.5  # the root-mean-square row norm
+        for r in range(5):
+            norm = (X[k, r] ** 2).sum().sqrt()
+            expected = X[k, r] * target / norm if norm > 0 else torch.zeros(7)
+            torch.testing.assert_close(eq[k, r], expected, atol=1e-6, rtol=1e-6)
+    rn = renormalize(X)
+    for k in range(2):
+        torch.testing.assert_close(rn[k], X[k] * 5 ** 0.5 / (X[k] ** 2).sum().sqrt(), atol=1e-6, rtol=1e-6)
+    assert torch.equal(renormalize(torch.zeros(3, 4)), torch.zeros(3, 4))
+
+
+def _reference_muon(p, grads, lr, momentum, wd, beta2, row_eq, renorm):
+    """Muon written out for one matrix in float64, step by step, with the same Polar Express."""
+    p = p.double().clone()
+    rows, cols = p.shape
+    mom = torch.zeros_like(p)
+    var = None
+    for g in grads:
+        g = g.double()
+        mom = momentum * mom + (1 - momentum) * g
+        u = (1 - momentum) * g + momentum * mom                     # Nesterov look-ahead
+        if row_eq:
+            rms_row = u.norm() / rows ** 0.5
+            u = torch.stack([row * rms_row / row.norm() for row in u])
+        O = polar_express(u.float()).double()
+        if renorm:
+            O = O * min(rows, cols) ** 0.5 / O.norm()
+        per_neuron = (O ** 2).mean(dim=1, keepdim=True) if rows >= cols else (O ** 2).mean(dim=0, keepdim=True)
+        var = (1 - beta2) * per_neuron if var is None else beta2 * var + (1 - beta2) * per_neuron
+        N = O / (var.sqrt() + 1e-10)
+        N = N * O.norm() / N.norm()
+        lr_eff = lr * max(1.0, rows / cols) ** 0.5
+        decay = torch.where(N * p >= 0, wd * p, torch.zeros_like(p))
+        p = p - lr_eff * (N + decay)
+    return p
+
+
+@pytest.mark.parametrize("row_eq,renorm", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("shape", [(24, 8), (8, 24)])
+def test_muon_three_steps_match_a_reference(shape, row_eq, renorm):
+    """The whole Muon step (momentum, MuonEq, Polar Express, Muon+, NorMuon, cautious decay, tall
+    rate) against the straightforward float64 computation above, over 3 steps of state."""
+    torch.manual_seed(1)
+    p0 = torch.randn(shape) * 0.1
+    grads = [torch.randn(shape) * torch.linspace(0.2, 2.0, shape[0])[:, None] for _ in range(3)]
+    hp = dict(lr=0.03, momentum=0.9, weight_decay=0.2, beta2=0.9)
+    p = p0.clone().requires_grad_()
+    opt = MuonAdamW([dict(kind="muon", params=[p], row_eq=row_eq, renorm=renorm, **hp)])
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+    ref = _reference_muon(p0, grads, hp["lr"], hp["momentum"], hp["weight_decay"], hp["beta2"], row_eq, renorm)
+    torch.testing.assert_close(p.detach().double(), ref, atol=2e-5, rtol=0)
+    if row_eq or renorm:  # the option changed the result
+        plain = _reference_muon(p0, grads, hp["lr"], hp["momentum"], hp["weight_decay"], hp["beta2"], False, False)
+        assert (plain - ref).abs().max() > 1e-4
 
 
 def test_muon_reduces_regression_loss():

@@ -37,25 +37,137 @@ def run_killed_after(flags, step, monkeypatch):
 # ---------------------------------------------------------------------------
 # derived configuration
 
-def test_dry_run_derives_everything_from_depth(tokenizer, capsys):
-    assert tb.main(["--depth", "4", "--device-type", "cpu", "--dry-run", "--model-tag", "dry"]) == 0
+def meta_counts(depth, vocab, seq_len=2048, window_pattern="L"):
+    """GPT.num_params_by_category() of train base's model at `depth` (width 64 x depth rounded up
+    to the head size 128), built on the meta device."""
+    from nanochat.gpt import GPT, GPTConfig
+    dim = math.ceil(depth * 64 / 128) * 128
+    with torch.device("meta"):
+        model = GPT(GPTConfig(sequence_len=seq_len, vocab_size=vocab, n_layer=depth, n_head=dim // 128,
+                              n_kv_head=dim // 128, n_embd=dim, window_pattern=window_pattern))
+    return model.num_params_by_category(), model.estimate_flops()
+
+
+def dry_run(flags, capsys):
+    assert tb.main(flags + ["--device-type", "cpu", "--dry-run", "--model-tag", "dry"]) == 0
     out = capsys.readouterr().out
+    return out, ast.literal_eval(out.strip().splitlines()[-1])  # the derived configuration, printed last
+
+
+def test_dry_run_derives_everything_from_depth(tokenizer, capsys):
+    out, derived = dry_run(["--depth", "4"], capsys)
     assert "depth 4, dim 256, heads 2 (kv 2), windows L" in out
-    derived = ast.literal_eval(out.strip().splitlines()[-1])  # the derived configuration, printed last
-    # recompute every derived number by hand from the depth-4 shape and the test tokenizer's vocab
-    V, C, L = tokenizer.get_vocab_size(), 256, 4
-    matrices = L * (4 * C * C + 2 * 4 * C * C)         # q, k, v, proj + the 4x MLP
-    scalars = 2 * L + (L // 2) * 32 * 2                # resid/x0 lambdas + the gates of 2 value-embedding layers
-    scaling = matrices + scalars + V * C               # + lm_head; the embedding tables are lookups
-    assert derived["num_params"] == scaling + V * C + (L // 2) * V * C
+    # recompute every derived number by hand from the parameter counts and the test vocab
+    V = tokenizer.get_vocab_size()
+    counts, _ = meta_counts(4, V)
+    ref_counts, _ = meta_counts(12, V)
+    scaling = counts["transformer_matrices"] + counts["lm_head"]     # not the embeddings, not the scalars
+    assert counts["lm_head"] == V * 256 and derived["num_params"] == counts["total"]
+    # ...and the counts themselves by hand: q, k, v, proj + the 4x MLP, plus the two value-embedding
+    # gates (kv heads 2 x 12 channels, trained by Muon with the matrices); smear gate + 2 lambdas
+    C, L = 256, 4
+    assert counts["transformer_matrices"] == L * (4 * C * C + 2 * 4 * C * C) + (L // 2) * 2 * 12
+    assert counts["scalars"] == 2 * L + 24 + 2
+    assert derived["num_params"] == scaling + counts["scalars"] + V * C + (L // 2) * V * C
     assert derived["scaling_params"] == scaling
+    D, D_ref = 12 * scaling, 12 * (ref_counts["transformer_matrices"] + ref_counts["lm_head"])
+    assert derived["train_tokens"] == D and derived["ref_tokens"] == D_ref
     micro = 32 * 2048                                  # default device batch x context, one process
-    target = 2 ** 19 * (10.5 * scaling / 5e9) ** 0.383
+    target = 2 ** 19 * (D / D_ref) ** 0.383
     total = max(1, round(2 ** round(math.log2(target)) / micro)) * micro
     assert derived["total_batch_size"] == total and derived["grad_accum"] == total // micro
-    assert derived["num_iterations"] == round(10.5 * scaling / total)
-    assert derived["weight_decay_scaled"] == pytest.approx(min(0.2 * (12 / 4) ** 2, 1.0))
+    assert derived["num_iterations"] == round(D / total)
+    scale = (total / 2 ** 19) ** 0.5
+    assert derived["lr_scale"] == pytest.approx(scale)
+    assert derived["lrs"] == pytest.approx(dict(embedding_lr=0.3 * scale, unembedding_lr=0.008 * scale,
+                                                matrix_lr=0.02 * scale, scalar_lr=0.5 * scale))
+    assert derived["weight_decay_scaled"] == pytest.approx(0.28 * scale * D_ref / D)
     assert derived["eval_steps"] == 20 * total // micro and derived["dtype"] == "float32"
+
+
+def test_given_total_batch_scales_the_lrs_too(tokenizer, capsys):
+    _, derived = dry_run(["--depth", "2", "--max-seq-len", "64", "--device-batch-size", "4",
+                          "--total-batch-size", "512"], capsys)
+    assert derived["total_batch_size"] == 512 and derived["lr_scale"] == pytest.approx(1 / 32)
+    assert derived["lrs"]["matrix_lr"] == pytest.approx(0.02 / 32)
+
+
+def test_dry_run_with_auto_device_batch_plans_without_probing(tokenizer, capsys):
+    """No GPU to probe: the plan (batch, steps, FLOPs) still comes out; the micro-batch is left open."""
+    out, derived = dry_run(["--depth", "2", "--device-batch-size", "auto"], capsys)
+    assert derived["device_batch_size"] is None and derived["grad_accum"] is None
+    assert derived["total_batch_size"] == 2 ** round(math.log2(derived["total_batch_size"]))
+    assert "device batch auto (probed at the start)" in out and "on paper:" in out
+
+
+@pytest.fixture
+def vocab_32k(monkeypatch):
+    """The speedrun's vocabulary (32,768) for dry runs: they only ask the tokenizer its size."""
+    import types
+    monkeypatch.setattr(tb, "get_tokenizer", lambda: types.SimpleNamespace(get_vocab_size=lambda: 32768))
+
+
+def test_batch_rule_d12_gets_2_19_and_d20_to_d26_get_2_20(vocab_32k, capsys):
+    """The Power Lines rule at the speedrun's vocabulary, ratio 12: d8 2^18, d12 (the reference) 2^19,
+    d20..d26 2^20 (upstream's table); by hand from meta-device parameter counts."""
+    ref_counts, _ = meta_counts(12, 32768)
+    D_ref = 12 * (ref_counts["transformer_matrices"] + ref_counts["lm_head"])
+    for depth, expected in ((8, 2 ** 18), (12, 2 ** 19), (20, 2 ** 20), (24, 2 ** 20), (26, 2 ** 20)):
+        counts, _ = meta_counts(depth, 32768)
+        D = 12 * (counts["transformer_matrices"] + counts["lm_head"])
+        assert 2 ** round(math.log2(2 ** 19 * (D / D_ref) ** 0.383)) == expected, depth
+        _, derived = dry_run(["--depth", str(depth), "--device-batch-size", "1"], capsys)
+        assert derived["total_batch_size"] == expected, depth
+        assert derived["lr_scale"] == pytest.approx((expected / 2 ** 19) ** 0.5)
+
+
+def test_speedrun_on_paper(vocab_32k, capsys):
+    """`train base --depth 24 --target-param-data-ratio 8 --fp8 --dry-run` (the speedrun's
+    windows, 8 processes' worth of batch): FLOPs/token, tokens, steps, batch, FLOPs and the hours
+    on 8xH100 at 50% MFU of 989 TFLOP/s; no GPU, data or weights needed (--fp8 is only noted)."""
+    flags = ["--depth", "24", "--target-param-data-ratio", "8", "--fp8", "--window-pattern", "SSSL",
+             "--device-batch-size", "16"]
+    out, derived = dry_run(flags, capsys)
+    counts, flops_per_token = meta_counts(24, 32768, window_pattern="SSSL")
+    scaling = counts["transformer_matrices"] + counts["lm_head"]
+    steps = round(8 * scaling / 2 ** 20)
+    tokens = steps * 2 ** 20
+    hours = flops_per_token * tokens / (8 * 989e12 * 0.5) / 3600
+    assert derived["total_batch_size"] == 2 ** 20 and derived["num_iterations"] == steps
+    assert derived["total_tokens"] == tokens and derived["flops_per_token"] == flops_per_token
+    assert derived["total_flops"] == flops_per_token * tokens
+    assert derived["paper_hours_8xh100"] == pytest.approx(hours) and 1.0 < hours < 3.0
+    assert f"FLOPs/token {flops_per_token:.3e}" in out
+    assert f"batch: {2 ** 20:,} tokens/step" in out and f"horizon: {steps:,} steps = {tokens:,} tokens" in out
+    assert f"on paper: {flops_per_token * tokens:.3e} FLOPs" in out
+    assert f"-> {hours:.2f} h on 8xH100 SXM at 50% MFU of 989 TFLOP/s bf16 dense" in out
+    assert "fp8: requested, not on this machine (FP8 training needs" in out and "bf16-equivalent MFU" in out
+    assert "would be tensorwise: 144 linear layers" in out  # 6 per block
+    _, derived = dry_run(flags + ["--assumed-mfu", "0.6"], capsys)
+    assert derived["paper_hours_8xh100"] == pytest.approx(hours * 0.5 / 0.6)
+
+
+def test_schedules_reach_the_optimizer(tokenizer, monkeypatch):
+    """A real tiny run: every step sets the lr multiplier (40-step warmup), base's Muon momentum and
+    the cosine weight decay from the scaled value; the Muon lr is the flag x sqrt(512 / 2^19);
+    --muon-eq-plus turns on MuonEq and Muon+ in the Muon groups."""
+    calls = []
+    real = tb.set_lrs
+
+    def spy(optimizer, lrm, momentum=None, weight_decay=None):
+        real(optimizer, lrm, momentum, weight_decay)
+        muon = next(g for g in optimizer.param_groups if g["kind"] == "muon")
+        assert muon["row_eq"] is True and muon["renorm"] is True
+        calls.append((lrm, momentum, weight_decay, muon["initial_lr"], muon["weight_decay"]))
+    monkeypatch.setattr(tb, "set_lrs", spy)
+    tb.main(TINY + ["--num-iterations", "4", "--eval-every", "-1", "--model-tag", "sched", "--muon-eq-plus"])
+    wd0 = calls[0][2]
+    assert wd0 > 0 and len(calls) == 4
+    for i, (lrm, momentum, wd, muon_lr, group_wd) in enumerate(calls):
+        assert lrm == pytest.approx((i + 1) / 40)
+        assert momentum == pytest.approx(0.85 + 0.12 * i / 400)
+        assert wd == pytest.approx(wd0 * 0.5 * (1 + math.cos(math.pi * i / 4))) and group_wd == wd
+        assert muon_lr == pytest.approx(0.02 / 32)
 
 
 # ---------------------------------------------------------------------------
@@ -69,7 +181,10 @@ def test_dry_run_derives_everything_from_depth(tokenizer, capsys):
     (["--window-pattern", "SXL"], "made of S and L"),
     (["--n-kv-head", "3"], "must divide the number of heads"),
     (["--resume", "--model-tag", "never-trained"], "nothing to resume"),
-    (["--warmup-ratio", "0.7", "--warmdown-ratio", "0.5"], "at most 1"),
+    (["--warmup-steps", "-1"], "--warmup-steps must be >= 0"),
+    (["--warmdown-ratio", "1.5"], "--warmdown-ratio must be between 0 and 1"),
+    (["--target-param-data-ratio", "0"], "--target-param-data-ratio must be > 0"),
+    (["--assumed-mfu", "0"], "--assumed-mfu must be in"),
     (["--num-iterations", "0"], "--num-iterations must be >= 1"),
 ])
 def test_bad_flags_raise_user_error(tokenizer, flags, message):

@@ -19,7 +19,8 @@ class NanochatConfig(PretrainedConfig):
 
     def __init__(self, sequence_len=2048, vocab_size=32768, n_layer=12, n_head=6, n_kv_head=6, n_embd=768,
                  window_pattern="SSSL", short_window=0, softcap=15.0, rope_base=100000.0,
-                 ve_gate_channels=32, use_cache=True, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+                 ve_gate_channels=12, ve_gate_range=3.0, qk_scale=1.2, smear=True, smear_channels=24,
+                 backout=True, use_cache=True, bos_token_id=None, eos_token_id=None, pad_token_id=None,
                  tie_word_embeddings=False, **kwargs):
         self.sequence_len = sequence_len
         self.vocab_size = vocab_size
@@ -33,6 +34,11 @@ class NanochatConfig(PretrainedConfig):
         self.softcap = softcap
         self.rope_base = rope_base
         self.ve_gate_channels = ve_gate_channels
+        self.ve_gate_range = ve_gate_range
+        self.qk_scale = qk_scale
+        self.smear = smear
+        self.smear_channels = smear_channels
+        self.backout = backout
         self.use_cache = use_cache
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)

@@ -6,19 +6,27 @@ transformers. Parameter names match nanochat's state dict, so the weights are sa
 nanochat's test suite checks that both give the same logits and the same greedy tokens.
 
 The architecture, in the order a token sees it:
-- token embedding, then a parameter-free RMSNorm; the result x0 is kept for every layer
+- token embedding, then a parameter-free RMSNorm, then the smear: position t adds
+  smear_lambda * sigmoid(smear_gate(e[t, :24])) * e[t-1] (e = the normalized embeddings; nothing
+  for a row's first token); the result x0 is kept for every layer
 - per layer: x = resid_lambdas[i] * x + x0_lambdas[i] * x0, then two pre-norm residual branches
   (parameter-free RMSNorm before each; no biases anywhere)
-- attention: rotary embeddings (base 100,000, pairs (i, i + D/2)), then QK-norm, grouped-query
+- attention: rotary embeddings (base 100,000, pairs (i, i + D/2)), then QK-norm and q, k times 1.2,
+  grouped-query
   attention, causal with a per-layer window ("S" layers see the last short_window tokens, "L"
   layers everything, the last layer always everything)
 - alternating layers (always the last) add a value embedding of the input token to the values,
-  scaled per kv head by a gate 2 * sigmoid(W x[:, :32])
+  scaled per kv head by a gate 3 * sigmoid(W x[:, :12])
 - MLP: ReLU^2, 4x wide
+- backout: the residual stream after layer n_layer // 2, times backout_lambda, is subtracted
+  (not with n_layer <= 2, where that layer is the last one)
 - final RMSNorm, untied lm_head, logits in fp32 soft-capped: 15 * tanh(logits / 15)
 
 Generation keeps every key in a transformers DynamicCache; sliding windows are applied by the
-attention mask. Batches may be left-padded (pass the tokenizer's attention_mask).
+attention mask. Batches may be left-padded (pass the tokenizer's attention_mask). The smear needs
+the token before the first new one: generate() passes it (prev_token_ids); a hand-written loop
+that feeds the returned past_key_values back gets it from the cache, where forward() leaves the
+last token of each row.
 """
 import torch
 import torch.nn as nn
@@ -56,6 +64,8 @@ class NanochatAttention(nn.Module):
         self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
         self.head_dim = config.n_embd // config.n_head
         self.rope_base = config.rope_base
+        self.qk_scale = config.qk_scale
+        self.ve_gate_range = config.ve_gate_range
         C, D = config.n_embd, self.head_dim
         self.c_q = nn.Linear(C, self.n_head * D, bias=False)
         self.c_k = nn.Linear(C, self.n_kv_head * D, bias=False)
@@ -72,10 +82,10 @@ class NanochatAttention(nn.Module):
         k = self.c_k(x).view(B, T, Hkv, D)
         v = self.c_v(x).view(B, T, Hkv, D)
         if ve is not None:
-            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate.in_features]))  # (B, T, Hkv)
+            gate = self.ve_gate_range * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate.in_features]))  # (B, T, Hkv)
             v = v + gate.unsqueeze(-1) * ve.view(B, T, Hkv, D)
-        q = rms_norm(rotate(q, pos, self.rope_base)).to(v.dtype).transpose(1, 2)
-        k = rms_norm(rotate(k, pos, self.rope_base)).to(v.dtype).transpose(1, 2)
+        q = (rms_norm(rotate(q, pos, self.rope_base)) * self.qk_scale).to(v.dtype).transpose(1, 2)
+        k = (rms_norm(rotate(k, pos, self.rope_base)) * self.qk_scale).to(v.dtype).transpose(1, 2)
         v = v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # all keys so far: (B, Hkv, past + T, D)
@@ -143,6 +153,9 @@ class NanochatForCausalLM(PreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(C, V, bias=False)
         self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
         self.x0_lambdas = nn.Parameter(torch.full((config.n_layer,), 0.1))
+        self.smear_gate = nn.Linear(min(config.smear_channels, C), 1, bias=False)
+        self.smear_lambda = nn.Parameter(torch.zeros(1))
+        self.backout_lambda = nn.Parameter(torch.full((1,), 0.2))
         self.windows = config.layer_windows()
         self.post_init()
 
@@ -158,8 +171,29 @@ class NanochatForCausalLM(PreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
+    def smear(self, e, prev_token_ids, past, pad_mask):
+        """e: (B, T, C) normalized embeddings of the new tokens. Position t gets the embedding of
+        the token before it (for t = 0 that of prev_token_ids, when past > 0), unless that token
+        is padding or there is none."""
+        B, T, _ = e.shape
+        if past > 0:
+            if prev_token_ids is None:
+                raise ValueError("nanochat smears the previous token into each position: with past_key_values, "
+                                 "pass prev_token_ids (B, 1), the token before input_ids, or the past_key_values "
+                                 "this model returned")
+            first = rms_norm(self.wte(prev_token_ids.to(e.device).view(B, 1)))
+        else:
+            first = torch.zeros_like(e[:, :1])
+        prev = torch.cat([first, e[:, :-1]], dim=1)
+        j = past - 1 + torch.arange(T, device=e.device)  # index of the previous token in the row
+        valid = (j >= 0)[None, :].expand(B, T)
+        if pad_mask is not None:
+            valid = valid & pad_mask[:, j.clamp(min=0)].bool()
+        gate = torch.sigmoid(self.smear_gate(e[..., :self.smear_gate.in_features]))
+        return e + self.smear_lambda * gate * (prev * valid[..., None].to(e.dtype))
+
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, labels=None,
-                use_cache=None, return_dict=None, **kwargs):
+                use_cache=None, return_dict=None, prev_token_ids=None, **kwargs):
         B, T = input_ids.shape
         device = input_ids.device
         use_cache = getattr(self.config, "use_cache", True) if use_cache is None else use_cache
@@ -180,11 +214,25 @@ class NanochatForCausalLM(PreTrainedModel, GenerationMixin):
         masks = {w: attention_mask_for(w, T, past, pad_mask, device) for w in set(self.windows)}
 
         x = rms_norm(self.wte(input_ids))
+        if self.config.smear:
+            if prev_token_ids is None and past > 0:
+                prev_token_ids = getattr(cache, "nanochat_last_token", None)
+            x = self.smear(x, prev_token_ids, past, pad_mask)
+        if cache is not None:
+            cache.nanochat_last_token = input_ids[:, -1:]
         x0 = x
+        backout_layer = self.config.n_layer // 2
+        if not self.config.backout or backout_layer >= self.config.n_layer - 1:
+            backout_layer = None  # off, or n_layer <= 2 (that layer is the last: nanochat skips it)
+        x_mid = None
         for i, block in enumerate(self.blocks):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](input_ids) if str(i) in self.value_embeds else None
             x = block(x, ve, position_ids, masks[self.windows[i]], cache)
+            if i == backout_layer:
+                x_mid = x
+        if x_mid is not None:
+            x = x - self.backout_lambda * x_mid
         x = rms_norm(x)
         logits = self.lm_head(x).float()
         logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
@@ -201,4 +249,6 @@ class NanochatForCausalLM(PreTrainedModel, GenerationMixin):
         past = past_key_values.get_seq_length() if isinstance(past_key_values, Cache) else 0
         inputs = {"input_ids": input_ids[:, past:], "past_key_values": past_key_values,
                   "attention_mask": attention_mask, "use_cache": kwargs.get("use_cache", True)}
+        if past > 0:
+            inputs["prev_token_ids"] = input_ids[:, past - 1:past]  # the smear's previous token
         return inputs

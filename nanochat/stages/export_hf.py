@@ -22,7 +22,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from nanochat.checkpoint import load_model, pick_source, resolve_checkpoint
 from nanochat.common import UserError, add_common_flags, atomic_write_text, print0
-from nanochat.gpt import ROPE_BASE, VE_GATE_CHANNELS
+from nanochat.gpt import QK_SCALE, ROPE_BASE, SMEAR_CHANNELS, VE_GATE_CHANNELS, VE_GATE_RANGE
 from nanochat.loss import SOFTCAP
 
 HF_CODE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hf")
@@ -212,6 +212,7 @@ def export(model, tokenizer, meta, source, model_tag, step, out, dtype="float32"
                   "AutoModelForCausalLM": "modeling_nanochat.NanochatForCausalLM"},
         **config,
         softcap=SOFTCAP, rope_base=float(ROPE_BASE), ve_gate_channels=VE_GATE_CHANNELS,
+        ve_gate_range=VE_GATE_RANGE, qk_scale=QK_SCALE, smear_channels=SMEAR_CHANNELS,
         bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, tie_word_embeddings=False, use_cache=True,
         torch_dtype=dtype, dtype=dtype,  # transformers 4 reads torch_dtype, 5 reads dtype
     )

@@ -7,7 +7,12 @@
 
 Derived from --depth (each can be overridden by its own flag; docs/training.md has the rules):
 width = depth * aspect ratio rounded up to the head size, heads, the horizon (tokens =
---target-param-data-ratio * parameters), the total batch size, and the weight decay.
+--target-param-data-ratio * scaling parameters), the total batch size (from the horizon, against a
+d12 reference at 2^19 tokens), the learning rates (x sqrt(batch / 2^19)) and the weight decay.
+Every run prints its FLOPs and the hours it would take on 8xH100 at --assumed-mfu; --dry-run stops
+there (no data or GPU needed):
+
+    nanochat train base --depth 24 --target-param-data-ratio 8 --fp8 --dry-run   # the speedrun, on paper
 
 Checkpoints, metrics.jsonl and the resume state go to $NANOCHAT_BASE_DIR/checkpoints/base/<tag>.
 """
@@ -27,10 +32,19 @@ from nanochat.engine import greedy_samples
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
-from nanochat.training import (StepLog, add_compile_flag, clear_grads, add_schedule_flags, check_horizon, check_loop_args,
-                               check_schedule_args, derive_total_batch_size, evaluated_before, is_due,
-                               largest_fitting, log_report, lr_multiplier, model_dims, muon_momentum,
-                               resolve_resume, scaled_weight_decay, set_lrs, write_record)
+from nanochat.training import (REF_DEPTH, StepLog, add_compile_flag, add_schedule_flags, base_muon_momentum,
+                               batch_lr_scale, check_horizon, check_loop_args, check_schedule_args, clear_grads,
+                               derive_total_batch_size, evaluated_before, is_due, largest_fitting, log_report,
+                               lr_multiplier, model_dims, resolve_resume, scaled_weight_decay, scaling_params,
+                               set_lrs, weight_decay_at, write_record)
+
+# The yardstick of the on-paper time: one H100 SXM's dense bf16 tensor-core peak (the data sheet's
+# 1,979 TFLOP/s is with 2:4 sparsity), 8 of them (one node), at --assumed-mfu. MFU is counted
+# against the bf16 peak with --fp8 too (as the step log does), so an FP8 run's assumed MFU is a
+# bf16-equivalent one: FP8 matmuls peak at 2x (1,979 TFLOP/s dense) but the attention, norms and
+# optimizer do not speed up.
+H100_BF16_PEAK_FLOPS = 989e12
+PAPER_GPUS = 8
 
 
 def build_parser():
@@ -54,16 +68,20 @@ def build_parser():
                    help="tokens per optimizer step over all processes (default -1: derived from the horizon)")
     g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (overrides the two below)")
     g.add_argument("--target-flops", type=float, default=-1.0, help="training FLOPs budget (overrides the ratio)")
-    g.add_argument("--target-param-data-ratio", type=float, default=10.5,
-                   help="training tokens per (non-embedding) parameter (default 10.5)")
+    g.add_argument("--target-param-data-ratio", type=float, default=12,
+                   help="training tokens per scaling parameter (transformer matrices + output head) (default 12)")
     g = p.add_argument_group("optimization")
-    g.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW lr of the token and value embeddings (default 0.2)")
-    g.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW lr of the output head (default 0.004)")
-    g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon lr of the transformer matrices (default 0.02)")
-    g.add_argument("--scalar-lr", type=float, default=0.5, help="AdamW lr of the per-layer scalars (default 0.5)")
-    g.add_argument("--weight-decay", type=float, default=0.2,
-                   help="Muon weight decay at depth 12; scaled by (12/depth)^2, at most 1.0 (default 0.2)")
-    add_schedule_flags(g, warmdown_ratio=0.4)
+    g.add_argument("--embedding-lr", type=float, default=0.3,
+                   help="AdamW lr of the token and value embeddings at 2^19 tokens/step (default 0.3)")
+    g.add_argument("--unembedding-lr", type=float, default=0.008, help="AdamW lr of the output head at 2^19 tokens/step (default 0.008)")
+    g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon lr of the transformer matrices at 2^19 tokens/step (default 0.02)")
+    g.add_argument("--scalar-lr", type=float, default=0.5, help="AdamW lr of the per-layer scalars at 2^19 tokens/step (default 0.5)")
+    g.add_argument("--weight-decay", type=float, default=0.28,
+                   help="Muon weight decay of the d12 reference run; scaled by sqrt(batch/2^19) x (d12 tokens / tokens), "
+                        "then cosine-decayed to 0 over the run (default 0.28)")
+    g.add_argument("--muon-eq-plus", action="store_true",
+                   help="MuonEq row equilibration and Muon+ renormalization in Muon (upstream HEAD has them; docs/optim.md)")
+    add_schedule_flags(g, warmdown_ratio=0.65, final_lr_frac=0.05, warmup_steps=40)
     g.add_argument("--seed", type=int, default=42, help="weights init seed (default 42)")
     g = p.add_argument_group("evaluation and logging")
     g.add_argument("--eval-every", type=int, default=250, help="val bits per byte every N steps, -1 = only at the end (default 250)")
@@ -84,8 +102,25 @@ def build_parser():
     g.add_argument("--fp8", action="store_true",
                    help="the transformer's linear layers in FP8 (tensorwise scaling); needs a GPU of compute "
                         "capability >= 8.9 (H100-class) and compile to pay off (docs/training.md, FP8)")
-    g.add_argument("--dry-run", action="store_true", help="print the derived configuration and exit")
+    g.add_argument("--assumed-mfu", type=float, default=0.5,
+                   help="MFU (of the H100 bf16 dense peak, 989 TFLOP/s) for the on-paper time on 8xH100 (default 0.5)")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the derived configuration and the on-paper time, and exit (no data, model or GPU needed)")
     return p
+
+
+def fp8_layers(converted, kept):
+    return (f"tensorwise: {len(converted)} linear layers ({fp8.summarize(converted)}); "
+            f"kept in the compute dtype: {fp8.summarize(kept) or 'none'}")
+
+
+def reference_model(model_config, args):
+    """The d12 model of this run's vocabulary, context, aspect ratio and head size, on the meta
+    device: the reference whose horizon (and 2^19-token batch) the batch and decay rules scale from."""
+    dim, heads = model_dims(REF_DEPTH, args.aspect_ratio, args.head_dim)
+    cfg = dict(model_config, n_layer=REF_DEPTH, n_embd=dim, n_head=heads, n_kv_head=heads)
+    with torch.device("meta"):
+        return GPT(GPTConfig(**cfg))
 
 
 # ---------------------------------------------------------------------------
@@ -131,7 +166,7 @@ def main(argv=None):
         raise UserError(f"--max-seq-len must be >= 2, not {args.max_seq_len}")
     auto_batch = args.device_batch_size == "auto"
     if auto_batch:
-        if device_type != "cuda":
+        if device_type != "cuda" and not args.dry_run:
             raise UserError("--device-batch-size auto needs CUDA (it probes GPU memory); give a number")
     else:
         try:
@@ -142,6 +177,10 @@ def main(argv=None):
             raise UserError(f"--device-batch-size must be >= 1, not {args.device_batch_size}")
     check_schedule_args(args)
     check_loop_args(args)
+    if args.target_param_data_ratio <= 0:
+        raise UserError(f"--target-param-data-ratio must be > 0, not {args.target_param_data_ratio}")
+    if not 0 < args.assumed_mfu <= 1:
+        raise UserError(f"--assumed-mfu must be in (0, 1], not {args.assumed_mfu}")
     model_dim, n_head = model_dims(args.depth, args.aspect_ratio, args.head_dim)
     n_kv_head = args.n_kv_head if args.n_kv_head is not None else n_head
     if n_kv_head < 1 or n_head % n_kv_head:
@@ -152,7 +191,8 @@ def main(argv=None):
 
     # --- tokenizer and data must exist before we spin anything up
     tokenizer = get_tokenizer()
-    validate_shards(list_shards())  # every train and val shard's schema, before anything starts
+    if not args.dry_run:
+        validate_shards(list_shards())  # every train and val shard's schema, before anything starts
     vocab_size = tokenizer.get_vocab_size()
 
     is_dist, rank, local_rank, world_size, device = compute_init(device_type, seed=args.seed)
@@ -186,80 +226,106 @@ def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_ba
             raise UserError("the architecture flags differ from the checkpoint's: " + "; ".join(diffs))
         model_config = dict(saved_cfg)
 
-    # --- the model: built on meta, materialized, initialized
+    # --- the model on the meta device (shapes only): everything the plan needs, no memory
     config = GPTConfig(**model_config)
     with torch.device("meta"):
         model = GPT(config)
-    model.to_empty(device=device)
-    torch.manual_seed(args.seed)
-    model.init_weights()
+    counts = model.num_params_by_category()
+    num_params = counts["total"]
+    n_scaling = scaling_params(counts)
+    flops_per_token = model.estimate_flops()
+    # the horizon the batch and weight-decay rules see: the ratio's tokens, or what --target-flops buys
+    train_tokens = args.target_flops / flops_per_token if args.target_flops > 0 else \
+        args.target_param_data_ratio * n_scaling
+    ref_tokens = args.target_param_data_ratio * scaling_params(reference_model(model_config, args).num_params_by_category())
+
+    fp8_note = "off"
+    if args.fp8:
+        why_not = fp8.unsupported_reason(device)
+        if why_not and not args.dry_run:
+            raise UserError(f"--fp8: {why_not}; train without --fp8 (bf16)")
+        if args.dry_run:  # which layers it would convert (on the meta model: shapes only)
+            fp8_note = ("on, " if not why_not else f"requested, not on this machine ({why_not}); would be ") + \
+                fp8_layers(*fp8.convert_to_fp8(model))
+
+    # --- the model: materialized, initialized (not for a dry run)
+    if not args.dry_run:
+        model.to_empty(device=device)
+        torch.manual_seed(args.seed)
+        model.init_weights()
     orig_model = model  # uncompiled: for saving, sampling and evaluation
     if args.activation_checkpointing:
         model.checkpoint_activations = True  # gpt.py wraps each block in torch.utils.checkpoint
-    fp8_note = "off"
-    if args.fp8:  # before the batch probe, compile and the optimizer; the parameters stay the same
-        why_not = fp8.unsupported_reason(device)
-        if why_not:
-            raise UserError(f"--fp8: {why_not}; train without --fp8 (bf16)")
-        converted, kept = fp8.convert_to_fp8(model)
-        fp8_note = (f"on, tensorwise: {len(converted)} linear layers ({fp8.summarize(converted)}); "
-                    f"kept in the compute dtype: {fp8.summarize(kept) or 'none'}")
-    num_params = sum(p.numel() for p in model.parameters())
-    counts = model.num_params_by_category()
-    # the horizon counts the parameters that cost FLOPs: not the embedding lookups
-    scaling_params = counts["total"] - counts["wte"] - counts["value_embeds"]
-    flops_per_token = model.estimate_flops()
+    if args.fp8 and not args.dry_run:  # before the batch probe, compile and the optimizer; the parameters stay the same
+        fp8_note = "on, " + fp8_layers(*fp8.convert_to_fp8(model))
 
     # --- batch: micro-batch, total batch, gradient accumulation
     if auto_batch:
         args.device_batch_size = None
     B = args.device_batch_size
-    ratio_tokens = args.target_param_data_ratio * scaling_params
-    if auto_batch:
+    if auto_batch and args.total_batch_size > 0 and args.total_batch_size % (T * world_size):
+        raise UserError(f"--total-batch-size {args.total_batch_size} is not a multiple of "
+                        f"max-seq-len * processes = {T * world_size}")
+    if auto_batch and not args.dry_run:
         multiple = args.total_batch_size // (T * world_size) if args.total_batch_size > 0 else 256
-        if args.total_batch_size > 0 and args.total_batch_size % (T * world_size):
-            raise UserError(f"--total-batch-size {args.total_batch_size} is not a multiple of "
-                            f"max-seq-len * processes = {T * world_size}")
         candidates = [b for b in AUTO_BATCH_CANDIDATES if multiple % b == 0]
         B = largest_fitting(candidates, cuda_batch_fits(model, T, vocab_size, device), device)
         if B is None:
             raise UserError(f"--device-batch-size auto: not even 1 sequence of {T} tokens fits; "
                             f"lower --max-seq-len or use --activation-checkpointing")
         print0(f"--device-batch-size auto: {B} (agreed by all {world_size} process(es))")
-    tokens_per_fwdbwd = B * T * world_size
+    # a dry run with auto does not probe: the micro-batch (and the accumulation) is found at the start
+    tokens_per_fwdbwd = (B or 1) * T * world_size
     total_batch_size = args.total_batch_size if args.total_batch_size > 0 else \
-        derive_total_batch_size(ratio_tokens, tokens_per_fwdbwd)
+        derive_total_batch_size(train_tokens, ref_tokens, tokens_per_fwdbwd)
     if total_batch_size % tokens_per_fwdbwd:
         raise UserError(f"--total-batch-size {total_batch_size} is not a multiple of device-batch-size * "
                         f"max-seq-len * processes = {B} * {T} * {world_size} = {tokens_per_fwdbwd}")
-    grad_accum = total_batch_size // tokens_per_fwdbwd
+    grad_accum = total_batch_size // tokens_per_fwdbwd if B else None
     if args.num_iterations > 0:
         num_iterations = args.num_iterations
     elif args.target_flops > 0:
         num_iterations = max(1, round(args.target_flops / (flops_per_token * total_batch_size)))
     else:
-        num_iterations = max(1, round(ratio_tokens / total_batch_size))
+        num_iterations = max(1, round(train_tokens / total_batch_size))
     check_horizon(resume_step, num_iterations)
-    weight_decay = scaled_weight_decay(args.weight_decay, args.depth)
+    lr_scale = batch_lr_scale(total_batch_size)
+    lrs = {k: getattr(args, k) * lr_scale for k in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr")}
+    weight_decay = scaled_weight_decay(args.weight_decay, total_batch_size, train_tokens, ref_tokens)
     eval_tokens = args.eval_tokens if args.eval_tokens > 0 else 20 * total_batch_size
-    eval_steps = max(1, eval_tokens // tokens_per_fwdbwd)
+    eval_steps = max(1, eval_tokens // tokens_per_fwdbwd) if B else None
+    total_tokens = num_iterations * total_batch_size
+    total_flops = flops_per_token * total_tokens
+    paper_hours = total_flops / (PAPER_GPUS * H100_BF16_PEAK_FLOPS * args.assumed_mfu) / 3600
 
     print0(f"compute dtype: {str(dtype).replace('torch.', '')} ({dtype_why}); weights and optimizer state fp32")
     print0(f"fp8: {fp8_note}")
     print0(f"model: depth {args.depth}, dim {model_dim}, heads {n_head} (kv {n_kv_head}), windows {window_pattern}, "
            f"seq len {T}, vocab {vocab_size}")
     print0(f"parameters: {num_params:,} ({', '.join(f'{k} {v:,}' for k, v in counts.items())}); "
-           f"FLOPs/token {flops_per_token:.3e}")
-    print0(f"batch: {total_batch_size:,} tokens/step = {B} seqs x {T} tokens x {world_size} procs x {grad_accum} accum")
-    print0(f"horizon: {num_iterations:,} steps = {num_iterations * total_batch_size:,} tokens "
-           f"({num_iterations * total_batch_size / scaling_params:.2f} tokens/param), "
-           f"{flops_per_token * total_batch_size * num_iterations:.3e} FLOPs; weight decay {weight_decay:.4g}")
+           f"scaling parameters (matrices + lm_head) {n_scaling:,}; FLOPs/token {flops_per_token:.3e}")
+    micro = f"{B} seqs x {T} tokens x {world_size} procs x {grad_accum} accum" if B else \
+        f"device batch auto (probed at the start) x {T} tokens x {world_size} procs"
+    print0(f"batch: {total_batch_size:,} tokens/step = {micro}")
+    print0(f"horizon: {num_iterations:,} steps = {total_tokens:,} tokens "
+           f"({total_tokens / n_scaling:.2f} tokens/scaling param); d{REF_DEPTH} reference {ref_tokens:,.0f} tokens")
+    print0("learning rates (x sqrt(batch / 2^19) = x " + f"{lr_scale:.4g}): "
+           + ", ".join(f"{k} {v:.4g}" for k, v in lrs.items())
+           + f"; Muon weight decay {weight_decay:.4g}, cosine to 0")
+    print0(f"schedule: lr warmup {args.warmup_steps} steps, warmdown over the last {args.warmdown_ratio:g} to "
+           f"{args.final_lr_frac:g}; Muon momentum 0.85 -> 0.97 (400 steps) -> 0.90 over the warmdown")
+    fp8_peak = " (FP8 counted against the bf16 peak: a bf16-equivalent MFU)" if args.fp8 else ""
+    print0(f"on paper: {total_flops:.3e} FLOPs = {flops_per_token:.3e} FLOPs/token x {total_tokens:,} tokens "
+           f"-> {paper_hours:.2f} h on {PAPER_GPUS}xH100 SXM at {args.assumed_mfu:.0%} MFU of "
+           f"{H100_BF16_PEAK_FLOPS / 1e12:.0f} TFLOP/s bf16 dense{fp8_peak}")
     user_config = {k: v for k, v in vars(args).items()}
     derived = dict(model_tag=model_tag, device_batch_size=B, total_batch_size=total_batch_size,
-                   grad_accum=grad_accum, num_iterations=num_iterations, weight_decay_scaled=weight_decay,
-                   num_params=num_params, scaling_params=scaling_params, flops_per_token=flops_per_token,
-                   world_size=world_size, dtype=str(dtype).replace("torch.", ""), eval_steps=eval_steps,
-                   fp8=args.fp8)
+                   grad_accum=grad_accum, num_iterations=num_iterations, total_tokens=total_tokens,
+                   train_tokens=train_tokens, ref_tokens=ref_tokens, lr_scale=lr_scale, lrs=lrs,
+                   weight_decay_scaled=weight_decay, num_params=num_params, scaling_params=n_scaling,
+                   flops_per_token=flops_per_token, total_flops=total_flops, assumed_mfu=args.assumed_mfu,
+                   paper_hours_8xh100=paper_hours, world_size=world_size, dtype=str(dtype).replace("torch.", ""),
+                   eval_steps=eval_steps, fp8=args.fp8)
     if args.dry_run:
         print0(derived)
         return 0
@@ -268,10 +334,8 @@ def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_ba
     if use_compile:
         model = torch.compile(model, dynamic=False)
 
-    optimizer = orig_model.setup_optimizer(
-        embedding_lr=args.embedding_lr, unembedding_lr=args.unembedding_lr, matrix_lr=args.matrix_lr,
-        scalar_lr=args.scalar_lr, weight_decay=weight_decay,
-        compile=use_compile or None)  # --compile on CPU compiles the optimizer's updates too
+    optimizer = orig_model.setup_optimizer(**lrs, weight_decay=weight_decay,
+                                           compile=use_compile or None)  # --compile on CPU compiles the optimizer's updates too
 
     # The data is split into grad_accum * world_size "data ranks", one loader each; micro-step k
     # of process r reads data rank r * grad_accum + k. The split depends only on the total and
@@ -296,8 +360,12 @@ def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_ba
         for ld, st in zip(train_loaders, loader_state):
             ld.load_state_dict(st)
         ck.set_rng_state(shard["rng"])
+        # the saved groups replace ours (torch's load_state_dict): set this run's Muon options again
         loop = meta["loop"]
         del model_state, shard
+    for group in optimizer.param_groups:
+        if group["kind"] == "muon":
+            group["row_eq"] = group["renorm"] = args.muon_eq_plus
     done_at_start = evaluated_before(ckpt_dir, resume_step)  # before begin_run trims the metrics
     ck.begin_run(ckpt_dir, resume_step, master)
     start_step = resume_step or 0
@@ -371,8 +439,10 @@ def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_ba
         log.begin_step()  # evaluations do not count as step time
 
         # --- one optimizer step
-        lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-        set_lrs(optimizer, lrm, muon_momentum(step))
+        lrm = lr_multiplier(step, num_iterations, 0.0, args.warmdown_ratio, args.final_lr_frac,
+                            warmup_steps=args.warmup_steps)
+        set_lrs(optimizer, lrm, base_muon_momentum(step, num_iterations, args.warmdown_ratio),
+                weight_decay_at(step, weight_decay, num_iterations))
         loss_sum = torch.zeros((), device=device)
         for micro in range(grad_accum):
             with autocast_ctx(device):
@@ -402,7 +472,7 @@ def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_ba
         "model tag": model_tag, "depth": args.depth, "parameters": num_params,
         "FLOPs per token": f"{flops_per_token:.3e}", "steps": num_iterations,
         "tokens": num_iterations * total_batch_size, "total batch size": total_batch_size,
-        "tokens per parameter": round(num_iterations * total_batch_size / scaling_params, 2),
+        "tokens per scaling parameter": round(num_iterations * total_batch_size / n_scaling, 2),
         "training time (min)": round(log.total_time / 60, 2), "final val bpb": last_val_bpb,
         "min val bpb": None if min_val_bpb == float("inf") else min_val_bpb, "CORE": last_core,
         "peak memory (MiB)": peak_mem, "processes": world_size, "fp8": args.fp8,
