@@ -160,8 +160,8 @@ DESCRIPTIONS = {
 
 
 def markdown_table(results):
-    """The docs table: per depth and variant, the bpb of each seed, the mean and the mean's delta
-    against the new recipe's at that depth."""
+    """The docs table: per depth and variant, the bpb of each seed, the mean, and the mean delta
+    against the new recipe's runs of the same seeds at that depth."""
     runs = results["runs"]
     seeds = sorted({r["seed"] for r in runs})
     tokens = results["config"]["tokens"]
@@ -177,7 +177,10 @@ def markdown_table(results):
         for n in order:
             cells = [f"{by_name[n][s]:.4f}" if s in by_name[n] else "–" for s in seeds]
             partial = "" if len(by_name[n]) == len(seeds) else " (1 seed)"
-            delta = f"{means[n] - means['new']:+.4f}" if "new" in means and n != "new" else ""
+            # paired: against the new recipe's runs of the same seeds
+            paired = [s for s in by_name[n] if s in by_name.get("new", {})]
+            delta = f"{sum(by_name[n][s] - by_name['new'][s] for s in paired) / len(paired):+.4f}" \
+                if paired and n != "new" else ""
             lines.append(f"| d{depth} {DESCRIPTIONS.get(n, n)} | {tokens:,} | " + " | ".join(cells)
                          + f" | {means[n]:.4f}{partial} | {delta} |")
     return "\n".join(lines)
