@@ -342,11 +342,11 @@ def main(argv=None):
                           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                           "load_1min_before": round(load_before, 2), "load_1min_after": round(os.getloadavg()[0], 2)}
                 results["runs"].append(record)
-                print(json.dumps(record), flush=True)
                 tmp = args.out + ".tmp"
                 with open(tmp, "w") as f:
                     json.dump(results, f, indent=1)
-                os.replace(tmp, args.out)
+                os.replace(tmp, args.out)  # on disk before anything else can fail
+                print(json.dumps(record), flush=True)
     if not args.dry_run:
         print(json.dumps(results, indent=1))
 
