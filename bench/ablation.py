@@ -83,6 +83,11 @@ def variants(batch_tokens, old_weight_decay=None):
         "new-lrscale": ("new", unscaled, None),  # LRs not scaled by sqrt(B / 2^19)
         "new-smear-backout": ("new", [], CHILD_NO_SMEAR_BACKOUT),
         "new+muoneq": ("new", ["--muon-eq-plus"], None),  # MuonEq + Muon+ on, as upstream HEAD always has them
+        # the same leave-one-outs around "new-lrscale" (the new recipe with unscaled LRs), where
+        # training does not first sit on the plateau that the 16x smaller LRs give at 2^11 tokens/step
+        "unscaled-schedule": ("new", unscaled + old_schedule, None),
+        "unscaled-smear-backout": ("new", unscaled, CHILD_NO_SMEAR_BACKOUT),
+        "unscaled+muoneq": ("new", unscaled + ["--muon-eq-plus"], None),
         # the same changes undone in the reference itself, with its own flags
         "upstream-schedule": ("upstream", old_schedule, None),
         "upstream-lrs": ("upstream", old_lrs, None),
@@ -91,6 +96,7 @@ def variants(batch_tokens, old_weight_decay=None):
     }
     if old_weight_decay is not None:  # the new rule's shape (cosine to 0) from the old rule's level
         table["new-wdold"] = ("new", ["--weight-decay", f"{old_weight_decay:.6g}"], None)
+        table["unscaled-wdold"] = ("new", unscaled + ["--weight-decay", f"{old_weight_decay:.6g}"], None)
     return table
 
 
@@ -152,6 +158,10 @@ DESCRIPTIONS = {
     "new-smear-backout": "new, smear + backout off",
     "new+muoneq": "new + MuonEq/Muon+ (`--muon-eq-plus`)",
     "new-lrs": "new, old embedding/unembedding LRs (0.2/0.004)",
+    "unscaled-schedule": "new unscaled, old schedule",
+    "unscaled-wdold": "new unscaled, Muon WD at the old level",
+    "unscaled-smear-backout": "new unscaled, smear + backout off",
+    "unscaled+muoneq": "new unscaled + MuonEq/Muon+",
     "upstream-lrscale": "upstream, LRs not scaled by sqrt(B/2^19)",
     "upstream-schedule": "upstream, old schedule",
     "upstream-lrs": "upstream, old embedding/unembedding LRs",
@@ -305,7 +315,7 @@ def main(argv=None):
         return min(1.0, 0.2 * (12 / depth) ** 2) / factor
 
     for depth in [int(d) for d in args.depths.split(",")]:
-        if "new-wdold" in names and not args.dry_run:
+        if {"new-wdold", "unscaled-wdold"} & set(names) and not args.dry_run:
             table = variants(args.batch_tokens, old_weight_decay=old_rule_weight_decay(depth))
         for seed in [int(s) for s in args.seeds.split(",")]:
             for name in names:
