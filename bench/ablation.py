@@ -171,7 +171,8 @@ DESCRIPTIONS = {
 
 def markdown_table(results):
     """The docs table: per depth and variant, the bpb of each seed, the mean, and the mean delta
-    against the new recipe's runs of the same seeds at that depth."""
+    against the new recipe's runs of the same seeds at that depth (for the "unscaled" variants:
+    against new-lrscale; for the reference's own variants: against the reference)."""
     runs = results["runs"]
     seeds = sorted({r["seed"] for r in runs})
     tokens = results["config"]["tokens"]
@@ -187,10 +188,15 @@ def markdown_table(results):
         for n in order:
             cells = [f"{by_name[n][s]:.4f}" if s in by_name[n] else "–" for s in seeds]
             partial = "" if len(by_name[n]) == len(seeds) else " (1 seed)"
-            # paired: against the new recipe's runs of the same seeds
-            paired = [s for s in by_name[n] if s in by_name.get("new", {})]
-            delta = f"{sum(by_name[n][s] - by_name['new'][s] for s in paired) / len(paired):+.4f}" \
-                if paired and n != "new" else ""
+            # paired: against the same seeds of the new recipe (the variants of "new unscaled" and
+            # of the reference: against those)
+            base = "new-lrscale" if n.startswith("unscaled") else "upstream" if n.startswith("upstream-") else "new"
+            paired = [s for s in by_name[n] if s in by_name.get(base, {})]
+            delta = ""
+            if paired and n != "new":
+                delta = f"{sum(by_name[n][s] - by_name[base][s] for s in paired) / len(paired):+.4f}"
+                if base != "new":
+                    delta += f" (vs {DESCRIPTIONS[base].split(',')[0] if base == 'upstream' else 'new unscaled'})"
             lines.append(f"| d{depth} {DESCRIPTIONS.get(n, n)} | {tokens:,} | " + " | ".join(cells)
                          + f" | {means[n]:.4f}{partial} | {delta} |")
     return "\n".join(lines)
