@@ -196,7 +196,7 @@ def markdown_table(results):
             if paired and n != "new":
                 delta = f"{sum(by_name[n][s] - by_name[base][s] for s in paired) / len(paired):+.4f}"
                 if base != "new":
-                    delta += f" (vs {DESCRIPTIONS[base].split(',')[0] if base == 'upstream' else 'new unscaled'})"
+                    delta += f" (vs {'upstream' if base == 'upstream' else 'new unscaled'})"
             lines.append(f"| d{depth} {DESCRIPTIONS.get(n, n)} | {tokens:,} | " + " | ".join(cells)
                          + f" | {means[n]:.4f}{partial} | {delta} |")
     return "\n".join(lines)
