@@ -187,7 +187,8 @@ def markdown_table(results):
         order = sorted(by_name, key=lambda n: (list(DESCRIPTIONS).index(n) if n in DESCRIPTIONS else 99, n))
         for n in order:
             cells = [f"{by_name[n][s]:.4f}" if s in by_name[n] else "–" for s in seeds]
-            partial = "" if len(by_name[n]) == len(seeds) else " (1 seed)"
+            k = len(by_name[n])
+            partial = "" if k == len(seeds) else f" ({k} seed{'s' if k > 1 else ''})"
             # paired: against the same seeds of the new recipe (the variants of "new unscaled" and
             # of the reference: against those)
             base = "new-lrscale" if n.startswith("unscaled") else "upstream" if n.startswith("upstream-") else "new"
