@@ -34,6 +34,9 @@ import subprocess
 import sys
 import time
 
+from nanochat.common import cpu_model
+from vs_reference import run as run_logged  # bench/ is on sys.path when this script runs
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Child entry points. "ours_no_smear_backout": train base with GPTConfig's smear and backout
@@ -100,17 +103,6 @@ def variants(batch_tokens, old_weight_decay=None):
     return table
 
 
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
 def git_commit(path):
     r = subprocess.run(["git", "-C", path, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     dirty = subprocess.run(["git", "-C", path, "status", "--porcelain", "--untracked-files=no"],
@@ -120,15 +112,8 @@ def git_commit(path):
 
 def run(cmd, cwd, env, log_path):
     """Run to completion: (wall seconds, CPU seconds (user + system) of the process, log text)."""
-    t0 = time.time()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    text = open(log_path, encoding="utf-8", errors="replace").read()
-    rc = os.waitstatus_to_exitcode(status)
-    if rc != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({rc}); see {log_path}:\n{text[-3000:]}")
-    return time.time() - t0, usage.ru_utime + usage.ru_stime, text
+    usage, seconds, text = run_logged(cmd, cwd, env, log_path)
+    return seconds, usage.ru_utime + usage.ru_stime, text
 
 
 def final_bpb(text, codebase):
@@ -298,7 +283,7 @@ def main(argv=None):
                          "seq_len": args.seq_len, "aspect_ratio": 64, "head_dim": 64, "window_pattern": "L",
                          "eval_tokens": args.eval_tokens, "vocab_size": args.vocab_size,
                          "tokenizer_chars": args.tokenizer_chars, "threads": 1}
-    results["machine"] = cpu_name()
+    results["machine"] = cpu_model()
     results["cpu_count"] = os.cpu_count()
 
     def shape_flags(depth):

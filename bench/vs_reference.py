@@ -21,13 +21,14 @@ import argparse
 import glob
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+from nanochat.common import cpu_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,20 +62,10 @@ print(json.dumps(out))
 '''
 
 
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def run(cmd, cwd, env, log_path):
-    """Run a command to completion; (exit status, peak RSS in MiB of its process tree's largest
-    process, seconds, log text)."""
+    """Run a command to completion, its output into log_path (SystemExit with the log's tail if it
+    fails); (resource usage of the process (ru_maxrss: its peak RSS in KiB), seconds, log text).
+    bench/ablation.py uses it too."""
     t0 = time.time()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -83,7 +74,7 @@ def run(cmd, cwd, env, log_path):
     rc = os.waitstatus_to_exitcode(status)
     if rc != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({rc}); see {log_path}:\n{text[-3000:]}")
-    return usage.ru_maxrss / 1024, time.time() - t0, text
+    return usage, time.time() - t0, text
 
 
 def step_times(text, ours):
@@ -154,7 +145,8 @@ def main(argv=None):
     results = {w: {"runs": []} for w in who}
     for rep in range(args.repeats):
         for w in who:  # interleaved: load and machine drift hit both alike
-            rss, seconds, text = run(train[w], cwd[w], env[w], os.path.join(work, f"train_{w}_{rep}.log"))
+            usage, seconds, text = run(train[w], cwd[w], env[w], os.path.join(work, f"train_{w}_{rep}.log"))
+            rss = usage.ru_maxrss / 1024
             times = step_times(text, w == "ours")
             measured = [t for s, t in sorted(times.items()) if s >= 10]
             results[w]["runs"].append({"step_time_median_s": statistics.median(measured) if measured else None,
@@ -170,7 +162,7 @@ def main(argv=None):
         runs = results[w]["runs"]
         results[w]["step_time_median_s"] = statistics.median(x["step_time_median_s"] for x in runs)
         results[w]["peak_rss_mib"] = max(x["peak_rss_mib"] for x in runs)
-    summary = {"machine": cpu_name(), "cpu_count": os.cpu_count(),
+    summary = {"machine": cpu_model(), "cpu_count": os.cpu_count(),
                "date": time.strftime("%Y-%m-%d %H:%M"), "threads": args.threads, "steps": args.steps,
                "work": work, **results}
     if len(who) == 2:

@@ -242,7 +242,7 @@ def cpu_bf16():
     or AVX512-BF16) can win, and some that have them still do not: a short matmul probe decides,
     cached per process and in $NANOCHAT_BASE_DIR/cpu_dtype.json (per CPU model, torch version and
     thread count), so every stage of a pipeline makes the same choice."""
-    key = f"{_cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    key = f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
     if key in _CPU_BF16:
         return _CPU_BF16[key]
     flags = cpu_flags()
@@ -270,7 +270,8 @@ def cpu_bf16():
     return _CPU_BF16[key]
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo; else what platform knows), for logs and benchmarks."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
