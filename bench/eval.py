@@ -111,7 +111,7 @@ def main(argv=None):
         for name in ("ARC-Easy", "MMLU"):
             task = load_task(name)
             idx = pick_problems(len(task), math.ceil(args.chat_problems / 2))
-            (c, t, _), secs = timed(lambda: run_categorical(model, tokenizer, task, idx, device, args.batch_size), device)
+            (c, t), secs = timed(lambda: run_categorical(model, tokenizer, task, idx, device, args.batch_size), device)
             total_n, total_s = total_n + t, total_s + secs
         result["chat_categorical"] = {"problems": total_n, "seconds": total_s,
                                       "seconds_per_100": 100 * total_s / max(total_n, 1), "tasks": "ARC-Easy+MMLU"}
@@ -119,7 +119,7 @@ def main(argv=None):
         engine = Engine(model, tokenizer)
         task = load_task("GSM8K")
         idx = pick_problems(len(task), args.chat_problems)
-        (c, t, _), secs = timed(lambda: run_generative(engine, tokenizer, task, idx, 1, args.max_new_tokens,
+        (c, t), secs = timed(lambda: run_generative(engine, tokenizer, task, idx, 1, args.max_new_tokens,
                                                        0.0, None, args.batch_size), device)
         result["chat_generative"] = {"problems": t, "seconds": secs, "seconds_per_100": 100 * secs / max(t, 1),
                                      "task": "GSM8K", "max_new_tokens": args.max_new_tokens, "greedy": True}

@@ -78,12 +78,12 @@ def letter_token_ids(tokenizer, letters):
 
 @torch.no_grad()
 def run_categorical(model, tokenizer, task, indices, device, batch_size=32, progress=None):
-    """(correct, total, sum of 1/num_choices) over task[indices]: each prompt's prediction is the
+    """(correct, total) over task[indices]: each prompt's prediction is the
     letter whose token has the largest logit at the last prompt position. Prompts longer than
     the model's context keep their last sequence_len tokens."""
     max_len = model.config.sequence_len
     pad = tokenizer.get_bos_token_id()
-    correct, total, baseline = 0, 0, 0.0
+    correct, total = 0, 0
     for s in range(0, len(indices), batch_size):
         convs = [task[i] for i in indices[s:s + batch_size]]
         prompts = [tokenizer.render_for_completion(c)[-max_len:] for c in convs]
@@ -100,15 +100,14 @@ def run_categorical(model, tokenizer, task, indices, device, batch_size=32, prog
             pred = letters[int(scores.argmax())]
             correct += int(bool(task.evaluate(conv, pred)))
             total += 1
-            baseline += 1.0 / len(letters)
         if progress:
             progress(total)
-    return correct, total, baseline
+    return correct, total
 
 
 def run_generative(engine, tokenizer, task, indices, num_samples=1, max_new_tokens=512, temperature=0.0,
                    top_k=50, batch_size=32, seed=42, progress=None, chunk=64):
-    """(correct, total, 0.0) over task[indices]: num_samples completions per problem, solved if
+    """(correct, total) over task[indices]: num_samples completions per problem, solved if
     any passes task.evaluate (pass@k). Problems go to the Engine `chunk` at a time (so progress
     can be shown), all their samples continuously batched `batch_size` rows at a time."""
     max_len = engine.model.config.sequence_len
@@ -127,7 +126,7 @@ def run_generative(engine, tokenizer, task, indices, num_samples=1, max_new_toke
             total += 1
         if progress:
             progress(total)
-    return correct, total, 0.0
+    return correct, total
 
 
 def evaluate_task(engine, task, problems, device, num_samples=1, max_new_tokens=512, temperature=0.0, top_k=50,
@@ -142,9 +141,9 @@ def evaluate_task(engine, task, problems, device, num_samples=1, max_new_tokens=
     model, tokenizer = engine.model, engine.tokenizer
     with autocast_ctx(device):
         if task.eval_type == "categorical":
-            c, t, _ = run_categorical(model, tokenizer, task, mine, device, batch_size, progress)
+            c, t = run_categorical(model, tokenizer, task, mine, device, batch_size, progress)
         else:
-            c, t, _ = run_generative(engine, tokenizer, task, mine, num_samples, max_new_tokens, temperature, top_k,
+            c, t = run_generative(engine, tokenizer, task, mine, num_samples, max_new_tokens, temperature, top_k,
                                      batch_size, progress=progress)
     counts = torch.tensor([c, t], dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized() and world > 1:

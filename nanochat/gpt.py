@@ -402,7 +402,6 @@ class GPT(nn.Module):
             # a fixed lr, as upstream (not tied to scalar_lr)
             adamw([self.smear_gate.weight, self.smear_lambda, self.backout_lambda], 0.2, (0.8, 0.95), 0.0),
         ]
-        groups = [g for g in groups if g["params"]]  # (a model always has value embeddings; be safe)
         # Muon: every matrix inside the blocks (the value-embedding gates too), one group per shape
         matrices = {}
         for p in self.blocks.parameters():
