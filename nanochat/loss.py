@@ -39,28 +39,59 @@ def reference_loss(x, weight, targets, reduction="mean"):
     return total if reduction == "sum" else total / (targets != -1).sum().clamp(min=1)
 
 
-_workspace = {}  # device -> flat fp32 buffer reused by SoftcapCrossEntropy on CPU
+BLOCK_ROWS_CPU = 8  # rows of logits turned into gradients at a time on CPU: 8 x 32K fp32 = 1 MB, in L2
+
+_workspace = {}  # (device, name) -> flat fp32 buffer reused by SoftcapCrossEntropy on CPU
 
 
-def cpu_workspace(device, numel):
+def cpu_workspace(device, numel, name="logits"):
     """A reusable fp32 buffer of at least `numel` elements (CPU only). Freshly allocated
     tensors this big come straight from the OS (mmap) and every page is faulted in and zeroed
     by the kernel at first touch, a large share of a CPU training step at vocab 32K."""
-    buf = _workspace.get(device)
+    buf = _workspace.get((device, name))
     if buf is None or buf.numel() < numel:
-        buf = _workspace[device] = torch.empty(numel, dtype=torch.float32, device=device)
+        buf = _workspace[(device, name)] = torch.empty(numel, dtype=torch.float32, device=device)
     return buf
+
+
+def softcap_ce_grad_(v, targets, block_rows, scratch):
+    """The summed loss of one chunk, turning `v` into its gradient in place.
+
+    v (n, V) fp32 holds the raw logits u scaled by 2 / cap. With s = sigmoid(v): tanh(u / cap) =
+    2s - 1, so the soft-capped logits are z = cap (2s - 1) and dz/du = 1 - tanh^2 = 4 s (1 - s)
+    (on CPU sigmoid takes a third of tanh's time). softmax(z) = exp(2 cap s) / sum(...): the
+    constant exp(-cap) cancels, and 2 cap s lies in [0, 2 cap], so exp cannot overflow (no
+    max-subtraction); the row loss is log(sum exp(2 cap s)) - 2 cap s_target. On return v holds
+    dloss/du = (softmax - onehot) 4 s (1 - s), zero on ignored rows (target -1).
+    The rows go `block_rows` at a time, their exp in `scratch` (>= block_rows x V elements): on
+    CPU a block of 8 rows stays in cache through all six passes, so the big buffer is read and
+    written once instead of six times."""
+    total = v.new_zeros(())
+    V = v.size(1)
+    valid = targets != -1
+    tgt = targets.clamp(min=0)[:, None]
+    for b in range(0, v.size(0), block_rows):
+        s = v[b:b + block_rows].sigmoid_()
+        m = s.size(0)
+        e = torch.mul(s, 2.0 * SOFTCAP, out=scratch[:m * V].view(m, V)).exp_()
+        vb, tb = valid[b:b + m], tgt[b:b + m]
+        sumexp = e.sum(dim=-1)
+        total += ((sumexp.log() - (2.0 * SOFTCAP) * s.gather(1, tb).squeeze(1)) * vb).sum()
+        e.mul_((4.0 * vb / sumexp)[:, None])              # 4 softmax; ignored rows -> 0
+        e.scatter_add_(1, tb, -4.0 * vb[:, None].float())  # minus 4 one-hot of the target
+        s.addcmul_(s, s, value=-1.0).mul_(e)               # through the soft-cap: x s (1 - s)
+    return total
 
 
 class SoftcapCrossEntropy(torch.autograd.Function):
     """sum over rows of cross_entropy(SOFTCAP * tanh(x @ W.T / SOFTCAP), targets), ignore index -1.
 
     Fused and chunked: for each chunk of rows the fp32 logits are made, the loss taken, and the
-    gradients with respect to x and W computed right away (softmax - onehot, times the tanh
-    derivative 1 - tanh^2), reusing two (rows, vocab) buffers in place. The backward pass only
-    scales them by the incoming scalar gradient. Compared with autograd over the plain formula
-    this saves the logits' memory, several full passes over them, and a recomputation.
-    On CPU in fp32 the two buffers live in a workspace kept between calls (see cpu_workspace)."""
+    gradients with respect to x and W computed right away (softcap_ce_grad_), in place in one
+    (rows, vocab) buffer. The backward pass only scales them by the incoming scalar gradient.
+    Compared with autograd over the plain formula this saves the logits' memory, several full
+    passes over them, and a recomputation. On CPU the buffers live in a workspace kept between
+    calls (see cpu_workspace)."""
 
     @staticmethod
     def forward(ctx, x, weight, targets, chunk_rows):
@@ -71,42 +102,35 @@ class SoftcapCrossEntropy(torch.autograd.Function):
         w = weight.to(dtype)
         V = w.size(0)
         grad_x = torch.empty_like(x)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        # the first chunk sets it (zeros only when there are no rows at all)
+        grad_w = (torch.empty if x.size(0) else torch.zeros)(weight.shape, dtype=torch.float32, device=weight.device)
         total = torch.zeros((), dtype=torch.float32, device=x.device)
-        ws = None
-        if x.device.type == "cpu" and dtype == torch.float32 and not torch.compiler.is_compiling():
-            rows = min(chunk_rows, x.size(0))
-            ws = cpu_workspace(x.device, 2 * rows * V)
+        cpu = x.device.type == "cpu" and not torch.compiler.is_compiling()
+        rows = min(chunk_rows, x.size(0))
+        if cpu:
+            block = min(BLOCK_ROWS_CPU, rows)
+            scratch = cpu_workspace(x.device, block * V, "block")
         for s in range(0, x.size(0), chunk_rows):
             xc, tc = x[s:s + chunk_rows].to(dtype), targets[s:s + chunk_rows]
             n = xc.size(0)
-            # With s = sigmoid(2u / cap) (u the raw logits): tanh(u / cap) = 2s - 1, so the soft-capped
-            # logits are z = cap (2s - 1) and dz/du = 1 - tanh^2 = 4 s (1 - s). On CPU sigmoid is a
-            # third of tanh's time, and the 2/cap scales the (rows, C) input, not the (rows, V) logits.
-            # softmax(z) = exp(2 cap s) / sum(...): the constant exp(-cap) cancels, and 2 cap s lies in
-            # [0, 2 cap], so exp cannot overflow (no max-subtraction); the row loss is
-            # logsumexp(z) - z_target = log(sum exp(2 cap s)) - 2 cap s_target. Seven passes over the
-            # (rows, V) buffers in all, in place.
-            xs = xc * (2.0 / SOFTCAP)
-            if ws is not None:
-                sg = torch.mm(xs, w.t(), out=ws[:n * V].view(n, V))
-                e = ws[n * V:2 * n * V].view(n, V)
+            xs = xc * (2.0 / SOFTCAP)  # the 2/cap scales the (rows, C) input, not the (rows, V) logits
+            if cpu and dtype == torch.float32:
+                v = torch.mm(xs, w.t(), out=cpu_workspace(x.device, rows * V)[:n * V].view(n, V))
             else:
-                sg = (xs @ w.t()).float()
-                e = torch.empty_like(sg)
-            sg = sg.sigmoid_()
-            e = torch.mul(sg, 2.0 * SOFTCAP, out=e).exp_()
-            valid = tc != -1
-            tgt = tc.clamp(min=0)[:, None]
-            sumexp = e.sum(dim=-1)
-            total += ((sumexp.log() - (2.0 * SOFTCAP) * sg.gather(1, tgt).squeeze(1)) * valid).sum()
-            g = e.mul_((4.0 * valid / sumexp)[:, None])            # 4 softmax; ignored rows -> 0
-            g.scatter_add_(1, tgt, -4.0 * valid[:, None].float())  # minus 4 one-hot of the target
-            g.mul_(sg.addcmul_(sg, sg, value=-1.0))                # x s (1 - s): through the soft-cap
-            g = g.to(dtype)
+                v = (xs @ w.t()).float()
+            if cpu:
+                total += softcap_ce_grad_(v, tc, block, scratch)
+            else:  # on a GPU one block of all the rows: few big kernels
+                total += softcap_ce_grad_(v, tc, n, torch.empty_like(v))
+            g = v.to(dtype)
             grad_x[s:s + chunk_rows] = (g @ w).to(x.dtype)
             if grad_w.dtype == g.dtype:
-                grad_w.addmm_(g.t(), xc)
+                if s == 0:
+                    torch.mm(g.t(), xc, out=grad_w)
+                else:
+                    grad_w.addmm_(g.t(), xc)
+            elif s == 0:
+                grad_w.copy_(g.t() @ xc)
             else:
                 grad_w += (g.t() @ xc).float()
         ctx.save_for_backward(grad_x, grad_w)
@@ -116,7 +140,9 @@ class SoftcapCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_total.to(grad_x.dtype), (grad_w * grad_total).to(ctx.weight_dtype), None, None
+        # in place: both are this function's own buffers, used nowhere else
+        grad_x.mul_(grad_total.to(grad_x.dtype))
+        return grad_x, grad_w.mul_(grad_total).to(ctx.weight_dtype), None, None
 
 
 def default_chunk_rows(vocab_size, device):

@@ -728,3 +728,43 @@ def test_old_checkpoints_fail_with_the_reason(tmp_path):
         ck.load_checkpoint(str(tmp_path / "gate"), 1)
     ck.save_checkpoint(str(tmp_path / "new"), 1, state, None, meta)
     assert ck.load_checkpoint(str(tmp_path / "new"), 1)[0].keys() == state.keys()
+
+
+@pytest.mark.parametrize("block_rows", [1, 3, 7])
+def test_softcap_ce_grad_any_block_size(block_rows):
+    """softcap_ce_grad_ turns scaled logits into dloss/dlogits in place, block by block: the
+    loss and the gradient are autograd's over the plain formula, whatever the block size."""
+    from nanochat.loss import SOFTCAP, softcap_ce_grad_
+    u = (torch.randn(7, 50, dtype=torch.float64) * 20).requires_grad_()  # past the cap, both signs
+    targets = torch.randint(0, 50, (7,))
+    targets[2] = -1
+    want = F.cross_entropy(SOFTCAP * torch.tanh(u / SOFTCAP), targets, ignore_index=-1, reduction="sum")
+    want.backward()
+    v = (u.detach() * (2.0 / SOFTCAP)).float()
+    got = softcap_ce_grad_(v, targets, block_rows, torch.empty(block_rows * 50))
+    torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(v.double(), u.grad, rtol=1e-4, atol=1e-6)
+    assert v[2].abs().max() == 0  # the ignored row has no gradient
+
+
+def test_relu_squared_matches_autograd():
+    from nanochat.gpt import ReluSquared
+    x = torch.randn(5, 33, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(ReluSquared.apply, (x,))
+    y = ReluSquared.apply(x)
+    torch.testing.assert_close(y, F.relu(x) ** 2)
+
+
+def test_fused_loss_edge_cases():
+    """No rows at all: zero loss, zero gradients (not uninitialized memory). A second backward
+    through the same graph is refused: the backward scales its saved gradients in place."""
+    from nanochat.loss import lm_loss
+    w = torch.randn(20, 8, requires_grad=True)
+    x = torch.randn(0, 8, requires_grad=True)
+    lm_loss(x, w, torch.zeros(0, dtype=torch.long)).backward()
+    assert torch.equal(w.grad, torch.zeros_like(w))
+    x = torch.randn(5, 8, requires_grad=True)
+    loss = lm_loss(x, w, torch.randint(0, 20, (5,)))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()
