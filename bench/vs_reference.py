@@ -13,7 +13,8 @@ validation bpb over --eval-tokens. Measured for each codebase and each of --repe
 (interleaved: ours, the reference, ours, ...): the median step time of steps 10..end (the
 first steps include warm-up), the peak RSS of the training process, the final val bpb, and
 decode tok/s of its Engine at batch 1 and 8 (`generate_batch`, sampling at temperature 1, top-k
-50, --new-tokens per row). Both use --threads torch threads. `--dtype` sets NANOCHAT_DTYPE for
+50, --new-tokens per row; best of 3 within a process, best of --decode-rounds processes run
+interleaved with the other codebase's). Both use --threads torch threads. `--dtype` sets NANOCHAT_DTYPE for
 ours (default: its own choice for this CPU); the reference runs in its default (fp32 on CPU)
 unless --upstream-dtype says otherwise.
 """
@@ -102,6 +103,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--decode-rounds", type=int, default=3, help="decode runs per codebase, interleaved (best counts)")
     p.add_argument("--dtype", default=None, help="NANOCHAT_DTYPE for ours (default: its own choice)")
     p.add_argument("--upstream-dtype", default=None, help="NANOCHAT_DTYPE for the reference (default: its own)")
     p.add_argument("--only", default="ours,upstream", help="ours, upstream or both")
@@ -153,12 +155,18 @@ def main(argv=None):
                                        "peak_rss_mib": round(rss), "val_bpb": final_bpb(text, w == "ours"),
                                        "wall_s": round(seconds, 1), "load_1min": round(os.getloadavg()[0], 2)})
             print(json.dumps({w: results[w]["runs"][-1]}), flush=True)
+    decode = {w: [] for w in who}
+    for _ in range(args.decode_rounds):  # interleaved too: memory bandwidth drifts on a shared machine
+        for w in who:
+            r = subprocess.run([python[w], "-c", DECODE, threads, w, str(args.new_tokens)], cwd=cwd[w], env=env[w],
+                               capture_output=True, text=True, timeout=1800)
+            if r.returncode != 0:
+                raise SystemExit(f"decode ({w}) failed:\n{r.stderr[-3000:]}")
+            decode[w].append(json.loads(r.stdout.strip().splitlines()[-1]))
     for w in who:
-        r = subprocess.run([python[w], "-c", DECODE, threads, w, str(args.new_tokens)], cwd=cwd[w], env=env[w],
-                           capture_output=True, text=True, timeout=1800)
-        if r.returncode != 0:
-            raise SystemExit(f"decode ({w}) failed:\n{r.stderr[-3000:]}")
-        results[w].update(json.loads(r.stdout.strip().splitlines()[-1]))
+        for key in decode[w][0]:
+            results[w][key] = max(d[key] for d in decode[w])
+            results[w][key + "_all"] = [d[key] for d in decode[w]]
         runs = results[w]["runs"]
         results[w]["step_time_median_s"] = statistics.median(x["step_time_median_s"] for x in runs)
         results[w]["peak_rss_mib"] = max(x["peak_rss_mib"] for x in runs)
