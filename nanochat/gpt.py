@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from nanochat.attention import KVCache, attention, cache_mask, window_mask
 from nanochat.common import get_compute_dtype
-from nanochat.loss import lm_loss, logits_of
+from nanochat.loss import lm_loss, logits_of, softcap
 from nanochat.optim import MuonAdamW
 
 ROPE_BASE = 100_000
@@ -153,6 +153,10 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y)
 
 
+# decode on CPU: lm_head products of at most this many rows use a transposed copy of its weight
+HEAD_T_MAX_ROWS = 64
+
+
 class ReluSquared(torch.autograd.Function):
     """relu(x)^2 with a backward of two passes (2 relu(x) * grad) instead of autograd's five
     (pow's, then relu's). Used in eager mode; a compiled graph fuses the plain formula anyway."""
@@ -219,6 +223,7 @@ class GPT(nn.Module):
         # rows of the (B*T, vocab) logits computed at once by the chunked loss; None = automatic
         # (nanochat.loss.default_chunk_rows)
         self.loss_chunk_rows = None
+        self._head_t, self._head_t_key = None, None  # see _lm_head_t
 
     @torch.no_grad()
     def init_weights(self):
@@ -356,7 +361,26 @@ class GPT(nn.Module):
         return self._loss(norm(x), targets, loss_reduction)
 
     def _logits(self, x):
+        rows = x.numel() // x.size(-1)
+        if (x.device.type == "cpu" and rows <= HEAD_T_MAX_ROWS and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):
+            return softcap((x @ self._lm_head_t(x.dtype)).float())
         return logits_of(x, self.lm_head.weight)
+
+    def _lm_head_t(self, dtype):
+        """lm_head's weight as a contiguous (n_embd, vocab) matrix in `dtype`, kept until the
+        weight changes (its storage or version moves). On CPU, a few rows times the (vocab,
+        n_embd) weight as stored (F.linear) run 2x slower than the same product against this
+        layout at 4-16 rows, the same at 1 row (MKL, docs/benchmarks.md, "Decode"): a decode step
+        of a small model spends half its time there. Costs one extra copy of lm_head in memory
+        once the model has decoded."""
+        w = self.lm_head.weight
+        key = (w.data_ptr(), w._version, dtype)
+        if self._head_t_key != key:
+            self._head_t = None  # free the old copy before making the new one
+            self._head_t = w.detach().to(dtype).t().contiguous()
+            self._head_t_key = key
+        return self._head_t
 
     def _loss(self, x, targets, reduction):
         """lm_head + softcap + cross-entropy in chunks of rows (nanochat/loss.py)."""

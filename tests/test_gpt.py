@@ -768,3 +768,28 @@ def test_fused_loss_edge_cases():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="inplace"):
         loss.backward()
+
+
+def test_decode_logits_through_transposed_head_follow_the_weights():
+    """Small-row CPU inference multiplies by a cached transposed copy of lm_head: it gives the
+    logits of the plain path, and a changed weight (an optimizer step, a load) is picked up."""
+    model = make_model()
+    idx = torch.randint(0, V, (3, 10))
+    with torch.no_grad():
+        got = model(idx, logits_positions=-1)
+        x = model._head_t
+        assert x is not None and x.shape == (model.config.n_embd, V)
+        model.lm_head.weight.mul_(0.5)  # in place: same storage, new version
+        got2 = model(idx, logits_positions=-1)
+        assert model._head_t is not x
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2.0)
+    with torch.enable_grad():  # with grads: the plain F.linear path
+        want = model(idx)[:, -1].detach()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(0.5)
+    with torch.enable_grad():
+        want2 = model(idx)[:, -1].detach()
+    torch.testing.assert_close(got2, want2, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, got2)
