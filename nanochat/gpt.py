@@ -102,12 +102,40 @@ def rotary_cos_sin(pos, head_dim):
     return angles.cos(), angles.sin()
 
 
+def rotate(x, cos, sin):
+    """The pairs (x[i], x[i + D/2]) of x (..., D) rotated by the angles whose cos/sin are given,
+    written into the two halves of a new tensor: four passes, no concatenation."""
+    d = x.size(-1) // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    out = torch.empty_like(x)
+    torch.mul(x1, cos, out=out[..., :d]).addcmul_(x2, sin)
+    torch.mul(x2, cos, out=out[..., d:]).addcmul_(x1, sin, value=-1.0)
+    return out
+
+
+class Rotary(torch.autograd.Function):
+    """rotate() with its backward: a rotation's gradient is the rotation by the opposite angles."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return rotate(grad.contiguous(), cos, -sin), None, None
+
+
 def apply_rotary(x, cos, sin):
-    """x: (B, T, H, D); cos/sin broadcastable to (B, T, 1, D/2). Rotates the pairs (x[i], x[i + D/2])."""
+    """x: (B, T, H, D); cos/sin broadcastable to (B, T, 1, D/2). Rotates the pairs (x[i], x[i + D/2]).
+    Eager: Rotary (fewer passes over x than autograd through the formula); compiled: the formula."""
     d = x.size(-1) // 2
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    x1, x2 = x[..., :d], x[..., d:]
-    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+    if torch.compiler.is_compiling():
+        x1, x2 = x[..., :d], x[..., d:]
+        return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+    return Rotary.apply(x, cos, sin) if torch.is_grad_enabled() else rotate(x, cos, sin)
 
 
 # ---------------------------------------------------------------------------

@@ -793,3 +793,13 @@ def test_decode_logits_through_transposed_head_follow_the_weights():
         want2 = model(idx)[:, -1].detach()
     torch.testing.assert_close(got2, want2, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(got, got2)
+
+
+def test_rotary_function_matches_the_formula():
+    from nanochat.gpt import Rotary, rotary_cos_sin
+    x = torch.randn(2, 5, 3, 8, dtype=torch.float64, requires_grad=True)
+    cos, sin = rotary_cos_sin(torch.arange(5), 8)
+    cos, sin = cos[None, :, None].double(), sin[None, :, None].double()
+    assert torch.autograd.gradcheck(Rotary.apply, (x, cos, sin))
+    x1, x2 = x[..., :4], x[..., 4:]
+    torch.testing.assert_close(Rotary.apply(x, cos, sin), torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], -1))
