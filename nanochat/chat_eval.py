@@ -91,9 +91,9 @@ def run_categorical(model, tokenizer, task, indices, device, batch_size=32, prog
         ids = torch.full((len(prompts), T), pad, dtype=torch.long)
         for r, p in enumerate(prompts):
             ids[r, :len(p)] = torch.tensor(p, dtype=torch.long)
-        logits = model(ids.to(device))  # (B, T, V); right padding never reaches earlier positions
-        last = torch.tensor([len(p) - 1 for p in prompts], device=logits.device)
-        final = logits[torch.arange(len(prompts), device=logits.device), last].float().cpu()  # (B, V)
+        # the logits of each row's last prompt position only (right padding never reaches it)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=device)
+        final = model(ids.to(device), logits_positions=last).float().cpu()  # (B, V)
         for conv, row in zip(convs, final):
             letters = conv["letters"]
             scores = row[letter_token_ids(tokenizer, letters)]

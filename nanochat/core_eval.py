@@ -293,21 +293,21 @@ def score_sequences(model, seqs, device, batch_tokens=16384, pad_id=0):
             toks = seqs[k][0]
             ids[r, :len(toks)] = torch.tensor(toks, dtype=torch.long)
         ids = ids.to(device)
-        logits = model(ids)  # (B, T, V)
-        # only the span positions need a loss and an argmax: gather them from all rows at once
-        # (usually a few tokens per row, so this skips a softmax over nearly all of B x T x V);
-        # position t predicts token t+1, and an empty span (e.g. identical options) has none
+        # only the span positions need logits, a loss and an argmax: lm_head runs on those alone
+        # (usually a few tokens per row, so this skips lm_head and the softmax over nearly all of
+        # B x T x V); position t predicts token t+1, and an empty span (e.g. identical options)
+        # has none
         spans = []
         for k in rows:
             toks, start = seqs[k]
             spans.append((start, len(toks)) if 1 <= start < len(toks) else (1, 1))  # (1, 1): nothing
         row_idx = torch.cat([torch.full((end - start,), r) for r, (start, end) in enumerate(spans)]).to(device)
         pos_idx = torch.cat([torch.arange(start - 1, end - 1) for start, end in spans]).to(device)
-        picked = logits[row_idx, pos_idx].float()  # (span tokens, V)
+        picked = model(ids, logits_positions=(row_idx, pos_idx)).float()  # (span tokens, V)
         targets = ids[row_idx, pos_idx + 1]
         losses = F.cross_entropy(picked, targets, reduction="none").cpu()
         hits = (picked.argmax(dim=-1) == targets).cpu()
-        del logits, picked
+        del picked
         offset = 0
         for (start, end), k in zip(spans, rows):
             n = end - start

@@ -315,7 +315,8 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", kv_len=None, logits_positions=None):
         """idx (B, T). Without targets: fp32 soft-capped logits (B, T, vocab), or only those of
-        `logits_positions` (an int, or a (B,) LongTensor with one position per row): (B, vocab).
+        `logits_positions`: an int or a (B,) LongTensor with one position per row -> (B, vocab);
+        a pair (rows, positions) of (N,) LongTensors -> (N, vocab).
         With a KV cache, `kv_len` (an int the caller knows on the host, at least the longest
         row's length + T, at most the cache's max_len) is how many cache positions attention
         spans; keys beyond a row's own length are masked, so any such value gives the same
@@ -383,6 +384,9 @@ class GPT(nn.Module):
                 # only the positions asked for go through lm_head (prefill needs one per row)
                 if isinstance(logits_positions, int):
                     x = x[:, logits_positions]
+                elif isinstance(logits_positions, tuple):  # (rows, positions): any number per row
+                    rows, positions = logits_positions
+                    x = x[rows.to(device), positions.to(device)]
                 else:
                     x = x[torch.arange(B, device=device), logits_positions.to(device)]
             return self._logits(norm(x))

@@ -73,6 +73,18 @@ class Scripted(Wrapped):
         return logits if logits_positions is not None else logits[:, None].expand(B, T, -1)
 
 
+def select_positions(logits, logits_positions):
+    """What GPT.forward returns for `logits_positions`, from a stub's full (B, T, V) logits."""
+    if logits_positions is None:
+        return logits
+    if isinstance(logits_positions, int):
+        return logits[:, logits_positions]
+    if isinstance(logits_positions, tuple):
+        rows, positions = logits_positions
+        return logits[rows, positions]
+    return logits[torch.arange(logits.size(0)), logits_positions]
+
+
 class BigramStub(nn.Module):
     """logits[b, t] = table[idx[b, t]]: a fixed random table, so every loss is known."""
 
@@ -107,7 +119,7 @@ class OracleLM(nn.Module):
                 self.next[tuple(seq[:i + 1])] = seq[i + 1]
         self.rows_seen = []  # batch sizes of the forwards, to check batching
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", logits_positions=None):
         B, T = idx.shape
         self.rows_seen.append(B)
         logits = torch.zeros(B, T, self.vocab_size)
@@ -117,7 +129,7 @@ class OracleLM(nn.Module):
                 nxt = self.next.get(tuple(row[:t + 1]))
                 if nxt is not None:
                     logits[b, t, nxt] = 20.0
-        return logits
+        return select_positions(logits, logits_positions)
 
 
 class LiveServer:

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helpers import OracleLM
+from helpers import OracleLM, select_positions
 from nanochat import core_eval
 from nanochat.core_eval import (centered, core_summary, encode_item, evaluate_core, fewshot_indices, load_bundle,
                                 render_prompts, score_sequences, score_task, scored_spans, task_subset,
@@ -262,9 +262,9 @@ class BigramLM(nn.Module):
             self.table[ord(a), ord(b)] = v
         self.rows = []
 
-    def forward(self, idx):
+    def forward(self, idx, logits_positions=None):
         self.rows.extend(idx.tolist())
-        return self.table[idx]
+        return select_positions(self.table[idx], logits_positions)
 
 
 def hand_loss(boosts, prev, nxt):

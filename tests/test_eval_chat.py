@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from helpers import select_positions
 from nanochat import chat_eval
 from nanochat.chat_eval import (CHATCORE_TASKS, RANDOM_BASELINES, TASK_NAMES, chatcore, evaluate_task, letter_token_ids,
                                 pick_problems, run_categorical)
@@ -61,7 +62,7 @@ class LetterStub(nn.Module):
         self.a = tokenizer.encode("A")[0]
         self.forwards = 0
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", logits_positions=None):
         self.forwards += 1
         B, T = idx.shape
         logits = torch.zeros(B, T, self.V)
@@ -70,7 +71,7 @@ class LetterStub(nn.Module):
         logits[at] = 0.0
         logits[..., self.want] += 5.0 * at
         logits[..., self.a] += 1.0 * at
-        return logits
+        return select_positions(logits, logits_positions)
 
 
 def test_letters_are_single_tokens(tokenizer):

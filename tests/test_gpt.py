@@ -803,3 +803,15 @@ def test_rotary_function_matches_the_formula():
     assert torch.autograd.gradcheck(Rotary.apply, (x, cos, sin))
     x1, x2 = x[..., :4], x[..., 4:]
     torch.testing.assert_close(Rotary.apply(x, cos, sin), torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], -1))
+
+
+def test_logits_positions_pairs_pick_the_full_logits():
+    model = make_model()
+    idx = torch.randint(0, V, (3, 12))
+    rows, positions = torch.tensor([0, 0, 2, 1, 2]), torch.tensor([3, 4, 11, 0, 5])
+    with torch.no_grad():
+        full = model(idx)
+        picked = model(idx, logits_positions=(rows, positions))
+        last = model(idx, logits_positions=torch.tensor([11, 4, 7]))
+    torch.testing.assert_close(picked, full[rows, positions], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last, full[torch.arange(3), torch.tensor([11, 4, 7])], rtol=1e-5, atol=1e-5)
