@@ -2,7 +2,7 @@
 # The whole nanochat pipeline at tiny size on a CPU, offline: tokenizer, pretraining, evaluation,
 # mid-training, SFT, a few RL steps, chat evaluations and the report card (docs/runcpu.md).
 #
-#   NANOCHAT_DATA=../shared/data bash runs/runcpu.sh     # ~20 minutes on 2 CPU cores
+#   NANOCHAT_DATA=../shared/data bash runs/runcpu.sh     # ~13-20 minutes on 2 CPU cores
 #   BASE_STEPS=1000 DEPTH=6 bash runs/runcpu.sh          # bigger / longer: every knob below is an env var
 #   RUNCPU_TINY=1 SKIP_SETUP=1 bash runs/runcpu.sh       # smallest settings (what the end-to-end test runs)
 #
@@ -30,11 +30,21 @@ if [ -z "${NANOCHAT_DATA:-}" ] && [ -d "$REPO/../shared/data" ]; then
 fi
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
 DATA_ROOT="${NANOCHAT_DATA:-$NANOCHAT_BASE_DIR/data}"
-# Half the logical CPUs (1 on a 2-core machine): the data loader tokenizes in background threads,
-# and an OpenMP thread that has to share its core stalls every parallel op (docs/runcpu.md).
-# Set OMP_NUM_THREADS yourself to override.
+# Threads: the physical cores if the machine is otherwise idle when the script starts (1-minute
+# load below 0.5), else half the logical CPUs (1 on a 2-core machine): the data loader tokenizes
+# in background threads, and an OpenMP thread that has to share its core with other work stalls
+# every parallel op (docs/runcpu.md, "Threads"). Set OMP_NUM_THREADS yourself to override.
 NPROC_HALF=$(( $(nproc) / 2 ))
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( NPROC_HALF > 0 ? NPROC_HALF : 1 ))}"
+[ "$NPROC_HALF" -gt 0 ] || NPROC_HALF=1
+PHYSICAL=$( { lscpu -p=Core,Socket 2>/dev/null | grep -v '^#' | sort -u | wc -l; } || true)
+[ "${PHYSICAL:-0}" -gt 0 ] || PHYSICAL=$(sysctl -n hw.physicalcpu 2>/dev/null || echo 0)
+LOAD1=$(cut -d' ' -f1 "${RUNCPU_LOADAVG:-/proc/loadavg}" 2>/dev/null || echo 99)  # (RUNCPU_LOADAVG: for the tests)
+if [ "$PHYSICAL" -gt 0 ] && awk -v l="$LOAD1" 'BEGIN { exit !(l < 0.5) }'; then
+    DEFAULT_THREADS=$PHYSICAL
+else
+    DEFAULT_THREADS=$NPROC_HALF
+fi
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$DEFAULT_THREADS}"
 
 # --- knobs (env overrides) -----------------------------------------------------------------------
 # RUNCPU_TINY=1 shrinks every default to seconds-per-stage sizes; any knob set explicitly wins.
@@ -74,7 +84,7 @@ CHAT_MAX_NEW_TOKENS=${CHAT_MAX_NEW_TOKENS:-64}
 COMPILE=${COMPILE:-0}
 if [ "$COMPILE" = "1" ]; then COMPILE_FLAG=--compile; else COMPILE_FLAG=--no-compile; fi
 
-echo "nanochat runcpu: data $DATA_ROOT, outputs in $NANOCHAT_BASE_DIR, $OMP_NUM_THREADS thread(s)"
+echo "nanochat runcpu: data $DATA_ROOT, outputs in $NANOCHAT_BASE_DIR, $OMP_NUM_THREADS thread(s) (load $LOAD1, $PHYSICAL physical cores)"
 echo "  depth $DEPTH, seq len $MAX_SEQ_LEN, vocab $VOCAB_SIZE, base $BASE_STEPS x $TOTAL_BATCH_SIZE tokens, mid $MID_STEPS, sft $SFT_STEPS, rl $RL_STEPS steps"
 SECONDS=0
 stage() { echo; echo "=== [$(date +%H:%M:%S) +${SECONDS}s] $*"; }

@@ -5,6 +5,9 @@ import os
 import subprocess
 import sys
 
+import psutil
+import pytest
+
 from nanochat import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,6 +38,30 @@ def test_runcpu_makes_relative_paths_absolute_once(tmp_path):
     calls = [line.split("|") for line in log.read_text().splitlines()]
     assert [c[2] for c in calls][:2] == ["report reset", "data download -n 2"]
     assert {(c[0], c[1]) for c in calls} == {(str(work / "data"), str(work / "out"))}
+
+
+@pytest.mark.parametrize("load, given", [("0.10", None), ("3.50", None), ("0.10", "3")])
+def test_runcpu_threads_follow_the_load(tmp_path, load, given):
+    """Idle machine (1-minute load < 0.5): one thread per physical core; busy: half the logical
+    CPUs (at least 1); OMP_NUM_THREADS set by the user always wins."""
+    bin_dir, log = _shim(tmp_path)
+    (bin_dir / "nanochat").write_text(f'#!/bin/sh\necho "$OMP_NUM_THREADS" >> "{log}"\n')
+    loadavg = tmp_path / "loadavg"
+    loadavg.write_text(f"{load} 1.00 1.00 1/100 12345\n")
+    env = dict(os.environ, NANOCHAT_DATA=str(tmp_path / "data"), NANOCHAT_BASE_DIR=str(tmp_path / "out"),
+               RUNCPU_TINY="1", SKIP_SETUP="1", RUNCPU_LOADAVG=str(loadavg),
+               PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    env.pop("OMP_NUM_THREADS", None)
+    if given:
+        env["OMP_NUM_THREADS"] = given
+    p = subprocess.run(["bash", os.path.join(REPO, "runs", "runcpu.sh")], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    threads = set(log.read_text().split())
+    physical = psutil.cpu_count(logical=False)
+    want = given or str(physical if load == "0.10" else max(1, len(os.sched_getaffinity(0)) // 2))
+    assert threads == {want}
+    assert f"{want} thread(s)" in p.stdout
 
 
 def test_test_script_resolves_a_relative_data_root_before_changing_directory(tmp_path):
