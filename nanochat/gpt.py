@@ -181,7 +181,8 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y)
 
 
-# decode on CPU: lm_head products of at most this many rows use a transposed copy of its weight
+# decode on CPU: lm_head products of 2 to this many rows use a transposed copy of its weight
+# (1 row: the same speed either way, so a single chat never makes the copy)
 HEAD_T_MAX_ROWS = 64
 
 
@@ -394,7 +395,7 @@ class GPT(nn.Module):
 
     def _logits(self, x):
         rows = x.numel() // x.size(-1)
-        if (x.device.type == "cpu" and rows <= HEAD_T_MAX_ROWS and not torch.is_grad_enabled()
+        if (x.device.type == "cpu" and 2 <= rows <= HEAD_T_MAX_ROWS and not torch.is_grad_enabled()
                 and not torch.compiler.is_compiling()):
             return softcap((x @ self._lm_head_t(x.dtype)).float())
         return logits_of(x, self.lm_head.weight)
@@ -405,7 +406,7 @@ class GPT(nn.Module):
         n_embd) weight as stored (F.linear) run 2x slower than the same product against this
         layout at 4-16 rows, the same at 1 row (MKL, docs/benchmarks.md, "Decode"): a decode step
         of a small model spends half its time there. Costs one extra copy of lm_head in memory
-        once the model has decoded."""
+        once the model has decoded 2 or more rows at a time."""
         w = self.lm_head.weight
         key = (w.data_ptr(), w._version, dtype)
         if self._head_t_key != key:

@@ -776,6 +776,8 @@ def test_decode_logits_through_transposed_head_follow_the_weights():
     model = make_model()
     idx = torch.randint(0, V, (3, 10))
     with torch.no_grad():
+        model(idx[:1], logits_positions=-1)
+        assert model._head_t is None  # one row: the plain product, no copy made
         got = model(idx, logits_positions=-1)
         x = model._head_t
         assert x is not None and x.shape == (model.config.n_embd, V)
