@@ -39,6 +39,8 @@ NPROC_HALF=$(( $(nproc) / 2 ))
 PHYSICAL=$( { lscpu -p=Core,Socket 2>/dev/null | grep -v '^#' | sort -u | wc -l; } || true)
 [ "${PHYSICAL:-0}" -gt 0 ] || PHYSICAL=$(sysctl -n hw.physicalcpu 2>/dev/null || echo 0)
 LOAD1=$(cut -d' ' -f1 "${RUNCPU_LOADAVG:-/proc/loadavg}" 2>/dev/null || echo 99)  # (RUNCPU_LOADAVG: for the tests)
+NPROC=$(nproc)
+[ "$PHYSICAL" -le "$NPROC" ] || PHYSICAL=$NPROC  # a container may see the host's cores but run on fewer
 if [ "$PHYSICAL" -gt 0 ] && awk -v l="$LOAD1" 'BEGIN { exit !(l < 0.5) }'; then
     DEFAULT_THREADS=$PHYSICAL
 else

@@ -60,7 +60,8 @@ def test_runcpu_threads_follow_the_load(tmp_path, load, given):
     assert p.returncode == 0, p.stderr[-3000:]
     threads = set(log.read_text().split())
     half = max(1, len(os.sched_getaffinity(0)) // 2)
-    physical = psutil.cpu_count(logical=False) if shutil.which("lscpu") else half  # the script asks lscpu
+    cpus = len(os.sched_getaffinity(0))
+    physical = min(psutil.cpu_count(logical=False), cpus) if shutil.which("lscpu") else half  # the script asks lscpu
     want = given or str(physical if load == "0.10" else half)
     assert threads == {want}
     assert f"{want} thread(s)" in p.stdout
