@@ -401,7 +401,10 @@ def build_model(ckpt_dir, step, device, phase="eval", dtype=None):
         first = [ln.strip() for ln in str(e).splitlines() if ln.strip()][1:2] or [str(e)[:200]]
         raise _corrupt(ckpt_dir, step, _model_path(ckpt_dir, step),
                        f"its weights do not fit the model_config in {os.path.basename(meta_path)}: {first[0]}") from None
-    model.train() if phase == "train" else model.eval()
+    if phase == "train":
+        model.train()
+    else:  # frozen: no autograd bookkeeping, and GPT's CPU decode may cache a copy of lm_head (gpt._logits)
+        model.eval().requires_grad_(False)
     if dtype is not None:
         model.to(dtype)
     tokenizer = get_tokenizer()

@@ -395,10 +395,11 @@ class GPT(nn.Module):
 
     def _logits(self, x):
         rows = x.numel() // x.size(-1)
+        w = self.lm_head.weight
         if (x.device.type == "cpu" and 2 <= rows <= HEAD_T_MAX_ROWS and not torch.is_grad_enabled()
-                and not torch.compiler.is_compiling()):
+                and not w.requires_grad and not torch.compiler.is_compiling()):
             return softcap((x @ self._lm_head_t(x.dtype)).float())
-        return logits_of(x, self.lm_head.weight)
+        return logits_of(x, w)
 
     def _lm_head_t(self, dtype):
         """lm_head's weight as a contiguous (n_embd, vocab) matrix in `dtype`, kept until the
@@ -406,7 +407,11 @@ class GPT(nn.Module):
         n_embd) weight as stored (F.linear) run 2x slower than the same product against this
         layout at 4-16 rows, the same at 1 row (MKL, docs/benchmarks.md, "Decode"): a decode step
         of a small model spends half its time there. Costs one extra copy of lm_head in memory
-        once the model has decoded 2 or more rows at a time."""
+        once the model has decoded 2 or more rows at a time.
+        Only for a frozen model (requires_grad False: checkpoint.build_model's eval phase): its
+        weights change only through ordinary in-place ops (a load), which bump the version. An
+        optimizer's fused kernels (torch's _fused_adamw_, which ours uses on CPU) update weights
+        without bumping it, so a model being trained (e.g. sampling in RL) uses the plain path."""
         w = self.lm_head.weight
         key = (w.data_ptr(), w._version, dtype)
         if self._head_t_key != key:

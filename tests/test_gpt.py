@@ -776,6 +776,9 @@ def test_decode_logits_through_transposed_head_follow_the_weights():
     model = make_model()
     idx = torch.randint(0, V, (3, 10))
     with torch.no_grad():
+        model(idx, logits_positions=-1)
+        assert model._head_t is None  # a trainable model: the plain product (see below)
+        model.requires_grad_(False)   # frozen, as checkpoint.build_model's eval phase leaves it
         model(idx[:1], logits_positions=-1)
         assert model._head_t is None  # one row: the plain product, no copy made
         got = model(idx, logits_positions=-1)
@@ -786,6 +789,7 @@ def test_decode_logits_through_transposed_head_follow_the_weights():
         assert model._head_t is not x
     with torch.no_grad():
         model.lm_head.weight.mul_(2.0)
+    model.requires_grad_(True)
     with torch.enable_grad():  # with grads: the plain F.linear path
         want = model(idx)[:, -1].detach()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -817,3 +821,21 @@ def test_logits_positions_pairs_pick_the_full_logits():
         last = model(idx, logits_positions=torch.tensor([11, 4, 7]))
     torch.testing.assert_close(picked, full[rows, positions], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(last, full[torch.arange(3), torch.tensor([11, 4, 7])], rtol=1e-5, atol=1e-5)
+
+
+def test_trained_model_never_decodes_through_a_stale_lm_head_copy():
+    """torch's fused AdamW (our CPU AdamW) updates a weight without bumping its version counter,
+    so a cache keyed on it would go stale: a trainable model must take the plain path, and its
+    logits follow every optimizer step."""
+    model = make_model()
+    opt = model.setup_optimizer(unembedding_lr=0.5)
+    idx = torch.randint(0, V, (3, 10))
+    with torch.no_grad():
+        first = model(idx, logits_positions=-1)
+    model(idx, targets=idx).backward()
+    opt.step()
+    with torch.no_grad():
+        second = model(idx, logits_positions=-1)
+    assert model._head_t is None and not torch.allclose(first, second)
+    want = model(idx)[:, -1].detach()  # with grads: all positions through the plain product
+    torch.testing.assert_close(second, want, rtol=1e-5, atol=1e-5)
