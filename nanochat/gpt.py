@@ -32,6 +32,7 @@ VE_GATE_RANGE = 3.0          # value-embedding gate = VE_GATE_RANGE * sigmoid(..
 SMEAR_CHANNELS = 24          # the smear gate looks at the first 24 channels of the embedding
 QK_SCALE = 1.2               # q and k are multiplied by this after QK-norm
 BACKOUT_INIT = 0.2           # initial backout_lambda
+HEAD_T_MAX_ROWS = 64         # CPU inference: 2 to this many rows of logits use a transposed lm_head (_lm_head_t)
 
 
 @dataclass
@@ -181,14 +182,9 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y)
 
 
-# decode on CPU: lm_head products of 2 to this many rows use a transposed copy of its weight
-# (1 row: the same speed either way, so a single chat never makes the copy)
-HEAD_T_MAX_ROWS = 64
-
-
 class ReluSquared(torch.autograd.Function):
-    """relu(x)^2 with a backward of two passes (2 relu(x) * grad) instead of autograd's five
-    (pow's, then relu's). Used in eager mode; a compiled graph fuses the plain formula anyway."""
+    """relu(x)^2 with a backward of two passes (2 relu(x) * grad) instead of autograd's four
+    (pow's three, then relu's). Used in eager mode; a compiled graph fuses the plain formula anyway."""
 
     @staticmethod
     def forward(ctx, x):

@@ -34,12 +34,12 @@ DATA_ROOT="${NANOCHAT_DATA:-$NANOCHAT_BASE_DIR/data}"
 # load below 0.5), else half the logical CPUs (1 on a 2-core machine): the data loader tokenizes
 # in background threads, and an OpenMP thread that has to share its core with other work stalls
 # every parallel op (docs/runcpu.md, "Threads"). Set OMP_NUM_THREADS yourself to override.
-NPROC_HALF=$(( $(nproc) / 2 ))
+NPROC=$(nproc)
+NPROC_HALF=$(( NPROC / 2 ))
 [ "$NPROC_HALF" -gt 0 ] || NPROC_HALF=1
 PHYSICAL=$( { lscpu -p=Core,Socket 2>/dev/null | grep -v '^#' | sort -u | wc -l; } || true)
 [ "${PHYSICAL:-0}" -gt 0 ] || PHYSICAL=$(sysctl -n hw.physicalcpu 2>/dev/null || echo 0)
 LOAD1=$(cut -d' ' -f1 "${RUNCPU_LOADAVG:-/proc/loadavg}" 2>/dev/null || echo 99)  # (RUNCPU_LOADAVG: for the tests)
-NPROC=$(nproc)
 [ "$PHYSICAL" -le "$NPROC" ] || PHYSICAL=$NPROC  # a container may see the host's cores but run on fewer
 if [ "$PHYSICAL" -gt 0 ] && awk -v l="$LOAD1" 'BEGIN { exit !(l < 0.5) }'; then
     DEFAULT_THREADS=$PHYSICAL

@@ -319,6 +319,10 @@ def test_meta_missing_keys_and_config_disagreeing_with_the_weights(tmp_path, mon
     with pytest.raises(UserError, match=r"missing loop"):
         ck.load_checkpoint(d, 4, require=("loop",))
     assert ck.load_model("sft", "cpu", step=1)[2]["step"] == 1
+    frozen, _, _ = ck.load_model("sft", "cpu", step=1)            # eval phase: eval mode, no grads
+    assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
+    trainable, _, _ = ck.load_model("sft", "cpu", phase="train", step=1)
+    assert trainable.training and all(p.requires_grad for p in trainable.parameters())
 
 
 def test_torn_or_garbled_metrics_lines_are_dropped(tmp_path):
