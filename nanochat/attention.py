@@ -158,14 +158,14 @@ class KVCache:
         """Empty every row of this cache (or of this view)."""
         self.lengths.zero_()
 
-    def store(self, layer, k, v, q_pos, kv_len):
-        """Write k, v (B, Hkv, T, D) at positions q_pos (B, T) of `layer`; return this layer's
-        keys and values (B, Hkv, kv_len, D) for attention."""
-        rows = torch.arange(k.size(0), device=k.device)[:, None]
+    def store(self, layer, k, v, index, kv_len):
+        """Write k, v (B, T, Hkv, D) at `index` = (rows (B, 1), positions (B, T)) of `layer` (one
+        index for every layer of a forward); return this layer's keys and values (B, Hkv, kv_len,
+        D) for attention."""
         kc, vc = self.k[layer], self.v[layer]
         # (B, max_len, Hkv, D) views: index (row, position) pairs, write through
-        kc.transpose(1, 2)[rows, q_pos] = k.transpose(1, 2).to(kc.dtype)
-        vc.transpose(1, 2)[rows, q_pos] = v.transpose(1, 2).to(vc.dtype)
+        kc.transpose(1, 2)[index] = k if k.dtype == kc.dtype else k.to(kc.dtype)
+        vc.transpose(1, 2)[index] = v if v.dtype == vc.dtype else v.to(vc.dtype)
         return kc[:, :, :kv_len], vc[:, :, :kv_len]
 
     def previous_tokens(self, idx, q_pos):

@@ -403,10 +403,10 @@ def build_model(ckpt_dir, step, device, phase="eval", dtype=None):
                        f"its weights do not fit the model_config in {os.path.basename(meta_path)}: {first[0]}") from None
     if phase == "train":
         model.train()
-    else:  # frozen: no autograd bookkeeping, and GPT's CPU decode may cache a copy of lm_head (gpt._logits)
-        model.eval().requires_grad_(False)
-    if dtype is not None:
-        model.to(dtype)
+        if dtype is not None:
+            model.to(dtype)
+    else:
+        model.freeze(dtype)  # eval mode, no autograd bookkeeping, CPU inference layout
     tokenizer = get_tokenizer()
     if tokenizer.get_vocab_size() > config.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model in {ckpt_dir} "

@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from nanochat.attention import KVCache, attention, cache_mask, window_mask
 from nanochat.common import get_compute_dtype
-from nanochat.loss import lm_loss, logits_of, softcap
+from nanochat.loss import lm_loss, logits_of
 from nanochat.optim import MuonAdamW
 
 ROPE_BASE = 100_000
@@ -32,7 +32,6 @@ VE_GATE_RANGE = 3.0          # value-embedding gate = VE_GATE_RANGE * sigmoid(..
 SMEAR_CHANNELS = 24          # the smear gate looks at the first 24 channels of the embedding
 QK_SCALE = 1.2               # q and k are multiplied by this after QK-norm
 BACKOUT_INIT = 0.2           # initial backout_lambda
-HEAD_T_MAX_ROWS = 64         # CPU inference: 2 to this many rows of logits use a transposed lm_head (_lm_head_t)
 
 
 @dataclass
@@ -90,10 +89,15 @@ def has_value_embedding(layer_idx, n_layer):
     return layer_idx % 2 == (n_layer - 1) % 2
 
 
+def as_dtype(x, dtype):
+    """x in dtype; x itself when it already is (skips a `.to` call: a decode step makes hundreds)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def norm(x):
     """Parameter-free RMSNorm that returns x's dtype: under CUDA autocast rms_norm computes (and
     would return) fp32; the statistics need it, the activations that follow do not."""
-    return F.rms_norm(x, (x.size(-1),)).to(x.dtype)
+    return as_dtype(F.rms_norm(x, (x.size(-1),)), x.dtype)
 
 
 def rotary_cos_sin(pos, head_dim):
@@ -132,7 +136,7 @@ def apply_rotary(x, cos, sin):
     """x: (B, T, H, D); cos/sin broadcastable to (B, T, 1, D/2). Rotates the pairs (x[i], x[i + D/2]).
     Eager: Rotary (fewer passes over x than autograd through the formula); compiled: the formula."""
     d = x.size(-1) // 2
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    cos, sin = as_dtype(cos, x.dtype), as_dtype(sin, x.dtype)
     if torch.compiler.is_compiling():
         x1, x2 = x[..., :d], x[..., d:]
         return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
@@ -157,27 +161,50 @@ class CausalSelfAttention(nn.Module):
         self.ve_gate_channels = min(VE_GATE_CHANNELS, C)  # a Linear: a 2-D matrix trained by Muon
         self.ve_gate = (nn.Linear(self.ve_gate_channels, self.n_kv_head, bias=False)
                         if has_value_embedding(layer_idx, config.n_layer) else None)
+        self.qkv_weight, self._qkv_ptrs = None, None  # see GPT.use_inference_layout
+
+    def _packed_qkv(self):
+        """The (q, k, v)-stacked weight whose rows c_q, c_k and c_v's weights are views of
+        (GPT.use_inference_layout), or None: not packed, compiling, or the weights were replaced
+        since (a `.to()`: the new tensors are no longer views of it, so it is dropped)."""
+        w = self.qkv_weight
+        if w is None or torch.compiler.is_compiling():
+            return None
+        if (self.c_q.weight.data_ptr(), self.c_k.weight.data_ptr(), self.c_v.weight.data_ptr()) != self._qkv_ptrs:
+            self.qkv_weight = self._qkv_ptrs = None
+            return None
+        return w
 
     def forward(self, x, ve, cos, sin, mask, cache):
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        q = self.c_q(x).view(B, T, H, D)
-        k = self.c_k(x).view(B, T, Hkv, D)
-        v = self.c_v(x).view(B, T, Hkv, D)
+        packed = self._packed_qkv()
+        if packed is not None:  # one product; q and k stay side by side in it
+            qkv = F.linear(x, packed).view(B, T, H + 2 * Hkv, D)
+            qk, v = qkv[:, :, :H + Hkv], qkv[:, :, H + Hkv:]
+        else:
+            q = self.c_q(x).view(B, T, H, D)
+            k = self.c_k(x).view(B, T, Hkv, D)
+            v = self.c_v(x).view(B, T, Hkv, D)
         if ve is not None:
             # per-kv-head gate in (0, 3); ~1.5 at init (small positive weights)
             gate = VE_GATE_RANGE * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))
             v = v + gate.unsqueeze(-1) * ve.view(B, T, Hkv, D)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        # QK-norm (norm returns the compute dtype), then a fixed 1.2 on both: attention logits
-        # are 1.44 q.k / sqrt(D), sharper than plain QK-norm allows
-        q, k = norm(q) * QK_SCALE, norm(k) * QK_SCALE
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        # rotary, then QK-norm (norm returns the compute dtype), then a fixed 1.2 on both:
+        # attention logits are 1.44 q.k / sqrt(D), sharper than plain QK-norm allows
+        if packed is not None:  # both at once (the same per-head operations)
+            qk = norm(apply_rotary(qk, cos, sin)) * QK_SCALE
+            q, k = qk[:, :, :H], qk[:, :, H:]
+        else:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q, k = norm(q) * QK_SCALE, norm(k) * QK_SCALE
         if cache is not None:
-            kv_cache, q_pos, kv_len = cache
-            k, v = kv_cache.store(self.layer_idx, k, v, q_pos, kv_len)
-            k, v = k.to(q.dtype), v.to(q.dtype)  # no-op when the cache is in the compute dtype
-        y = attention(q, k, v, mask)
+            kv_cache, index, kv_len = cache
+            k, v = kv_cache.store(self.layer_idx, k, v, index, kv_len)  # (B, Hkv, kv_len, D)
+            k, v = as_dtype(k, q.dtype), as_dtype(v, q.dtype)  # the cache may hold another dtype
+        else:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+        y = attention(q.transpose(1, 2), k, v, mask)
         y = y.transpose(1, 2).contiguous().view(B, T, H * D)
         return self.c_proj(y)
 
@@ -248,7 +275,7 @@ class GPT(nn.Module):
         # rows of the (B*T, vocab) logits computed at once by the chunked loss; None = automatic
         # (nanochat.loss.default_chunk_rows)
         self.loss_chunk_rows = None
-        self._head_t, self._head_t_key = None, None  # see _lm_head_t
+        self._rope = None  # (cos, sin) of positions 0..n-1, see _cos_sin
 
     @torch.no_grad()
     def init_weights(self):
@@ -281,6 +308,41 @@ class GPT(nn.Module):
     def get_device(self):
         return self.wte.weight.device
 
+    def freeze(self, dtype=None):
+        """For inference only: eval mode, no gradients, the weights in `dtype` (None = as they
+        are; no matmul then casts a weight per call, as autocast would every decode step), and on
+        CPU the inference layout (below). checkpoint.build_model's eval phase calls it. Returns self."""
+        self.eval().requires_grad_(False)
+        if dtype is not None:
+            self.to(dtype)
+        if self.get_device().type == "cpu":
+            self.use_inference_layout()
+        return self
+
+    @torch.no_grad()
+    def use_inference_layout(self):
+        """For a frozen model on CPU (freeze calls it; call it again after any `.to()`).
+        Every nn.Linear weight (out, in) is stored as the transpose of a contiguous (in, out)
+        matrix: the same values and shape, strides (1, out). F.linear then hands MKL an operand
+        it need not transpose, and its products of 1 and 4 to 64 rows (decode steps, evaluation's
+        scored positions) run 1.2-2.4x faster; 2 rows a little slower, hundreds of rows the same
+        (docs/benchmarks.md, "Decode"). Each layer's c_q, c_k and c_v weights become row blocks
+        of one stacked matrix (qkv_weight), so attention makes one product instead of three and
+        rotates and norms q and k together. No extra memory; state_dict() holds the same values
+        (non-contiguous tensors; the HF export makes them contiguous)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.data = m.weight.data.t().contiguous().t()
+        for block in self.blocks:
+            a = block.attn
+            ws = (a.c_q.weight, a.c_k.weight, a.c_v.weight)
+            packed = torch.cat([w.t() for w in ws], dim=1).t()  # (q + k + v rows, C), strides (1, rows)
+            start = 0
+            for w in ws:
+                w.data = packed[start:start + w.size(0)]
+                start += w.size(0)
+            a.qkv_weight, a._qkv_ptrs = packed, tuple(w.data_ptr() for w in ws)
+
     def new_kv_cache(self, batch_size, max_len, dtype=None):
         """A KVCache sized for this model (dtype: default the compute dtype of the device); with
         the smear on it also keeps each position's token (KVCache, keep_tokens)."""
@@ -300,13 +362,25 @@ class GPT(nn.Module):
         return i if self.config.backout and i < self.config.n_layer - 1 else None
 
     def _embed(self, idx, dtype):
-        return norm(self.wte(idx).to(dtype))
+        return norm(as_dtype(self.wte(idx), dtype))
+
+    def _cos_sin(self, n, device, pos=None):
+        """rotary_cos_sin of positions 0..n-1 (pos None) or of the integer positions pos (all < n):
+        rows of a table computed once per device (at least sequence_len rows; not a buffer, so
+        nothing to save or load). Under torch.compile computed directly (no table to trace)."""
+        D = self.config.n_embd // self.config.n_head
+        if torch.compiler.is_compiling():
+            return rotary_cos_sin(torch.arange(n, device=device) if pos is None else pos, D)
+        if self._rope is None or self._rope[0].device != device or self._rope[0].size(0) < n:
+            self._rope = rotary_cos_sin(torch.arange(max(n, self.config.sequence_len), device=device), D)
+        cos, sin = self._rope
+        return (cos[:n], sin[:n]) if pos is None else (cos[pos], sin[pos])
 
     def _smear(self, x, prev):
         """x[t] += smear_lambda * sigmoid(smear_gate(x[t, :24])) * prev[t] (prev[t] = x[t-1], zero
         where a row has no previous token). The gate reads the current token, before smearing."""
         gate = torch.sigmoid(self.smear_gate(x[..., :self.smear_gate.in_features]))  # (B, T, 1)
-        return x + (self.smear_lambda * gate).to(x.dtype) * prev
+        return x + as_dtype(self.smear_lambda * gate, x.dtype) * prev
 
     # ---- forward
 
@@ -322,10 +396,8 @@ class GPT(nn.Module):
         host sync)."""
         B, T = idx.shape
         device = idx.device
-        D = self.config.n_embd // self.config.n_head
         if kv_cache is None:
-            pos = torch.arange(T, device=device)
-            cos, sin = rotary_cos_sin(pos, D)                 # (T, D/2)
+            cos, sin = self._cos_sin(T, device)                  # (T, D/2)
             cos, sin = cos[None, :, None], sin[None, :, None]  # (1, T, 1, D/2)
             masks = {w: window_mask(w, T, device) for w in set(self.windows)}
             cache = None
@@ -337,16 +409,18 @@ class GPT(nn.Module):
                 kv_len = int(kv_cache.lengths.max()) + T  # one host sync
             if kv_len > kv_cache.max_len:
                 raise ValueError(f"kv_cache overflow: {kv_len} tokens > max_len {kv_cache.max_len}")
-            cos, sin = rotary_cos_sin(q_pos, D)               # (B, T, D/2)
+            cos, sin = self._cos_sin(kv_len, device, q_pos)   # (B, T, D/2)
             cos, sin = cos[:, :, None], sin[:, :, None]       # (B, T, 1, D/2)
             masks = {w: cache_mask(w, q_pos, kv_len) for w in set(self.windows)}
-            cache = (kv_cache, q_pos, kv_len)
+            # where each layer writes its new keys: (row, position) pairs
+            cache = (kv_cache, (torch.arange(B, device=device)[:, None], q_pos), kv_len)
 
         # Activations in the compute dtype from the start (the embedding tables are fp32 master
         # weights, which autocast leaves alone), so every matmul and attention runs in it; only
         # the softcapped logits and the loss are fp32 (docs/model.md, "Precision").
         on = torch.is_autocast_enabled(device.type)
         dtype = torch.get_autocast_dtype(device.type) if on else self.wte.weight.dtype
+        cos, sin = as_dtype(cos, dtype), as_dtype(sin, dtype)  # once, not in every layer
         x = self._embed(idx, dtype)
         if self.config.smear:
             # the previous position's embedding: within the sequence a shift of x; with a cache,
@@ -366,13 +440,13 @@ class GPT(nn.Module):
         x_mid = None
         for i, block in enumerate(self.blocks):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
-            ve = self.value_embeds[str(i)](idx).to(dtype) if str(i) in self.value_embeds else None
+            ve = as_dtype(self.value_embeds[str(i)](idx), dtype) if str(i) in self.value_embeds else None
             args = (x, ve, cos, sin, masks[self.windows[i]], cache)
             x = checkpoint(block, *args, use_reentrant=False) if ckpt else block(*args)
             if i == backout_layer:
                 x_mid = x  # the residual stream after layer n_layer // 2
         if x_mid is not None:
-            x = x - self.backout_lambda.to(x.dtype) * x_mid
+            x = x - as_dtype(self.backout_lambda, x.dtype) * x_mid
         if kv_cache is not None:
             kv_cache.lengths += T
 
@@ -386,35 +460,8 @@ class GPT(nn.Module):
                     x = x[rows.to(device), positions.to(device)]
                 else:
                     x = x[torch.arange(B, device=device), logits_positions.to(device)]
-            return self._logits(norm(x))
+            return logits_of(norm(x), self.lm_head.weight)
         return self._loss(norm(x), targets, loss_reduction)
-
-    def _logits(self, x):
-        rows = x.numel() // x.size(-1)
-        w = self.lm_head.weight
-        if (x.device.type == "cpu" and 2 <= rows <= HEAD_T_MAX_ROWS and not torch.is_grad_enabled()
-                and not w.requires_grad and not torch.compiler.is_compiling()):
-            return softcap((x @ self._lm_head_t(x.dtype)).float())
-        return logits_of(x, w)
-
-    def _lm_head_t(self, dtype):
-        """lm_head's weight as a contiguous (n_embd, vocab) matrix in `dtype`, kept until the
-        weight changes (its storage or version moves). On CPU, a few rows times the (vocab,
-        n_embd) weight as stored (F.linear) run 2x slower than the same product against this
-        layout at 4-16 rows, the same at 1 row (MKL, docs/benchmarks.md, "Decode"): a decode step
-        of a small model spends half its time there. Costs one extra copy of lm_head in memory
-        once the model has decoded 2 or more rows at a time.
-        Only for a frozen model (requires_grad False: checkpoint.build_model's eval phase): its
-        weights change only through ordinary in-place ops (a load), which bump the version. An
-        optimizer's fused kernels (torch's _fused_adamw_, which ours uses on CPU) update weights
-        without bumping it, so a model being trained (e.g. sampling in RL) uses the plain path."""
-        w = self.lm_head.weight
-        key = (w.data_ptr(), w._version, dtype)
-        if self._head_t_key != key:
-            self._head_t = None  # free the old copy before making the new one
-            self._head_t = w.detach().to(dtype).t().contiguous()
-            self._head_t_key = key
-        return self._head_t
 
     def _loss(self, x, targets, reduction):
         """lm_head + softcap + cross-entropy in chunks of rows (nanochat/loss.py)."""

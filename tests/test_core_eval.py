@@ -400,8 +400,8 @@ def test_long_prompts_are_never_cropped():
     model = BigramLM({}, sequence_len=8)
     core_eval.evaluate_task(model, CHARS, "cpu", task, items, [0])
     assert [len(CHARS.decode(r)) for r in model.rows] == [80 + 1 + 2, 80 + 1 + 3]  # the whole text, 10x the context
-    # our GPT takes rows longer than its training context (rotary angles are computed per
-    # position, nothing is cached up to sequence_len), and its first positions do not change
+    # our GPT takes rows longer than its training context (its rotary table grows past
+    # sequence_len), and its first positions do not change
     gpt = tiny_gpt(257, sequence_len=16)
     ids = torch.randint(0, 256, (1, 160))
     with torch.no_grad():

@@ -770,35 +770,35 @@ def test_fused_loss_edge_cases():
         loss.backward()
 
 
-def test_decode_logits_through_transposed_head_follow_the_weights():
-    """Small-row CPU inference multiplies by a cached transposed copy of lm_head: it gives the
-    logits of the plain path, and a changed weight (an optimizer step, a load) is picked up."""
+def test_inference_layout_gives_the_same_model():
+    """use_inference_layout (frozen CPU models) changes only how the Linear weights are stored
+    (transposed; c_q, c_k, c_v as views of one stacked matrix): the same logits with and without
+    a KV cache, the same state dict; a load writes through into the stacked matrix, and a later
+    `.to()` (new tensors) drops the stacking instead of using stale weights."""
     model = make_model()
     idx = torch.randint(0, V, (3, 10))
     with torch.no_grad():
-        model(idx, logits_positions=-1)
-        assert model._head_t is None  # a trainable model: the plain product (see below)
-        model.requires_grad_(False)   # frozen, as checkpoint.build_model's eval phase leaves it
-        model(idx[:1], logits_positions=-1)
-        assert model._head_t is None  # one row: the plain product, no copy made
-        got = model(idx, logits_positions=-1)
-        x = model._head_t
-        assert x is not None and x.shape == (model.config.n_embd, V)
-        model.lm_head.weight.mul_(0.5)  # in place: same storage, new version
-        got2 = model(idx, logits_positions=-1)
-        assert model._head_t is not x
-    with torch.no_grad():
-        model.lm_head.weight.mul_(2.0)
-    model.requires_grad_(True)
-    with torch.enable_grad():  # with grads: the plain F.linear path
-        want = model(idx)[:, -1].detach()
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(0.5)
-    with torch.enable_grad():
-        want2 = model(idx)[:, -1].detach()
-    torch.testing.assert_close(got2, want2, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(got, got2)
+        want = model(idx)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        model.requires_grad_(False).use_inference_layout()
+        attn = model.blocks[0].attn
+        assert model.lm_head.weight.stride() == (1, V) and model.blocks[0].mlp.c_fc.weight.t().is_contiguous()
+        assert attn.c_k.weight.data_ptr() == attn.qkv_weight[attn.c_q.weight.size(0):].data_ptr()
+        torch.testing.assert_close(model(idx), want, rtol=1e-5, atol=1e-5)
+        for rows in (1, 2, 3):  # prefill, then a decode step of 1, 2 and 3 rows through the cache
+            cache = model.new_kv_cache(rows, 16)
+            model(idx[:rows, :9], kv_cache=cache)
+            got = model(idx[:rows, 9:], kv_cache=cache, logits_positions=-1)
+            torch.testing.assert_close(got, want[:rows, -1], rtol=1e-5, atol=1e-5)
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+        model.load_state_dict({k: v * 0.5 for k, v in state.items()})
+        assert model.lm_head.weight.stride() == (1, V) and attn._packed_qkv() is not None
+        torch.testing.assert_close(attn.qkv_weight[:attn.c_q.weight.size(0)], state["blocks.0.attn.c_q.weight"] * 0.5)
+        halved = model(idx)
+        model.to(torch.float64)
+        assert attn._packed_qkv() is None and attn.qkv_weight is None
+        torch.testing.assert_close(model(idx).float(), halved, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(halved, want)
 
 
 def test_rotary_function_matches_the_formula():
@@ -823,10 +823,10 @@ def test_logits_positions_pairs_pick_the_full_logits():
     torch.testing.assert_close(last, full[torch.arange(3), torch.tensor([11, 4, 7])], rtol=1e-5, atol=1e-5)
 
 
-def test_trained_model_never_decodes_through_a_stale_lm_head_copy():
-    """torch's fused AdamW (our CPU AdamW) updates a weight without bumping its version counter,
-    so a cache keyed on it would go stale: a trainable model must take the plain path, and its
-    logits follow every optimizer step."""
+def test_trained_model_logits_follow_every_optimizer_step():
+    """Sampling during training (RL) sees the weights of the last step. torch's fused AdamW (our
+    CPU AdamW) updates weights without bumping their version counter, so an inference-side copy
+    of a weight keyed on it (an earlier lm_head cache did that) would go stale."""
     model = make_model()
     opt = model.setup_optimizer(unembedding_lr=0.5)
     idx = torch.randint(0, V, (3, 10))
@@ -836,6 +836,6 @@ def test_trained_model_never_decodes_through_a_stale_lm_head_copy():
     opt.step()
     with torch.no_grad():
         second = model(idx, logits_positions=-1)
-    assert model._head_t is None and not torch.allclose(first, second)
+    assert not torch.allclose(first, second)
     want = model(idx)[:, -1].detach()  # with grads: all positions through the plain product
     torch.testing.assert_close(second, want, rtol=1e-5, atol=1e-5)
