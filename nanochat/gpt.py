@@ -372,7 +372,10 @@ class GPT(nn.Module):
         if torch.compiler.is_compiling():
             return rotary_cos_sin(torch.arange(n, device=device) if pos is None else pos, D)
         if self._rope is None or self._rope[0].device != device or self._rope[0].size(0) < n:
-            self._rope = rotary_cos_sin(torch.arange(max(n, self.config.sequence_len), device=device), D)
+            # a normal tensor even when made under inference_mode (sampling inside RL training):
+            # an inference tensor could not be saved for a later backward
+            with torch.inference_mode(False), torch.no_grad():
+                self._rope = rotary_cos_sin(torch.arange(max(n, self.config.sequence_len), device=device), D)
         cos, sin = self._rope
         return (cos[:n], sin[:n]) if pos is None else (cos[pos], sin[pos])
 

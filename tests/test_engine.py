@@ -289,6 +289,38 @@ def test_cache_full_ends_with_length(model, tokenizer):
     assert len(results[0]) <= 24
 
 
+def test_frozen_model_decodes_like_the_trainable_one(model, tokenizer, prompts):
+    """A frozen CPU model (GPT.freeze: transposed weights, stacked q/k/v, as every eval-phase load)
+    generates the same greedy tokens as the model it came from: prompts of different lengths in
+    one batch, rows refilled as others finish (batch_size 2 for 5 prompts), and 2-row and 1-row
+    steps along the way."""
+    import copy
+    frozen = copy.deepcopy(model).freeze()
+    assert frozen.blocks[0].attn.qkv_weight is not None and frozen.lm_head.weight.stride(0) == 1
+    want, _ = Engine(model, tokenizer).generate_many(prompts, max_tokens=12, temperature=0, batch_size=2)
+    got, _ = Engine(frozen, tokenizer).generate_many(prompts, max_tokens=12, temperature=0, batch_size=2)
+    assert got == want and all(len(r) > len(p) for r, p in zip(got, prompts))
+
+
+@pytest.mark.slow
+def test_compiled_decode_of_a_frozen_model(model, tokenizer, prompts):
+    """Under torch.compile the frozen model's stacked q/k/v is not used (three products on its
+    views): the same greedy tokens as eager."""
+    import copy
+    frozen = copy.deepcopy(model).freeze()
+
+    def run(compile):
+        dec = BatchDecoder(frozen, tokenizer, 2, max_len=64, compile=compile)
+        dec.specials["stop"] = set()
+        seqs = [Sequence(prompts[i], max_tokens=10, temperature=0) for i in (0, 1)]
+        dec.add(seqs)
+        while dec.seqs:
+            dec.step()
+            dec.remove_done()
+        return [s.out for s in seqs]
+    assert run(True) == run(False)
+
+
 # ---------------------------------------------------------------------------
 # The compiled decode step (torch.compile on CPU here; CUDA graphs on CUDA)
 

@@ -770,6 +770,18 @@ def test_fused_loss_edge_cases():
         loss.backward()
 
 
+def test_training_after_inference_mode_sampling():
+    """The rotary table made during a forward under torch.inference_mode (RL samples that way
+    between its training steps) can be used by a training forward and backward afterwards."""
+    model = make_model()
+    idx = torch.randint(0, V, (2, 10))
+    with torch.inference_mode():
+        model(idx[:, :4])
+    loss = model(idx, targets=idx)
+    loss.backward()
+    assert model.lm_head.weight.grad is not None and torch.isfinite(loss)
+
+
 def test_inference_layout_gives_the_same_model():
     """use_inference_layout (frozen CPU models) changes only how the Linear weights are stored
     (transposed; c_q, c_k, c_v as views of one stacked matrix): the same logits with and without
