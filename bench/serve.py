@@ -65,7 +65,7 @@ def serve(args):
             model = GPT(cfg)
         model.to_empty(device=device)
         model.init_weights()
-        model.to(get_compute_dtype(device.type)).eval()  # as `nanochat serve` loads it
+        model.freeze(get_compute_dtype(device.type))  # as `nanochat serve` loads it (checkpoint.build_model)
     app = create_app(model, tokenizer, max_batch=args.max_batch, model_name="bench", compile=args.compile)
     if not args.source or args.ignore_stop:
         app.state.scheduler.decoder.specials["stop"] = set()  # fixed-length replies
