@@ -14,7 +14,12 @@ validation bpb over --eval-tokens. Measured for each codebase and each of --repe
 first steps include warm-up), the peak RSS of the training process, the final val bpb, and
 decode tok/s of its Engine at batch 1 and 8 (`generate_batch`, sampling at temperature 1, top-k
 50, --new-tokens per row; best of 3 within a process, best of --decode-rounds processes run
-interleaved with the other codebase's). Both use --threads torch threads. `--dtype` sets NANOCHAT_DTYPE for
+interleaved with the other codebase's). Then, with --step-rounds N, the model's decode step
+alone (one token for 1 and for 8 rows, 40 tokens in the cache, the same inputs every call): a
+persistent process per codebase, taking turns in a random order each round, each turn the
+median of 20 steps; reported per round, as the median of the rounds, and as the median of the
+per-round ratios (the paired comparison a noisy machine allows). --repeats 0 skips training and
+measures the checkpoints already in --work. Both use --threads torch threads. `--dtype` sets NANOCHAT_DTYPE for
 ours (default: its own choice for this CPU); the reference runs in its default (fp32 on CPU)
 unless --upstream-dtype says otherwise.
 """
@@ -22,6 +27,7 @@ import argparse
 import glob
 import json
 import os
+import random
 import re
 import statistics
 import subprocess
@@ -61,6 +67,90 @@ for batch in (1, 8):
     out[f"decode_b{batch}_tok_per_sec"] = round(best, 1)
 print(json.dumps(out))
 '''
+
+
+STEP = r'''
+import json, statistics, sys, time, torch
+torch.set_num_threads(int(sys.argv[1]))
+torch.set_grad_enabled(False)
+ours = sys.argv[2] == "ours"
+if ours:
+    from nanochat.checkpoint import load_model
+    from nanochat.common import get_compute_dtype
+    model, _, _ = load_model("base", "cpu", model_tag="vsref", dtype=get_compute_dtype("cpu"))
+else:
+    from nanochat.checkpoint_manager import load_model
+    from nanochat.engine import KVCache
+    model, _, _ = load_model("base", torch.device("cpu"), "eval", model_tag="vsref")
+c = model.config
+
+
+def make(rows):
+    """One decode step of `rows` rows after a 40-token prefill, reset to the same state every call."""
+    ids = torch.randint(0, c.vocab_size, (rows, 41), generator=torch.Generator().manual_seed(0))
+    if ours:
+        cache = model.new_kv_cache(rows, 512)
+        model(ids[:, :40], kv_cache=cache, kv_len=40, logits_positions=-1)
+
+        def step():
+            cache.lengths.fill_(40)
+            return model(ids[:, 40:], kv_cache=cache, kv_len=41, logits_positions=-1)
+    else:  # as the reference's Engine sets its cache up on CPU
+        cache = KVCache(rows, c.n_kv_head, 512, c.n_embd // c.n_head, c.n_layer, "cpu", torch.float32)
+        model(ids[:, :40], kv_cache=cache)
+        prev = cache.prev_embedding
+
+        def step():
+            cache.cache_seqlens.fill_(40)
+            cache.prev_embedding = prev
+            return model(ids[:, 40:], kv_cache=cache)
+    return step
+
+
+steps = {}
+print("ready", flush=True)
+for line in sys.stdin:
+    rows, n = map(int, line.split())
+    if rows not in steps:
+        steps[rows] = make(rows)
+        for _ in range(5):
+            steps[rows]()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        steps[rows]()
+        times.append((time.perf_counter() - t0) * 1e3)
+    print(json.dumps(statistics.median(times)), flush=True)
+'''
+
+
+def decode_step_rounds(python, cwd, env, threads, who, rounds, rows_list=(1, 8), steps=20):
+    """{codebase: {"b<rows>": [median step ms of each round]}} from one persistent process per
+    codebase (STEP), taking turns in a random order every round: drift hits both alike."""
+    procs = {w: subprocess.Popen([python[w], "-c", STEP, threads, w], cwd=cwd[w], env=env[w], text=True,
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE) for w in who}
+    try:
+        for w, proc in procs.items():
+            if proc.stdout.readline().strip() != "ready":
+                raise SystemExit(f"the decode-step process ({w}) did not start (its error is above)")
+        out = {w: {} for w in who}
+        order = list(who)
+        shuffle = random.Random(0).shuffle
+        for rows in rows_list:
+            for _ in range(rounds):
+                shuffle(order)
+                for w in order:
+                    procs[w].stdin.write(f"{rows} {steps}\n")
+                    procs[w].stdin.flush()
+                    line = procs[w].stdout.readline()
+                    if not line:
+                        raise SystemExit(f"the decode-step process ({w}) died (its error is above)")
+                    out[w].setdefault(f"b{rows}", []).append(round(json.loads(line), 3))
+        return out
+    finally:
+        for proc in procs.values():
+            proc.stdin.close()
+            proc.wait(timeout=120)
 
 
 def run(cmd, cwd, env, log_path):
@@ -104,6 +194,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--decode-rounds", type=int, default=3, help="decode runs per codebase, interleaved (best counts)")
+    p.add_argument("--step-rounds", type=int, default=0, help="rounds of the paired decode-step comparison (0: none)")
     p.add_argument("--dtype", default=None, help="NANOCHAT_DTYPE for ours (default: its own choice)")
     p.add_argument("--upstream-dtype", default=None, help="NANOCHAT_DTYPE for the reference (default: its own)")
     p.add_argument("--only", default="ours,upstream", help="ours, upstream or both")
@@ -163,22 +254,34 @@ def main(argv=None):
             if r.returncode != 0:
                 raise SystemExit(f"decode ({w}) failed:\n{r.stderr[-3000:]}")
             decode[w].append(json.loads(r.stdout.strip().splitlines()[-1]))
+    steps_ms = decode_step_rounds(python, cwd, env, threads, who, args.step_rounds) if args.step_rounds else None
     for w in who:
-        for key in decode[w][0]:
+        for key in (decode[w][0] if decode[w] else []):
             results[w][key] = max(d[key] for d in decode[w])
             results[w][key + "_all"] = [d[key] for d in decode[w]]
+        for key, rounds in (steps_ms[w].items() if steps_ms else []):
+            results[w][f"decode_step_ms_{key}"] = statistics.median(rounds)
+            results[w][f"decode_step_ms_{key}_all"] = rounds
         runs = results[w]["runs"]
-        results[w]["step_time_median_s"] = statistics.median(x["step_time_median_s"] for x in runs)
-        results[w]["peak_rss_mib"] = max(x["peak_rss_mib"] for x in runs)
+        if runs:
+            results[w]["step_time_median_s"] = statistics.median(x["step_time_median_s"] for x in runs)
+            results[w]["peak_rss_mib"] = max(x["peak_rss_mib"] for x in runs)
     summary = {"machine": cpu_model(), "cpu_count": os.cpu_count(),
                "date": time.strftime("%Y-%m-%d %H:%M"), "threads": args.threads, "steps": args.steps,
                "work": work, **results}
     if len(who) == 2:
         o, u = results["ours"], results["upstream"]
-        summary["ratios"] = {"training_speed": u["step_time_median_s"] / o["step_time_median_s"],
-                             "decode_b1": o["decode_b1_tok_per_sec"] / u["decode_b1_tok_per_sec"],
-                             "decode_b8": o["decode_b8_tok_per_sec"] / u["decode_b8_tok_per_sec"],
-                             "peak_rss": o["peak_rss_mib"] / u["peak_rss_mib"]}
+        ratios = {}
+        if o["runs"]:
+            ratios.update(training_speed=u["step_time_median_s"] / o["step_time_median_s"],
+                          peak_rss=o["peak_rss_mib"] / u["peak_rss_mib"])
+        if decode["ours"]:
+            ratios.update(decode_b1=o["decode_b1_tok_per_sec"] / u["decode_b1_tok_per_sec"],
+                          decode_b8=o["decode_b8_tok_per_sec"] / u["decode_b8_tok_per_sec"])
+        for key in (steps_ms["ours"] if steps_ms else []):  # > 1: our step is faster, median of the rounds' ratios
+            ratios[f"decode_step_{key}_paired"] = statistics.median(
+                up / ours for up, ours in zip(steps_ms["upstream"][key], steps_ms["ours"][key]))
+        summary["ratios"] = ratios
     print(json.dumps(summary, indent=1))
     if args.out:
         with open(args.out, "w") as f:
