@@ -42,7 +42,7 @@ def random_model(tokenizer, device, depth, sequence_len):
         model = GPT(cfg)
     model.to_empty(device=device)
     model.init_weights()
-    model.eval()
+    model.freeze(get_compute_dtype(device.type))  # as eval base/chat load it (checkpoint.build_model)
     return model, dataclasses.asdict(cfg)
 
 

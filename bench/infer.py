@@ -65,8 +65,8 @@ def build(args, device):
         model = GPT(cfg)
     model.to_empty(device=device)
     model.init_weights()
-    model.to(get_compute_dtype(device.type))  # inference weights in the compute dtype, as chat and serve have them
-    return model.eval(), SpecialsOnly(args.vocab_size)
+    model.freeze(get_compute_dtype(device.type))  # as chat and serve load it (checkpoint.build_model)
+    return model, SpecialsOnly(args.vocab_size)
 
 
 def run(model, tokenizer, batch, args, device):
