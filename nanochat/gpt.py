@@ -325,8 +325,8 @@ class GPT(nn.Module):
         Every nn.Linear weight (out, in) is stored as the transpose of a contiguous (in, out)
         matrix: the same values and shape, strides (1, out). F.linear then hands MKL an operand
         it need not transpose, and its products of 1 and 4 to 64 rows (decode steps, evaluation's
-        scored positions) run 1.2-2.4x faster; 2 rows a little slower, hundreds of rows the same
-        (docs/benchmarks.md, "Decode"). Each layer's c_q, c_k and c_v weights become row blocks
+        scored positions) run 1.1-2.1x faster; 2 rows mostly a little slower, hundreds of rows
+        about the same (docs/benchmarks.md, "Decode"). Each layer's c_q, c_k and c_v weights become row blocks
         of one stacked matrix (qkv_weight), so attention makes one product instead of three and
         rotates and norms q and k together. No extra memory; state_dict() holds the same values
         (non-contiguous tensors; the HF export makes them contiguous)."""
