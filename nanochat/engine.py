@@ -216,6 +216,9 @@ class BatchDecoder:
         self.dtype = get_compute_dtype(self.device.type)
         self.cache = model.new_kv_cache(batch_size, self.max_len)
         self.inputs = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
+        # a decode step's logits_positions: (row r, its one new position) for rows 0..n-1
+        self.step_positions = (torch.arange(batch_size, device=self.device),
+                               torch.zeros(batch_size, dtype=torch.long, device=self.device))
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
         enc = tokenizer.encode_special
@@ -249,15 +252,16 @@ class BatchDecoder:
         if bucket not in self.views:
             view = self.cache.narrow(0, bucket)
             inputs = self.inputs[:bucket]
+            positions = tuple(t[:bucket] for t in self.step_positions)
             if self.device.type == "cuda":
                 # CUDA graphs read and write these in place instead of copying them every replay
-                for t in view.tensors() + [inputs]:
+                for t in view.tensors() + [inputs, *positions]:
                     torch._dynamo.mark_static_address(t)
-            self.views[bucket] = (inputs, view)
+            self.views[bucket] = (inputs, view, positions)
         if bucket > n:
             self.cache.lengths[n:bucket].zero_()
-        inputs, view = self.views[bucket]
-        logits = self._forward(inputs, view, self.max_len, positions=-1, model=self.compiled)
+        inputs, view, positions = self.views[bucket]
+        logits = self._forward(inputs, view, self.max_len, positions=positions, model=self.compiled)
         # CUDA graphs reuse their output buffer on the next replay: keep our own copy
         return logits[:n].clone()
 
@@ -384,7 +388,8 @@ class BatchDecoder:
             view.reset()
             lengths = torch.tensor([len(u) for u in group], device=self.device)
             # logits of each row's last prompt token only
-            picked = self._forward(ids.to(self.device), view, T, positions=lengths - 1)
+            rows = torch.arange(len(group), device=self.device)
+            picked = self._forward(ids.to(self.device), view, T, positions=(rows, lengths - 1))
             view.lengths.copy_(lengths)  # undo the padding
             for r, u in enumerate(group):
                 last_logits[u] = picked[r]
@@ -410,7 +415,8 @@ class BatchDecoder:
             logits = self._compiled_step(n)
         else:
             kv_len = self._kv_len(max(self.lens[:n]) + 1)
-            logits = self._forward(self.inputs[:n], self.cache.narrow(0, n), kv_len, positions=-1)
+            positions = tuple(t[:n] for t in self.step_positions)
+            logits = self._forward(self.inputs[:n], self.cache.narrow(0, n), kv_len, positions=positions)
         for r in range(n):
             self.lens[r] += 1
         produced = self._advance(self.seqs, logits)
@@ -447,13 +453,40 @@ SAMPLE_PROMPTS = [
 ]
 
 
+@torch.inference_mode()
+def reference_generate(model, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
+    """Yield max_tokens sampled ids after the prompt `tokens` (ints), without a KV cache (the
+    reference for the batched decoding here): temperature 0 = greedy; else softmax(logits / temperature)
+    over the top_k (or all) of the last position, torch.multinomial with a `seed`ed generator."""
+    device = model.get_device()
+    rng = None
+    if temperature > 0:
+        rng = torch.Generator(device=device)
+        rng.manual_seed(seed)
+    ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)
+    for _ in range(max_tokens):
+        logits = model(ids)[:, -1, :]
+        if temperature > 0:
+            cand_ids = None
+            if top_k is not None and 0 < top_k < logits.size(-1):
+                logits, cand_ids = torch.topk(logits, top_k, dim=-1)
+            probs = F.softmax(logits / temperature, dim=-1)
+            next_id = torch.multinomial(probs, num_samples=1, generator=rng)
+            if cand_ids is not None:
+                next_id = cand_ids.gather(1, next_id)
+        else:
+            next_id = torch.argmax(logits, dim=-1, keepdim=True)
+        ids = torch.cat([ids, next_id], dim=1)
+        yield next_id.item()
+
+
 def greedy_samples(model, tokenizer, prompts=SAMPLE_PROMPTS, max_tokens=16):
-    """Each prompt followed by its greedy continuation (GPT.generate, up to a <|bos|>)."""
+    """Each prompt followed by its greedy continuation (reference_generate, up to a <|bos|>)."""
     bos = tokenizer.get_bos_token_id()
     samples = []
     for prompt in prompts:
         out = []
-        for tok in model.generate(tokenizer.encode(prompt, prepend=bos), max_tokens=max_tokens, temperature=0.0):
+        for tok in reference_generate(model, tokenizer.encode(prompt, prepend=bos), max_tokens, temperature=0.0):
             if tok == bos:
                 break
             out.append(tok)

@@ -407,7 +407,7 @@ class ExplodingPrefill(Wrapped):
         self.bad_len = bad_len
 
     def forward(self, idx, kv_cache=None, kv_len=None, logits_positions=None):
-        if not isinstance(logits_positions, int) and (logits_positions + 1 == self.bad_len).any():
+        if (logits_positions[1] + 1 == self.bad_len).any():  # a decode step's positions are all 0
             raise RuntimeError("simulated failure in this prompt's prefill")
         return self.inner(idx, kv_cache=kv_cache, kv_len=kv_len, logits_positions=logits_positions)
 

@@ -359,7 +359,7 @@ def test_inference_loads_weights_in_the_compute_dtype(base_checkpoint, monkeypat
     cache = model.new_kv_cache(1, 32)
     assert cache.k[0].dtype == torch.bfloat16
     with torch.no_grad():
-        cached = model(torch.tensor([ids]), kv_cache=cache, logits_positions=len(ids) - 1)
+        cached = model(torch.tensor([ids]), kv_cache=cache, logits_positions=(torch.tensor([0]), torch.tensor([len(ids) - 1])))
     torch.testing.assert_close(cached[0], logits[0, -1], atol=0.1, rtol=0)
     results, _ = Engine(model, tokenizer).generate_batch(ids, max_tokens=6, temperature=0)
     assert results[0][:len(ids)] == ids  # decoding in bf16 ran through the cache
