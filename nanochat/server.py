@@ -40,6 +40,7 @@ MIN_MAX_TOKENS, MAX_MAX_TOKENS = 1, 4096
 DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_MAX_TOKENS = 0.8, 50, 512
 ROLES = ("system", "user", "assistant")
 MAX_BODY_BYTES = 1 << 20       # a request body (the longest valid conversation is ~200 KB of JSON)
+MAX_DRAIN_BYTES = 16 << 20     # of a body too large, read and dropped so the client sees the 413
 BODY_TIMEOUT_S = 10.0          # seconds the whole body may take to arrive (then 408, connection closed)
 RETRY_AFTER_S = 2              # what a refused client is told to wait
 
@@ -133,17 +134,23 @@ def validate_request(body, tokenizer, context_len):
         "seed": _number(body, "seed", -2**63, 2**63 - 1, None, integer=True),
         "stream": body.get("stream", False),
     }
-    if settings["max_tokens"] is None:  # OpenAI's newer name for the same thing
-        settings["max_tokens"] = _number(body, "max_completion_tokens", MIN_MAX_TOKENS, MAX_MAX_TOKENS,
-                                         DEFAULT_MAX_TOKENS, integer=True)
+    # OpenAI's newer name for the same thing: checked even when max_tokens is given
+    newer = _number(body, "max_completion_tokens", MIN_MAX_TOKENS, MAX_MAX_TOKENS, None, integer=True)
+    if settings["max_tokens"] is None:
+        settings["max_tokens"] = DEFAULT_MAX_TOKENS if newer is None else newer
     if not isinstance(settings["stream"], bool):
         raise BadRequest("'stream' must be true or false")
-    options = body.get("stream_options") or {}
+    options = body.get("stream_options")
+    options = {} if options is None else options
     if not isinstance(options, dict):
         raise BadRequest("'stream_options' must be an object")
-    settings["include_usage"] = bool(options.get("include_usage", False))
-    if body.get("n", 1) != 1:
-        raise BadRequest("only n=1 is supported")
+    include_usage = options.get("include_usage")
+    if include_usage is not None and not isinstance(include_usage, bool):
+        raise BadRequest(f"'stream_options.include_usage' must be true or false, got {_short(include_usage)}")
+    settings["include_usage"] = bool(include_usage)
+    n = body.get("n")
+    if n is not None and (type(n) is not int or n != 1):  # `true` == 1 in Python, but is no count
+        raise BadRequest(f"only n=1 is supported, got {_short(n)}")
     if settings["top_p"] == 0.0:
         raise BadRequest("'top_p' must be in (0, 1]")
     try:
@@ -197,26 +204,38 @@ def _refusal(e):
     return _error(e.status, str(e), kind=kind, headers=headers)
 
 
-async def read_body(request, max_bytes=MAX_BODY_BYTES, timeout=BODY_TIMEOUT_S):
-    """The request body, at most max_bytes (413 otherwise, checked against Content-Length before
-    reading and while reading), arriving within `timeout` seconds (408 otherwise: a client that
-    announces more than it sends must not hold the connection)."""
+async def read_body(request, max_bytes=MAX_BODY_BYTES, timeout=BODY_TIMEOUT_S, max_drain=MAX_DRAIN_BYTES):
+    """The request body, at most max_bytes (413 otherwise, known from Content-Length or while
+    reading a chunked body), arriving within `timeout` seconds (408 otherwise: a client that
+    announces more than it sends must not hold the connection). Of a body too large, up to
+    max_drain more bytes are read and dropped within the same time before the 413 goes out:
+    closing a socket with unread data in it makes the kernel send a reset, and the client would
+    see "connection reset" instead of the answer."""
     declared = request.headers.get("content-length")
+    too_large = None
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise BadRequest(f"request body too large: {declared} bytes > {max_bytes}", status=413)
+        too_large = f"request body too large: {declared} bytes > {max_bytes}"
 
     async def receive_all():
+        nonlocal too_large
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
-            if size > max_bytes:
-                raise BadRequest(f"request body too large: more than {max_bytes} bytes", status=413)
-            chunks.append(chunk)
+            if size > max_bytes and too_large is None:
+                too_large = f"request body too large: more than {max_bytes} bytes"
+            if too_large is None:
+                chunks.append(chunk)
+            elif size > max_bytes + max_drain:
+                break  # not worth reading further: the connection closes after the 413
         return b"".join(chunks)
     try:
-        return await asyncio.wait_for(receive_all(), timeout)
+        raw = await asyncio.wait_for(receive_all(), timeout)
     except asyncio.TimeoutError:
-        raise BadRequest(f"the request body did not arrive within {timeout:g} s", status=408)
+        if too_large is None:
+            raise BadRequest(f"the request body did not arrive within {timeout:g} s", status=408)
+    if too_large is not None:
+        raise BadRequest(too_large, status=413)
+    return raw
 
 
 # ---------------------------------------------------------------------------

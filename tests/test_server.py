@@ -288,6 +288,38 @@ def test_body_size_limit_and_slow_body_timeout(tokenizer):
         live.close()
 
 
+def _chunked(data, size=65536):
+    parts = [data[i:i + size] for i in range(0, len(data), size)]
+    return b"".join(b"%x\r\n" % len(p) + p + b"\r\n" for p in parts) + b"0\r\n\r\n"
+
+
+def test_a_chunked_body_over_the_default_limit_gets_its_413(tokenizer):
+    """2 MiB sent chunked (and with a Content-Length) to a server with the default 1 MiB limit:
+    the client reads the whole 413, never a connection reset (the server reads and drops the rest
+    before it answers and closes)."""
+    live = LiveServer(create_app(make_model(tokenizer.get_vocab_size(), sequence_len=64), tokenizer))
+    try:
+        big = json.dumps({"messages": user("x" * (2 << 20))}).encode()
+        head = b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        for path in (b"/v1/chat/completions", b"/chat/completions"):
+            for framing, body in ((b"Transfer-Encoding: chunked", _chunked(big)),
+                                  (b"Content-Length: %d" % len(big), big)):
+                sock = socket.create_connection(("127.0.0.1", live.port), timeout=30)
+                try:
+                    sock.sendall(head % path + framing + b"\r\n\r\n" + body)
+                    reply = b""
+                    while chunk := sock.recv(65536):
+                        reply += chunk
+                finally:
+                    sock.close()
+                status, _, rest = reply.partition(b"\r\n")
+                assert status.startswith(b"HTTP/1.1 413"), status
+                assert b"too large" in rest.partition(b"\r\n\r\n")[2]
+        assert requests.get(live.url + "/health", timeout=10).status_code == 200
+    finally:
+        live.close()
+
+
 BAD = [
     ("malformed JSON", b'{"messages": [', "malformed JSON"),
     ("not an object", [1, 2], "JSON object"),
@@ -323,6 +355,19 @@ BAD = [
     ("max_completion_tokens huge", {"messages": user(), "max_completion_tokens": 10 ** 309}, "max_completion_tokens"),
     ("temperature NaN", b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', "temperature"),
     ("max_tokens infinite", b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": Infinity}', "max_tokens"),
+    # a field that is present is checked even when another one decides the value
+    ("max_completion_tokens NaN beside max_tokens",
+     b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "max_completion_tokens": NaN}',
+     "max_completion_tokens"),
+    ("max_completion_tokens string beside max_tokens", {"messages": user(), "max_tokens": 5,
+                                                        "max_completion_tokens": "many"}, "max_completion_tokens"),
+    ("include_usage NaN", b'{"messages": [{"role": "user", "content": "hi"}], "stream": true, '
+                          b'"stream_options": {"include_usage": NaN}}', "include_usage"),
+    ("include_usage string", {"messages": user(), "stream": True, "stream_options": {"include_usage": "no"}},
+     "include_usage"),
+    ("n true", {"messages": user(), "n": True}, "n=1"),
+    ("n float", {"messages": user(), "n": 1.0}, "n=1"),
+    ("n two", {"messages": user(), "n": 2}, "n=1"),
     ("int too long to parse", b'{"messages": [{"role": "user", "content": "hi"}], "seed": ' + b"9" * 5000 + b"}",
      "malformed JSON"),
 ]
