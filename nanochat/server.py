@@ -6,6 +6,10 @@
     POST /chat/completions      nanochat's own protocol (SSE: data: {"token": ...} ... data: {"done": true})
     POST /v1/chat/completions   OpenAI's chat completions API (JSON, or SSE chunks + data: [DONE])
     GET  /v1/models             the one model served
+    GET  /metrics               Prometheus metrics (vLLM's names, docs/serving.md)
+
+With an API key (create_app(api_key=...), `nanochat serve --api-key`), every route but /, /health
+and /metrics needs `Authorization: Bearer KEY` (401 otherwise).
 
 A single scheduler thread (nanochat/scheduler.py) owns the model and a KV cache of `max_batch`
 rows and runs continuous batching. The HTTP side is asyncio: each request gets an asyncio.Queue
@@ -18,6 +22,8 @@ fails ends alone (docs/serving.md, "Guarantees").
 """
 import asyncio
 import codecs
+import hashlib
+import hmac
 import json
 import os
 import time
@@ -25,8 +31,9 @@ import uuid
 from contextlib import aclosing, asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
+from nanochat.metrics import CONTENT_TYPE_LATEST, Metrics
 from nanochat.scheduler import DEFAULT_MAX_QUEUE, Job, Scheduler
 
 
@@ -241,15 +248,37 @@ async def read_body(request, max_bytes=MAX_BODY_BYTES, timeout=BODY_TIMEOUT_S, m
 # ---------------------------------------------------------------------------
 # The app
 
+# Routes anyone may reach when an API key is set: the page itself (it asks for the key), the
+# health check of load balancers, and the metrics scraper (as vLLM does)
+OPEN_PATHS = ("/", "/health", "/metrics")
+
+
+def key_matches(header, api_key):
+    """Whether an Authorization header value is `Bearer <api_key>`, compared in constant time
+    (the time taken says nothing about how much of a guess was right)."""
+    scheme, _, given = (header or "").partition(" ")
+    # digests of equal length: neither the content nor the length of the key shows in the timing
+    # header values arrive as latin-1 text (one character per byte): back to their bytes, which
+    # a client sends as the UTF-8 of the key
+    ok = hmac.compare_digest(hashlib.sha256(given.strip().encode("latin-1", "replace")).digest(),
+                             hashlib.sha256(api_key.strip().encode("utf-8")).digest())
+    return ok and scheme.lower() == "bearer"
+
+
 def create_app(model, tokenizer, max_batch=8, model_name="nanochat", token_delay=0.0, seed=42, compile=False,
-               max_queue=DEFAULT_MAX_QUEUE, max_body_bytes=MAX_BODY_BYTES, body_timeout=BODY_TIMEOUT_S):
+               max_queue=DEFAULT_MAX_QUEUE, max_body_bytes=MAX_BODY_BYTES, body_timeout=BODY_TIMEOUT_S,
+               api_key=None):
     """The FastAPI app. The scheduler thread starts with the app and stops with it. compile:
     torch.compile the decode step (engine.BatchDecoder); /health says "ready" once it is warm.
     max_queue: requests that may wait for a row (more get 503); max_body_bytes / body_timeout:
-    the largest request body and the seconds it may take to arrive (413 / 408)."""
+    the largest request body and the seconds it may take to arrive (413 / 408). api_key: when
+    set, every route outside OPEN_PATHS answers 401 without `Authorization: Bearer <api_key>`."""
+    if api_key is not None and not api_key.strip():
+        raise ValueError("the API key is empty")
     context_len = model.config.sequence_len
+    metrics = Metrics(model_name)
     scheduler = Scheduler(model, tokenizer, max_batch=max_batch, seed=seed, token_delay=token_delay,
-                          compile=compile, max_queue=max_queue)
+                          compile=compile, max_queue=max_queue, metrics=metrics)
     created = int(time.time())
     ui_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ui.html")
 
@@ -262,6 +291,15 @@ def create_app(model, tokenizer, max_batch=8, model_name="nanochat", token_delay
 
     app = FastAPI(title="nanochat", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.scheduler = scheduler
+
+    if api_key is not None:
+        @app.middleware("http")
+        async def require_key(request, call_next):
+            if request.url.path in OPEN_PATHS or key_matches(request.headers.get("authorization"), api_key):
+                return await call_next(request)
+            # the OpenAI error shape; the client raises AuthenticationError on it
+            return _error(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                          kind="authentication_error", headers={"WWW-Authenticate": "Bearer"})
 
     async def parse(request):
         """(prompt, settings) of a chat request, or BadRequest (400, 408, 413): every way a body
@@ -329,6 +367,11 @@ def create_app(model, tokenizer, max_batch=8, model_name="nanochat", token_delay
     @app.get("/stats")
     async def stats():
         return scheduler.stats()
+
+    @app.get("/metrics")
+    async def prometheus():
+        page = metrics.render(scheduler.active, len(scheduler.waiting), max_batch)
+        return Response(page, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models():
