@@ -22,8 +22,11 @@ import subprocess
 import sys
 import time
 
+import torch
+
 from nanochat import checkpoint as ck
 from nanochat.common import UserError, get_base_dir
+from nanochat.gpt import GPT, GPTConfig
 from nanochat.scaling import EXTRA_COLUMNS, read_csv, write_csv
 
 # set by torchrun; a child must not inherit them (it would join the sweep's process group)
@@ -206,9 +209,6 @@ def run_results(ckpt_dir):
 
 def param_counts(model_config):
     """GPT.num_params_by_category() of a run's model, built on the meta device (no memory)."""
-    import torch
-
-    from nanochat.gpt import GPT, GPTConfig
     with torch.device("meta"):
         return GPT(GPTConfig(**model_config)).num_params_by_category()
 

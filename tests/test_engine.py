@@ -459,3 +459,39 @@ def test_a_row_that_cannot_be_sampled_ends_alone(model, tokenizer, prompts):
     assert all(s.finish_reason == "length" and s.error is None and len(s.out) == 12 for s in seqs)
     clean, _ = run(model, False)
     assert [s.out for s in seqs] == [s.out for s in clean]
+
+
+class BatchShaped(Wrapped):
+    """The real GPT, with the batch's shape made visible in its logits: a real model's logits of
+    a row differ in the last bits with the number of rows and the attention span (measured:
+    ~2e-6 on CPU, more in bf16), enough to flip a sampled token now and then. Here it always does."""
+
+    def forward(self, idx, kv_cache=None, kv_len=None, logits_positions=None):
+        logits = self.inner(idx, kv_cache=kv_cache, kv_len=kv_len, logits_positions=logits_positions)
+        return logits + 3.0 * torch.sin(torch.arange(logits.size(-1)) * (idx.size(0) + 0.01 * (kv_len or 0)))
+
+
+def test_a_seeded_row_does_not_depend_on_its_batch(model, tokenizer, prompts):
+    """A sequence with a seed is prefilled and decoded alone, so neither the other rows nor the
+    attention span they need reach its logits: the same seed gives the same tokens alone, sharing
+    its prefill, or joining rows that are already decoding."""
+    shaped = BatchShaped(model)
+
+    def run(others, join_later):
+        dec = BatchDecoder(shaped, tokenizer, batch_size=8, seed=5)
+        seeded = Sequence(prompts[0], max_tokens=25, temperature=1.0, seed=1234)
+        rest = [Sequence(p, max_tokens=40, temperature=1.0) for p in (prompts * 3)[1:others + 1]]
+        if join_later and rest:
+            dec.add(rest)
+            dec.step()
+            dec.add([seeded])
+        else:
+            dec.add([seeded] + rest)
+        while not seeded.done:
+            dec.step()
+            dec.remove_done()
+        return seeded.out
+    alone = run(0, False)
+    assert run(5, False) == alone
+    assert run(5, True) == alone
+    assert run(0, False) == alone

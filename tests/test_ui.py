@@ -157,3 +157,49 @@ def test_phone_width(ui_server, browser, tmp_path):
     if os.environ.get("NANOCHAT_UI_SCREENSHOT"):
         page.screenshot(path=os.environ["NANOCHAT_UI_SCREENSHOT"].replace(".png", "_phone.png"))
     context.close()
+
+
+def test_api_key_asked_once_and_kept(tokenizer, browser):
+    """A server started with an API key: the first message makes the page ask for the key; a
+    wrong one is refused and asked again; the right one is kept, so after a reload the page
+    talks to the server without asking."""
+    prompt = tokenizer.render_for_completion({"messages": [{"role": "user", "content": "hi"}]})
+    script = tokenizer.encode("Hello there") + [tokenizer.encode_special("<|assistant_end|>")]
+    model = Scripted(make_model(tokenizer.get_vocab_size(), sequence_len=256), len(prompt), script)
+    live = LiveServer(create_app(model, tokenizer, max_batch=2, api_key="open-sesame"))
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(live.url + "/")  # the page itself is open
+        page.fill("#input", "hi")
+        page.press("#input", "Enter")
+        page.wait_for_selector("#key-dialog[open]")
+        assert "needs an API key" in page.inner_text("#key-msg")
+        page.fill("#key-input", "wrong")
+        page.click("#key-save")
+        page.wait_for_function("document.getElementById('key-msg').innerText.includes('refused')")
+        assert page.is_visible("#key-dialog")
+        page.fill("#key-input", "open-sesame")
+        page.press("#key-input", "Enter")
+        wait_idle(page)
+        assert assistant_text(page).strip() == "Hello there"
+        assert not page.is_visible("#key-dialog")
+        page.reload()
+        page.fill("#input", "hi")
+        page.press("#input", "Enter")
+        page.wait_for_function("document.querySelectorAll('.msg.assistant').length === 2", timeout=30_000)
+        wait_idle(page)
+        assert not page.is_visible("#key-dialog")
+        assert page.locator(".msg.error").count() == 0
+        # /key forgets it: the next message asks again, and cancelling says why nothing came back
+        page.fill("#input", "/key")
+        page.press("#input", "Enter")
+        page.fill("#input", "hi")
+        page.press("#input", "Enter")
+        page.wait_for_selector("#key-dialog[open]")
+        page.click("#key-cancel")
+        wait_idle(page)
+        assert "needs an API key" in page.locator(".msg.error").last.inner_text()
+    finally:
+        context.close()
+        live.close()
