@@ -195,3 +195,20 @@ def test_bad_input_is_one_line(tmp_path, capsys, case, message):
     assert rc == 1
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("nanochat scaling fit: error:") and message in lines[0], err
+
+
+def test_report_section_when_a_report_exists(tmp_path, monkeypatch, capsys):
+    from nanochat import report
+    from nanochat.scaling_report import analyze
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
+    C, N, D, L = law_grid(0.34, 0.28, n=5)
+    path = tmp_path / "g.csv"
+    write_grid(path, C, N, D, L)
+    analyze(str(path))
+    assert not (tmp_path / "base" / "report" / "scaling-laws.md").exists()  # no report started: none written
+    report.get_report().reset()
+    analyze(str(path))
+    text = (tmp_path / "base" / "report" / "scaling-laws.md").read_text()
+    assert text.startswith("## Scaling laws") and "N_opt ~ C^a" in text
+    assert text.count("data:image/png;base64,") == 2  # isoFLOP curves and optima (no run folders: no loss curves)
+    assert "## Scaling laws" in open(report.get_report().generate(copy_to=None)).read()
