@@ -166,9 +166,13 @@ def prepare_tokenizer(out, user_tokenizer, vocab_size=None, max_chars=5_000_000)
     return dest
 
 
-def dry_run(flags, nproc=1):
-    """train base's derived configuration for `flags` (its --dry-run prints it last)."""
-    r = subprocess.run(train_command(1) + flags + ["--dry-run"], env=child_env(), capture_output=True, text=True)
+def dry_run(flags, out):
+    """train base's derived configuration for `flags` (its --dry-run prints it last), with the
+    sweep's tokenizer when OUT has one (else the user's, or the default vocabulary)."""
+    env = child_env()
+    if os.path.exists(os.path.join(out, "tokenizer", "token_bytes.pt")):
+        env["NANOCHAT_BASE_DIR"] = out
+    r = subprocess.run(train_command(1) + flags + ["--dry-run"], env=env, capture_output=True, text=True)
     if r.returncode:
         raise UserError(f"train base {' '.join(flags)} --dry-run: {(r.stderr or r.stdout).strip().splitlines()[-1]}")
     return ast.literal_eval(r.stdout.strip().splitlines()[-1])
