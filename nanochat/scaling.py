@@ -17,6 +17,7 @@ import math
 import os
 
 import numpy as np
+from scipy.optimize import minimize, nnls
 
 from nanochat.common import UserError, atomic_write_text
 
@@ -28,8 +29,8 @@ GRID_COLUMNS = ["flops_budget", "depth", "model_dim", "params_wte", "params_valu
 SERIES_COLUMNS = ["depth", "model_dim", "num_params", "num_scaling_params", "num_iterations", "tokens_trained",
                   "param_data_ratio", "val_bpb", "core_score", "train_time_sec"]
 # status: ok | failed; run: its folder under runs/; flops: what it trained (FLOPs/token x tokens);
-# wall_time_sec: the whole subprocess; error: a failed run's last line of output
-EXTRA_COLUMNS = ["status", "run", "flops", "wall_time_sec", "error"]
+# wall_time_sec and cpu_time_sec: the whole subprocess; error: a failed run's last line of output
+EXTRA_COLUMNS = ["status", "run", "flops", "wall_time_sec", "cpu_time_sec", "error"]
 
 # which parameters N counts: upstream's "scaling params" (transformer matrices + lm_head) by default
 PARAM_CONVENTIONS = {
@@ -244,7 +245,6 @@ def starts(N, D, L, keep=8):
     """The best `keep` of a grid of starting points: for each (alpha, beta) on a grid and E a
     fraction of the lowest loss, L - E = A N^-alpha + B D^-beta is linear in A and B (solved
     with non-negative least squares), so each grid point costs one small solve."""
-    from scipy.optimize import nnls
     lnN, lnD, lnL = np.log(N), np.log(D), np.log(L)
     scored = []
     for frac in E_FRACTIONS:
@@ -263,7 +263,6 @@ def starts(N, D, L, keep=8):
 
 
 def _minimize(lnN, lnD, lnL, x0s):
-    from scipy.optimize import minimize  # seconds to import; only a fit needs it
     best = None
     for x0 in x0s:
         res = minimize(_huber_objective, np.array(x0, dtype=float), args=(lnN, lnD, lnL), jac=True,

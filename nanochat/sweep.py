@@ -14,8 +14,11 @@ intermediate checkpoint (train base flag --save-every) continues with --resume, 
 run starts over (train base clears its folder).
 """
 import argparse
+import ast
+import ctypes
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -23,6 +26,7 @@ import sys
 import time
 
 import torch
+from filelock import FileLock, Timeout
 
 from nanochat import checkpoint as ck
 from nanochat.common import UserError, get_base_dir
@@ -92,7 +96,6 @@ def open_sweep(args, what):
         raise UserError(f"--nproc-per-node must be >= 1, not {nproc}")
     out = os.path.abspath(args.out or os.path.join(get_base_dir(), "scaling", what))
     os.makedirs(out, exist_ok=True)
-    from filelock import FileLock, Timeout
     lock = FileLock(os.path.join(out, ".sweep.lock"))
     try:
         lock.acquire(timeout=0)
@@ -138,7 +141,6 @@ def train_command(nproc):
 def _die_with_parent():
     """A child that outlives a killed sweep would write into the run the next sweep restarts."""
     try:
-        import ctypes
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
@@ -164,10 +166,13 @@ def prepare_tokenizer(out, user_tokenizer, vocab_size=None, max_chars=5_000_000)
     return dest
 
 
-def dry_run(flags, nproc=1):
-    """train base's derived configuration for `flags` (its --dry-run prints it last)."""
-    import ast
-    r = subprocess.run(train_command(1) + flags + ["--dry-run"], env=child_env(), capture_output=True, text=True)
+def dry_run(flags, out):
+    """train base's derived configuration for `flags` (its --dry-run prints it last), with the
+    sweep's tokenizer when OUT has one (else the user's, or the default vocabulary)."""
+    env = child_env()
+    if os.path.exists(os.path.join(out, "tokenizer", "token_bytes.pt")):
+        env["NANOCHAT_BASE_DIR"] = out
+    r = subprocess.run(train_command(1) + flags + ["--dry-run"], env=env, capture_output=True, text=True)
     if r.returncode:
         raise UserError(f"train base {' '.join(flags)} --dry-run: {(r.stderr or r.stdout).strip().splitlines()[-1]}")
     return ast.literal_eval(r.stdout.strip().splitlines()[-1])
@@ -218,6 +223,12 @@ def last_value(records, key):
     return vals[-1] if vals else None
 
 
+def cpu_seconds():
+    """CPU time of the finished children (theirs included): what a run cost, whatever the load."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def remove_weights(ckpt_dir):
     for name in os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []:
         if name.startswith(("model_", "optim_")) and name.endswith(".pt"):
@@ -238,7 +249,7 @@ def launch(run, out, nproc, progress, i, label):
         flags.append("--resume")  # an intermediate checkpoint of an earlier attempt (--save-every)
     env = dict(child_env(), NANOCHAT_BASE_DIR=os.path.abspath(base))
     last = ""
-    with open(os.path.join(base, "train.log"), "a") as log:
+    with open(os.path.join(base, "train.log"), "a", buffering=1) as log:  # line by line: a killed sweep loses none
         log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(train_command(nproc) + flags)}\n")
         log.flush()
         child = subprocess.Popen(train_command(nproc) + flags, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -284,18 +295,18 @@ def sweep(runs, out, csv_path, columns, make_row, nproc=1, keep_checkpoints=Fals
         i = runs.index(run) + 1
         progress.show(i, run["label"], force=True)
         ckpt_dir = os.path.join(out, "runs", run["name"], "checkpoints", "base", run["name"])
-        t0 = time.time()
+        t0, cpu0 = time.time(), cpu_seconds()
         finished = run_results(ckpt_dir)
         rc, last = (0, "") if finished else launch(run, out, nproc, progress, i, run["label"])
         finished = finished or (run_results(ckpt_dir) if rc == 0 else None)
         if finished:
             row = dict(run["row"], **make_row(run, *finished), status="ok", run=run["name"],
-                       wall_time_sec=round(time.time() - t0, 1))
+                       wall_time_sec=round(time.time() - t0, 1), cpu_time_sec=round(cpu_seconds() - cpu0, 1))
         else:
             failures += 1
             why = last if rc else "finished without its final checkpoint"
             row = dict(run["row"], status="failed", run=run["name"], wall_time_sec=round(time.time() - t0, 1),
-                       error=why[:300])
+                       cpu_time_sec=round(cpu_seconds() - cpu0, 1), error=why[:300])
             print(("\n" if progress.tty else "") + f"{prog}: run {run['name']} failed (exit {rc}): {why[:200]} "
                   f"(log: {os.path.join(out, 'runs', run['name'], 'train.log')})", flush=True)
         rows.append(row)

@@ -23,7 +23,7 @@ sweep.UPSTREAM_EVAL_TOKENS = 100 * 2 ** 19
 # head is most of every model), width 16 per layer, fixed 4,096-token batches without the lr
 # rule, no weight decay (its rule scales with the d12 horizon: huge at these sizes)
 CPU_PRESET = dict(
-    budgets="4e11,6.3e11,1e12", depths="1,2,3,4", vocab_size=1024, eval_tokens=16384, core=False,
+    budgets="4e11,5.6e11,8e11", depths="1,2,3,4", vocab_size=1024, eval_tokens=16384, core=False,
     train=["--device-type", "cpu", "--aspect-ratio", "16", "--head-dim", "16", "--max-seq-len", "128",
            "--window-pattern", "L", "--device-batch-size", "32", "--total-batch-size", "4096",
            "--lr-batch-scaling", "none", "--weight-decay", "0", "--warmup-steps", "5", "--sample-every", "-1",
@@ -61,11 +61,13 @@ def main(argv=None):
                                                "--core-metric-every", "999999999" if core else "-1"] + extra
             runs.append(dict(name=f"C{labels[b]}-d{d}", flags=flags, flops=b, label=f"(C {labels[b]}, d{d})",
                              row=dict(flops_budget=labels[b], depth=d)))
-    sweep.print_plan("nanochat scaling run", runs, args.assumed_mfu)
     started = sweep.open_sweep(args, "grid")
-    if started is None or args.dry_run:
+    if started is None:  # a torchrun rank other than 0
         return 0
     out, nproc, lock = started
+    sweep.print_plan("nanochat scaling run", runs, args.assumed_mfu)
+    if args.dry_run:
+        return 0
     csv_path = os.path.join(out, "results.csv")
     rows = sweep.sweep(runs, out, csv_path, scaling.GRID_COLUMNS, grid_row, nproc, args.keep_checkpoints,
                        args.retry_failed, prog="nanochat scaling run")

@@ -62,7 +62,7 @@ def main(argv=None):
         flags = preset.get("train", []) + ["--depth", str(d), "--target-param-data-ratio", repr(args.ratio),
                                            "--eval-every", "-1", "--eval-tokens", str(eval_tokens),
                                            "--core-metric-every", "999999999" if core else "-1"] + extra
-        plan = sweep.dry_run(flags + ["--model-tag", "plan"])  # the FLOPs of each run, for the plan and the ETA
+        plan = sweep.dry_run(flags + ["--model-tag", "plan"], out)  # the FLOPs of each run, for the plan and the ETA
         runs.append(dict(name=f"d{d}", flags=flags, flops=plan["total_flops"], label=f"(d{d})", row=dict(depth=d)))
     sweep.print_plan("nanochat scaling series", runs, args.assumed_mfu)
     if args.dry_run:
