@@ -136,7 +136,8 @@ def _make_guard(root, max_created, deny_imports, stdlib):
         """The absolute path the kernel will reach for path p, symlinks followed component by
         component as the kernel does (so '/dev/fd/../..' is '/proc'), with the functions bound
         above; relative paths are under root (the program cannot chdir). A component that does
-        not exist ends the walk: the rest is normalised as text. None for a non-path."""
+        not exist (yet: another thread may make it before the open) counts as a directory, and
+        the walk goes on through '..' and the links after it. None for a non-path."""
         p = exact(p)
         if p is None:
             return None
@@ -144,7 +145,7 @@ def _make_guard(root, max_created, deny_imports, stdlib):
             p = _prefix + p
         todo = _str.split(p, "/")
         todo.reverse()
-        parts, links, walk = [], 0, True
+        parts, links = [], 0
         while todo:
             part = todo.pop()
             if part in ("", "."):
@@ -154,15 +155,12 @@ def _make_guard(root, max_created, deny_imports, stdlib):
                     parts.pop()
                 continue
             parts.append(part)
-            if not walk:
-                continue
             here = "/" + "/".join(parts)
             if here == "/proc":
                 return here  # refused whatever follows; its magic links are never read
             try:
                 st = _lstat(here)
             except _OSError:
-                walk = False
                 continue
             if _item(st, 0) & _S_IFMT == _S_IFLNK:  # st_mode, through tuple's own method
                 links += 1

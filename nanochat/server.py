@@ -1,6 +1,7 @@
 """Web chat and HTTP API: one model shared by many clients through continuous batching.
 
     GET  /                      the chat page (ui.html)
+    GET  /static/...            the page's vendored libraries (nanochat/static, README.md there)
     GET  /health                {"status": "ok", ...}
     GET  /stats                 active/queued requests, tokens generated, uptime, rows per step
     POST /chat/completions      nanochat's own protocol (SSE: data: {"token": ...} ... data: {"done": true})
@@ -8,8 +9,8 @@
     GET  /v1/models             the one model served
     GET  /metrics               Prometheus metrics (vLLM's names, docs/serving.md)
 
-With an API key (create_app(api_key=...), `nanochat serve --api-key`), every route but /, /health
-and /metrics needs `Authorization: Bearer KEY` (401 otherwise).
+With an API key (create_app(api_key=...), `nanochat serve --api-key`), every route but /,
+/static/..., /health and /metrics needs `Authorization: Bearer KEY` (401 otherwise).
 
 A single scheduler thread (nanochat/scheduler.py) owns the model and a KV cache of `max_batch`
 rows and runs continuous batching. The HTTP side is asyncio: each request gets an asyncio.Queue
@@ -32,6 +33,7 @@ from contextlib import aclosing, asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 
 from nanochat.metrics import CONTENT_TYPE_LATEST, Metrics
 from nanochat.scheduler import DEFAULT_MAX_QUEUE, Job, Scheduler
@@ -248,9 +250,10 @@ async def read_body(request, max_bytes=MAX_BODY_BYTES, timeout=BODY_TIMEOUT_S, m
 # ---------------------------------------------------------------------------
 # The app
 
-# Routes anyone may reach when an API key is set: the page itself (it asks for the key), the
-# health check of load balancers, and the metrics scraper (as vLLM does)
+# Routes anyone may reach when an API key is set: the page itself and its libraries (it asks for
+# the key), the health check of load balancers, and the metrics scraper (as vLLM does)
 OPEN_PATHS = ("/", "/health", "/metrics")
+STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 
 
 def key_matches(header, api_key):
@@ -295,7 +298,8 @@ def create_app(model, tokenizer, max_batch=8, model_name="nanochat", token_delay
     if api_key is not None:
         @app.middleware("http")
         async def require_key(request, call_next):
-            if request.url.path in OPEN_PATHS or key_matches(request.headers.get("authorization"), api_key):
+            path = request.url.path
+            if path in OPEN_PATHS or path.startswith("/static/") or key_matches(request.headers.get("authorization"), api_key):
                 return await call_next(request)
             # the OpenAI error shape; the client raises AuthenticationError on it
             return _error(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
@@ -353,6 +357,8 @@ def create_app(model, tokenizer, max_batch=8, model_name="nanochat", token_delay
             # streaming response cancelling its iterator): the scheduler frees the row at its next step
             watcher.cancel()
             job.cancelled.set()
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.api_route("/", methods=["GET", "HEAD"])
     async def index():

@@ -366,6 +366,9 @@ ESCAPES = {
     "third-party import": "import numpy\nprint('ESCAPED')\n",
     # /dev/fd is a link to /proc/self/fd: '..' then leaves it inside /proc, where the kernel is
     "/proc of PID 1 through /dev/fd": "print(open('/dev/fd/../../1/cmdline', 'rb').read())\nprint('ESCAPED')\n",
+    # a folder that does not exist yet (another thread could make it before the open): still resolved
+    "/proc through a folder not made yet": "import os\nos.close(os.open('later/../../../../../../dev/fd/../../1/cmdline', "
+                                           "os.O_RDONLY))\nprint('ESCAPED')\n",
     "own /proc through /dev/fd": "print(open('/dev/fd/../status').read())\nprint('ESCAPED')\n",
     "/proc through /dev/fd, bytes": "print(open(b'/dev/fd/../status', 'rb').read())\nprint('ESCAPED')\n",
     "/proc through /dev/stdin": "import os\nos.close(0)\nopen('/dev/null')\nprint(open('/dev/stdin').read())\n"
