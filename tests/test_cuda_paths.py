@@ -295,3 +295,22 @@ def test_gc_step_freezes_after_the_first_step_and_collects_every_5000():
     finally:
         common.gc_restore()
     assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 48])
+def test_compiled_training_loss_has_the_eager_gradients(chunk_rows):
+    """The fused loss (a torch.autograd.Function) traced by dynamo gives the eager loss and
+    gradients. On torch 2.11 (the GPU image's) a Function returning a tensor it had updated in
+    place got all-zero gradients under torch.compile: nothing trained. One or several chunks."""
+    models = [make_model(n_layer=2) for _ in range(2)]
+    for m in models:
+        m.loss_chunk_rows = chunk_rows
+    idx = torch.randint(0, V, (2, 64), generator=torch.Generator().manual_seed(0))
+    losses = [fn(idx, idx).float() for fn in (models[0], torch.compile(models[1], backend="eager", dynamic=False))]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[1], losses[0])
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6)
+    assert models[1].lm_head.weight.grad.norm() > 0
