@@ -102,7 +102,8 @@ def test_failed_run_is_recorded_and_skipped(tokenizer, tmp_path):
     assert "run C2e9-d1 failed" in r.stdout
     r = subprocess.run(cmd, capture_output=True, text=True)  # skipped, not retried
     assert r.returncode == 0 and attempts(out, "C2e9-d1") == 1 and len(rows(out)) == 2
-    r = subprocess.run(cmd[:4] + ["--retry-failed"] + cmd[4:], capture_output=True, text=True)
+    r = subprocess.run(cmd[:5] + ["--retry-failed"] + cmd[5:], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
     assert attempts(out, "C2e9-d1") == 2 and attempts(out, "C2e9-d2") == 1
     assert sorted(x["run"] for x in rows(out)) == ["C2e9-d1", "C2e9-d2"]
 
@@ -121,6 +122,22 @@ def test_series_end_to_end(tokenizer, tmp_path):
     assert all(abs(float(x["param_data_ratio"]) - 2) < 0.5 for x in got)
     assert int(got[1]["num_params"]) > int(got[0]["num_params"])
     assert os.path.getsize(os.path.join(out, "series.png")) > 0
+
+
+@pytest.mark.slow
+def test_runs_under_torchrun(tokenizer, tmp_path):
+    """--nproc-per-node 2: the run is a 2-process torchrun (gloo on the CPU) and its row is written once."""
+    out = str(tmp_path / "grid")
+    flags = [f for f in TINY]
+    flags[flags.index("--device-batch-size") + 1] = "8"  # 8 x 64 x 2 processes = the 1,024-token batch
+    r = subprocess.run(nanochat("scaling", "run", "--budgets", "2e9", "--depths", "2", "--out", out, "--nproc-per-node", "2",
+                                "--eval-tokens", "2048", "--no-core", "--", *flags), capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (row,) = rows(out)
+    assert row["status"] == "ok" and float(row["val_bpb"]) > 0
+    with open(os.path.join(out, "runs", "C2e9-d2", "train.log")) as f:
+        log = f.read()
+    assert "torch.distributed.run --standalone --nproc_per_node=2" in log and "x 2 procs" in log
 
 
 def test_torchrun_driver(monkeypatch):
