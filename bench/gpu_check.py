@@ -54,7 +54,7 @@ def sizes(cuda):
     if cuda:
         return dict(cuda=True, backend="inductor", dtype_depth=4, T=512, vocab=8192, head_dim=128,
                     flex_T=2048, flex_w=512,
-                    copy=dict(vocab=512, half=128, B=32, steps=150, depth=4, dim=256, heads=2),
+                    copy=dict(vocab=256, half=128, B=32, steps=300, depth=4, dim=256, heads=2),
                     compare=dict(depth=2, dim=256, heads=2, T=256, vocab=2048, B=16),
                     decode_rows=4, speedrun=dict(depth=24, T=2048, vocab=32768, steps=8, head_dim=128),
                     shard_depth=24, train_base=["--depth", "2", "--max-seq-len", "256", "--device-batch-size", "8",
