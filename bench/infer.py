@@ -22,7 +22,7 @@ import time
 import torch
 
 from nanochat.common import autodetect_device_type, get_compute_dtype, synchronize
-from nanochat.engine import BatchDecoder, Sequence
+from nanochat.engine import BatchDecoder, Sequence, reference_generate
 from nanochat.gpt import GPT, GPTConfig
 
 
@@ -147,7 +147,7 @@ def main(argv=None):
         prompt = list(range(args.prompt_len))
         synchronize(device)
         t0 = time.perf_counter()
-        n = sum(1 for _ in model.generate(prompt, args.new_tokens, temperature=args.temperature, top_k=args.top_k))
+        n = sum(1 for _ in reference_generate(model, prompt, args.new_tokens, temperature=args.temperature, top_k=args.top_k))
         synchronize(device)
         out["reference_no_cache_tok_per_s_batch1"] = round(n / (time.perf_counter() - t0), 1)
     text = json.dumps(out, indent=2)
