@@ -74,15 +74,16 @@ def fits_measured(step, reserve_bytes, device, headroom=HEADROOM):
     training will run) and require its peak allocated memory plus `reserve_bytes` (what is not
     allocated yet: the optimizer state) to stay within headroom x the GPU's memory. An
     out-of-memory error inside step means "does not fit" (largest_fitting catches it).
-    The measured peaks are kept in fits.peaks ({b: bytes})."""
+    The batches tried are kept in fits.tried, the peaks of those that ran in fits.peaks ({b: bytes})."""
     total = torch.cuda.get_device_properties(device).total_memory
 
     def fits(b):
+        fits.tried.append(b)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         step(b)
         torch.cuda.synchronize(device)
         fits.peaks[b] = torch.cuda.max_memory_allocated(device)
         return fits.peaks[b] + reserve_bytes <= headroom * total
-    fits.peaks = {}
+    fits.peaks, fits.tried = {}, []
     return fits
