@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from nanochat.attention import KVCache, attention, cache_mask, window_mask
 from nanochat.common import get_compute_dtype
-from nanochat.loss import lm_loss, logits_of
+from nanochat.loss import lm_loss, softcap
 from nanochat.optim import MuonAdamW
 
 ROPE_BASE = 100_000
@@ -306,7 +306,12 @@ class GPT(nn.Module):
         self.backout_lambda.fill_(BACKOUT_INIT)
 
     def get_device(self):
-        return self.wte.weight.device
+        return self.resid_lambdas.device
+
+    def weights_dtype(self):
+        """The dtype of the weights as loaded (freeze), which a forward outside autocast computes
+        in; the scalars are always in it, int8 models included (nanochat/quant.py)."""
+        return self.resid_lambdas.dtype
 
     def freeze(self, dtype=None):
         """For inference only: eval mode, no gradients, the weights in `dtype` (None = as they
@@ -344,11 +349,13 @@ class GPT(nn.Module):
             a.qkv_weight, a._qkv_ptrs = packed, tuple(w.data_ptr() for w in ws)
 
     def new_kv_cache(self, batch_size, max_len, dtype=None):
-        """A KVCache sized for this model (dtype: default the compute dtype of the device); with
-        the smear on it also keeps each position's token (KVCache, keep_tokens)."""
+        """A KVCache sized for this model (dtype: default the dtype the forward computes in: the
+        weights' own when they are not fp32, else the compute dtype of the device, which autocast
+        may use); with the smear on it also keeps each position's token (KVCache, keep_tokens)."""
         device = self.get_device()
         c = self.config
-        dtype = dtype or get_compute_dtype(device.type)
+        if dtype is None:
+            dtype = self.weights_dtype() if self.weights_dtype() != torch.float32 else get_compute_dtype(device.type)
         return KVCache(batch_size, c.n_layer, c.n_kv_head, c.n_embd // c.n_head, max_len, device, dtype,
                        keep_tokens=c.smear)
 
@@ -422,7 +429,7 @@ class GPT(nn.Module):
         # weights, which autocast leaves alone), so every matmul and attention runs in it; only
         # the softcapped logits and the loss are fp32 (docs/model.md, "Precision").
         on = torch.is_autocast_enabled(device.type)
-        dtype = torch.get_autocast_dtype(device.type) if on else self.wte.weight.dtype
+        dtype = torch.get_autocast_dtype(device.type) if on else self.weights_dtype()
         cos, sin = as_dtype(cos, dtype), as_dtype(sin, dtype)  # once, not in every layer
         x = self._embed(idx, dtype)
         if self.config.smear:
@@ -463,7 +470,7 @@ class GPT(nn.Module):
                     x = x[rows.to(device), positions.to(device)]
                 else:
                     x = x[torch.arange(B, device=device), logits_positions.to(device)]
-            return logits_of(norm(x), self.lm_head.weight)
+            return softcap(self.lm_head(norm(x)).float())  # the module: it may be int8 (quant.py)
         return self._loss(norm(x), targets, loss_reduction)
 
     def _loss(self, x, targets, reduction):
