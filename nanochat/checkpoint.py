@@ -28,10 +28,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from nanochat.common import (UserError, add_common_flags, compute_init, get_base_dir, get_compute_dtype, print0,
+from nanochat.common import (UserError, add_common_flags, compute_init, get_base_dir, print0,
                              read_jsonl)
 from nanochat.gpt import GPT, GPTConfig, outdated_architecture
-from nanochat.quant import prepare_for_inference
+from nanochat.quant import add_weights_flag, prepare_for_inference
 from nanochat.tokenizer import get_tokenizer
 
 SOURCES = ("base", "mid", "sft", "rl")
@@ -471,6 +471,7 @@ DEFAULT_CHAT_SOURCES = ("sft", "mid", "base")
 def add_model_flags(parser):
     parser.add_argument("-i", "--source", default=None, choices=list(SOURCES),
                         help="which checkpoints to load (default: the first of sft, mid, base that exists)")
+    add_weights_flag(parser)
     add_common_flags(parser)
 
 
@@ -486,11 +487,12 @@ def pick_source(source):
 
 
 def load_chat_model(args):
-    """(model, tokenizer, meta, source) for the flags of add_model_flags, on --device-type."""
+    """(model, tokenizer, meta, source) for the flags of add_model_flags, on --device-type, with the
+    weights in --weights."""
     source = pick_source(args.source)
     _, _, _, _, device = compute_init(args.device_type)
     model, tokenizer, meta = load_model(source, device, phase="eval", model_tag=args.model_tag, step=args.step,
-                                        dtype=get_compute_dtype(device.type))  # inference: weights in the compute dtype
+                                        weights=args.weights)
     return model, tokenizer, meta, source
 
 

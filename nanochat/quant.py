@@ -79,8 +79,9 @@ def int8_linear(x, q, scale, ones):
 class Int8Linear(nn.Module):
     """A bias-free nn.Linear stored as int8 with one fp32 scale per output channel."""
 
-    def __init__(self, linear):
+    def __init__(self, linear, dtype=torch.float32):
         super().__init__()
+        self.dtype = dtype  # of the activations it multiplies
         self.in_features, self.out_features = linear.in_features, linear.out_features
         q, scale = quantize_rows(linear.weight)
         self.register_buffer("qweight", q)
@@ -92,9 +93,9 @@ class Int8Linear(nn.Module):
 
     @property
     def weight(self):
-        """The dequantized matrix (a new fp32 tensor), for code that needs the matrix itself: the
-        chunked loss of evaluation (one per call, not per token)."""
-        return self.qweight.float() * self.scale[:, None]
+        """The dequantized matrix (a new tensor, in the activations' dtype), for code that needs the
+        matrix itself: the chunked loss of evaluation (one per call, not per token)."""
+        return (self.qweight.float() * self.scale[:, None]).to(self.dtype)
 
 
 class Int8Embedding(nn.Module):
@@ -120,12 +121,12 @@ def quantize_int8(model, dtype):
     model.wte = Int8Embedding(model.wte, dtype)
     for name in list(model.value_embeds):
         model.value_embeds[name] = Int8Embedding(model.value_embeds[name], dtype)
-    model.lm_head = Int8Linear(model.lm_head)
+    model.lm_head = Int8Linear(model.lm_head, dtype)
     for block in model.blocks:
         a = block.attn
         a.qkv_weight = a._qkv_ptrs = None  # the packed fp32 q/k/v of the CPU layout: freed with the rest
-        a.c_q, a.c_k, a.c_v, a.c_proj = (Int8Linear(m) for m in (a.c_q, a.c_k, a.c_v, a.c_proj))
-        block.mlp.c_fc, block.mlp.c_proj = Int8Linear(block.mlp.c_fc), Int8Linear(block.mlp.c_proj)
+        a.c_q, a.c_k, a.c_v, a.c_proj = (Int8Linear(m, dtype) for m in (a.c_q, a.c_k, a.c_v, a.c_proj))
+        block.mlp.c_fc, block.mlp.c_proj = Int8Linear(block.mlp.c_fc, dtype), Int8Linear(block.mlp.c_proj, dtype)
     return model
 
 

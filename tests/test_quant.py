@@ -1,11 +1,16 @@
 """Inference weight formats (nanochat/quant.py): the int8 matmul against its definition, int8
 models' size and outputs, and bf16 against fp32 greedy decoding of a trained model."""
 import copy
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
 from helpers import make_model
 
+from nanochat.checkpoint import load_model
 from nanochat.dataset import iter_texts
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
@@ -141,3 +146,29 @@ def test_bf16_and_int8_decode_like_fp32_on_a_trained_model(tokenizer):
     int8 = loaded("int8")
     rows, _ = Engine(int8, tokenizer).generate_batch(prompt, num_samples=2, max_tokens=n, temperature=0.0)
     assert all(len(r) > len(prompt) for r in rows) and rows[0] == rows[1]
+
+
+def nanochat(*args):
+    r = subprocess.run([sys.executable, "-m", "nanochat", *args], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return r.stdout
+
+
+def test_eval_base_and_chat_take_the_weight_format(base_checkpoint, tokenizer):
+    bpb = {}
+    for weights in ("fp32", "int8"):
+        out = nanochat("eval", "base", "--eval", "bpb", "--split-tokens", "1024", "--device-batch-size", "2",
+                       "--device-type", "cpu", "--weights", weights)
+        assert f"weights {weights} (activations fp32" in out  # the startup line
+        bpb[weights] = float(re.search(r"val bpb: ([0-9.]+)", out).group(1))
+    assert bpb["int8"] == pytest.approx(bpb["fp32"], rel=0.01)
+    reply = nanochat("chat", "-i", "base", "-p", "Hello", "-t", "0", "--max-tokens", "8", "--weights", "int8",
+                     "--device-type", "cpu")
+    model, tok, _ = load_model("base", "cpu", model_tag=base_checkpoint.tag, weights="int8")
+    prompt = tok.render_for_completion({"messages": [{"role": "user", "content": "Hello"}]})
+    rows, _ = Engine(model, tok).generate_batch(prompt, max_tokens=8, temperature=0)
+    assert reply == tok.decode(rows[0][len(prompt):]) + "\n"
+    bad = subprocess.run([sys.executable, "-m", "nanochat", "chat", "-p", "hi", "--weights", "int4"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--weights" in bad.stderr
