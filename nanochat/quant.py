@@ -63,15 +63,20 @@ def reference_int8_linear(x, q, scale):
     return (F.linear(x.float(), q.float()) * scale.float()).to(x.dtype)
 
 
+KERNEL_MAX_ROWS = 16  # more rows at once (prefill, evaluation): a dense matmul of the dequantized matrix is faster
+
+
 def int8_linear(x, q, scale, ones):
-    """x (..., K) @ (q * scale).T, the result in x's dtype. On CPU torch's int8 weight-only kernel,
-    which is vectorized (AVX2/AVX-512) for bf16 inputs only (with fp32 ones it runs ~10x slower
-    than an fp32 matmul, docs/serving.md): x goes in rounded to bf16, accumulation is fp32, the
-    product comes out in bf16. The kernel gets unit scales (`ones`, bf16) and the fp32 scales are
-    applied after, so they are not rounded to bf16. Elsewhere: the matrix dequantized per call."""
-    if x.device.type != "cpu":
-        return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
+    """x (..., K) @ (q * scale).T, the result in x's dtype. Decoding (at most KERNEL_MAX_ROWS rows)
+    on CPU: torch's int8 weight-only kernel, which is vectorized (AVX2/AVX-512) for bf16 inputs
+    only (with fp32 ones it runs ~10x slower than an fp32 matmul, docs/serving.md): x goes in
+    rounded to bf16, accumulation is fp32, the product comes out in bf16. The kernel gets unit
+    scales (`ones`, bf16) and the fp32 scales are applied after, so they are not rounded to bf16.
+    Many rows, or off CPU: the matrix dequantized for the call and a dense matmul in x's dtype
+    (at 64 rows the kernel took ~2x the fp32 matmul's time here)."""
     shape = x.shape
+    if x.device.type != "cpu" or x.numel() // shape[-1] > KERNEL_MAX_ROWS:
+        return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
     y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), q, ones)
     return y.to(x.dtype).mul_(scale).view(*shape[:-1], q.size(0))
 

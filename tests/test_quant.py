@@ -14,7 +14,7 @@ from nanochat.checkpoint import load_model
 from nanochat.dataset import iter_texts
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.quant import (Int8Embedding, Int8Linear, int8_linear, prepare_for_inference, quantize_rows,
+from nanochat.quant import (KERNEL_MAX_ROWS, Int8Embedding, Int8Linear, int8_linear, prepare_for_inference, quantize_rows,
                             reference_int8_linear, weight_bytes, weights_choice)
 
 
@@ -27,7 +27,7 @@ def test_quantize_rows_is_within_half_a_step():
     assert bool((err <= scale[:, None] / 2 + 1e-6).all())
 
 
-@pytest.mark.parametrize("shape", [(1, 96), (7, 96), (2, 3, 96)])
+@pytest.mark.parametrize("shape", [(1, 96), (7, 96), (2, 3, 96), (40, 96)])
 def test_int8_matmul_matches_reference(shape):
     """torch's kernel rounds x and the unscaled product to bf16 (2^-9 relative each), so
     |kernel - reference| <= 2^-8 (|x| @ |q|.T) scale; we allow 2^-7."""
@@ -39,7 +39,8 @@ def test_int8_matmul_matches_reference(shape):
     assert y.shape == ref.shape == (*shape[:-1], 80) and y.dtype == torch.float32
     bound = (x.abs() @ q.float().abs().t()) * scale * 2 ** -7
     assert bool(((y - ref).abs() <= bound).all()), float(((y - ref).abs() / bound).max())
-    assert float((y - ref).abs().max()) > 0  # the kernel really ran in bf16, not the reference
+    if shape[0] <= KERNEL_MAX_ROWS:
+        assert float((y - ref).abs().max()) > 0  # the kernel really ran in bf16, not the reference
 
 
 def test_int8_modules_match_the_float_ones():
