@@ -21,7 +21,7 @@ the same for every run (the loaders read the shards in order, nothing is shuffle
 
 The "new minus X" variants undo one change of the new recipe each, with train base's own flags
 where they exist; the architecture switches (smear, backout) have no flag, so they go through a
-child entry point of this script that builds GPTConfig with them off (bench code only).
+child entry point of this script that trains a GPT subclass skipping them (bench code only).
 Results are appended after every run (--out is rewritten each time) and a run already in --out
 (same name and seed) is skipped, so the script can be stopped and started again.
 """
@@ -39,17 +39,25 @@ from vs_reference import run as run_logged  # bench/ is on sys.path when this sc
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Child entry points. "ours_no_smear_backout": train base with GPTConfig's smear and backout
-# forced off. "upstream_seeded": the reference's base_train with its global seed replaced.
+# Child entry points. "ours_no_smear_backout": train base with a GPT whose smear and backout
+# are skipped. "upstream_seeded": the reference's base_train with its global seed replaced.
 CHILD_NO_SMEAR_BACKOUT = r'''
 import sys
 import nanochat.stages.train_base as tb
-_Config = tb.GPTConfig
-def _config(**kwargs):
-    config = _Config(**dict(kwargs, smear=False, backout=False))
-    print(f"ablation child: GPTConfig smear={config.smear} backout={config.backout}", flush=True)
-    return config
-tb.GPTConfig = _config
+
+
+class NoSmearBackout(tb.GPT):
+    """The model with the smear and the backout skipped (their parameters exist, unused)."""
+
+    def _smear(self, x, prev):
+        return x
+
+    def backout_layer(self):
+        return None
+
+
+print("ablation child: smear and backout off", flush=True)
+tb.GPT = NoSmearBackout
 sys.exit(tb.main(sys.argv[1:]))
 '''
 

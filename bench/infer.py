@@ -11,7 +11,7 @@ decoding comes to the memory-bandwidth limit. Prints JSON.
 Random weights by default (speed does not depend on what the weights are); stop tokens are
 ignored so that every row generates exactly --new-tokens tokens. TTFT = prefill of the prompts
 + sampling the first token of every row; TPOT = mean time of one decode step (all rows advance
-by one token); tok/s = rows / TPOT. --reference also times GPT.generate (no cache) at batch 1.
+by one token); tok/s = rows / TPOT. --reference also times engine.reference_generate (no cache) at batch 1.
 
 Bandwidth: `bytes_per_step` is what one decode step must read: every matrix and lm_head in full
 (as stored: fp32, bf16, or int8 plus per-row scales), only the looked-up rows of the token
@@ -35,7 +35,7 @@ import time
 import torch
 
 from nanochat.common import autodetect_device_type, get_peak_flops, synchronize
-from nanochat.engine import BatchDecoder, Sequence
+from nanochat.engine import BatchDecoder, Sequence, reference_generate
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.quant import WEIGHT_FORMATS, describe_weights, prepare_for_inference, weight_bytes, weights_choice
 
@@ -99,7 +99,7 @@ def decode_bytes(model, batch, kv_len, kv_element_size):
     tables = [model.wte] + list(model.value_embeds.values())
     table_bytes = sum(weight_bytes(t) for t in tables)
     matrices = weight_bytes(model) - table_bytes
-    rows_per_token = weight_bytes(model.wte) * (2 if c.smear else 1) + sum(weight_bytes(t) for t in tables[1:])
+    rows_per_token = weight_bytes(model.wte) * 2 + sum(weight_bytes(t) for t in tables[1:])
     rows = batch * rows_per_token / c.vocab_size
     kv = batch * c.n_layer * 2 * c.n_kv_head * (c.n_embd // c.n_head) * kv_len * kv_element_size
     return {"matrices": matrices, "embedding_rows": round(rows), "kv_cache": round(kv),
@@ -219,7 +219,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     p.add_argument("--device-type", default="")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on CUDA)")
-    p.add_argument("--reference", action="store_true", help="also time GPT.generate (no KV cache) at batch 1")
+    p.add_argument("--reference", action="store_true", help="also time engine.reference_generate (no KV cache) at batch 1")
     p.add_argument("--weights", default=None, choices=WEIGHT_FORMATS,
                    help="weight format (default: bf16 where the compute-dtype probe picks bf16, else fp32)")
     p.add_argument("--copy-mib", type=int, default=512, help="CPU bandwidth: MiB copied (far beyond the caches)")
@@ -254,7 +254,7 @@ def main(argv=None):
         prompt = list(range(args.prompt_len))
         synchronize(device)
         t0 = time.perf_counter()
-        n = sum(1 for _ in model.generate(prompt, args.new_tokens, temperature=args.temperature, top_k=args.top_k))
+        n = sum(1 for _ in reference_generate(model, prompt, args.new_tokens, temperature=args.temperature, top_k=args.top_k))
         synchronize(device)
         out["reference_no_cache_tok_per_s_batch1"] = round(n / (time.perf_counter() - t0), 1)
     text = json.dumps(out, indent=2)

@@ -1,5 +1,5 @@
 """F.linear on CPU with the weight as stored by nn.Linear (out, in) vs stored transposed (the
-transpose of a contiguous (in, out) matrix: GPT.use_inference_layout), at the row counts of
+transpose of a contiguous (in, out) matrix: nanochat.inference_layout), at the row counts of
 decode and evaluation. Prints JSON: microseconds per call (the best of --rounds interleaved
 rounds) and the speedup of the transposed layout, per matrix and row count.
 

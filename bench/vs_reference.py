@@ -90,11 +90,12 @@ def make(rows):
     ids = torch.randint(0, c.vocab_size, (rows, 41), generator=torch.Generator().manual_seed(0))
     if ours:
         cache = model.new_kv_cache(rows, 512)
-        model(ids[:, :40], kv_cache=cache, kv_len=40, logits_positions=-1)
+        last = (torch.arange(rows), torch.zeros(rows, dtype=torch.long))
+        model(ids[:, :40], kv_cache=cache, kv_len=40, logits_positions=(last[0], last[1] + 39))
 
         def step():
             cache.lengths.fill_(40)
-            return model(ids[:, 40:], kv_cache=cache, kv_len=41, logits_positions=-1)
+            return model(ids[:, 40:], kv_cache=cache, kv_len=41, logits_positions=last)
     else:  # as the reference's Engine sets its cache up on CPU
         cache = KVCache(rows, c.n_kv_head, 512, c.n_embd // c.n_head, c.n_layer, "cpu", torch.float32)
         model(ids[:, :40], kv_cache=cache)

@@ -53,6 +53,16 @@ def sliding_window_block_mask(T, window, device):
     return _block_masks[key]
 
 
+def warm_window_masks(windows, T, device):
+    """Build the masks of `windows` (a model's config.layer_windows()) over T tokens now, before
+    the first call of a compiled model. A compiled forward that finds the cache empty builds the
+    mask inside its graph and adds it to the cache; dynamo guards on the cache, so the next call
+    sees a changed dict and compiles the whole model again (one wasted training compile per
+    stage, one per evaluation length). Filled beforehand, the cached mask is a plain graph input."""
+    for w in set(windows):
+        window_mask(w, T, torch.device(device))
+
+
 def attention(q, k, v, mask):
     """q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D), all in one dtype. Returns (B, H, Tq, D)."""
     gqa = k.size(1) != q.size(1)

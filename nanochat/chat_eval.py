@@ -93,7 +93,7 @@ def run_categorical(model, tokenizer, task, indices, device, batch_size=32, prog
             ids[r, :len(p)] = torch.tensor(p, dtype=torch.long)
         # the logits of each row's last prompt position only (right padding never reaches it)
         last = torch.tensor([len(p) - 1 for p in prompts], device=device)
-        final = model(ids.to(device), logits_positions=last).float().cpu()  # (B, V)
+        final = model(ids.to(device), logits_positions=(torch.arange(len(prompts), device=device), last)).float().cpu()
         for conv, row in zip(convs, final):
             letters = conv["letters"]
             scores = row[letter_token_ids(tokenizer, letters)]

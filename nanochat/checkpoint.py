@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from nanochat.common import (UserError, add_common_flags, compute_init, get_base_dir, print0,
                              read_jsonl)
-from nanochat.gpt import GPT, GPTConfig, outdated_architecture
+from nanochat.gpt import GPT, VE_GATE_CHANNELS, GPTConfig
 from nanochat.quant import add_weights_flag, prepare_for_inference
 from nanochat.tokenizer import get_tokenizer
 
@@ -375,6 +375,23 @@ def load_checkpoint(ckpt_dir, step, device="cpu", load_optimizer=False, rank=0, 
         if not isinstance(shard, dict) or not {"optimizer", "rng", "extra"} <= set(shard):
             raise _corrupt(ckpt_dir, step, path, "not an optimizer shard")
     return model_state, shard, meta
+
+
+def outdated_architecture(state):
+    """Why a saved GPT state dict comes from an older architecture than this code's, or None.
+    Checkpoints from before the smear, backout and 12-channel value-embedding gate (which also
+    changed the gate's range and scaled q and k by 1.2) would load wrongly or not at all."""
+    if "wte.weight" not in state:
+        return None  # not a GPT state dict
+    missing = [k for k in ("smear_gate.weight", "smear_lambda", "backout_lambda") if k not in state]
+    if missing:
+        return f"it has no {', '.join(missing)}: it was saved before the smear and backout were added"
+    want = min(VE_GATE_CHANNELS, state["wte.weight"].shape[1])
+    for k, w in state.items():
+        if k.endswith("attn.ve_gate.weight") and w.shape[1] != want:
+            return (f"its value-embedding gates read {w.shape[1]} channels ({k}), this model's read {want}: "
+                    f"it was saved before the gate changed")
+    return None
 
 
 def build_model(ckpt_dir, step, device, phase="eval", dtype=None, weights=None):

@@ -35,6 +35,11 @@ VERBS = {
         "reset": "start a new report card",
         "generate": "assemble report.md from the stages' sections",
     },
+    "scaling": {
+        "run": "an isoFLOP grid of train base runs, its scaling-law fit and pictures",
+        "series": "the miniseries: depths at one tokens:params ratio, bpb and CORE",
+        "fit": "scaling laws (optimal N, D, ratio, intervals) from a grid's CSV",
+    },
     "export": {
         "hf": "export a checkpoint in Hugging Face format",
     },

@@ -1,6 +1,7 @@
 """Shared plumbing: folders, downloads, device and dtype, distributed setup, printing, wandb."""
 import argparse
 import contextlib
+import gc
 import json
 import os
 import platform
@@ -290,6 +291,46 @@ def autocast_ctx(device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+CUDA_ALLOC_CONF = "expandable_segments:True"
+
+
+def set_cuda_alloc_conf(env=os.environ) -> str:
+    """Give the CUDA caching allocator expandable segments (upstream does too: segments grow in
+    place instead of fragmenting into fixed blocks, so a training step's varying tensor sizes
+    waste less memory) unless the user configured the allocator. The allocator reads its
+    configuration once, when it starts: call this before the first CUDA allocation.
+    Returns the configuration in effect."""
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):  # torch reads both names
+        if env.get(name):
+            return env[name]
+    env["PYTORCH_CUDA_ALLOC_CONF"] = CUDA_ALLOC_CONF
+    return CUDA_ALLOC_CONF
+
+
+GC_COLLECT_EVERY = 5000  # steps between full collections once automatic collection is off
+
+
+def gc_step(step: int) -> None:
+    """Call once per training step with the number of steps done. After the first step (the
+    model, optimizer, loaders and compiled graphs all exist) every live object is moved out of the
+    collector's reach (gc.freeze) and automatic collection is turned off: upstream measured
+    ~500 ms full scans of those objects at random steps. The loop allocates few reference cycles;
+    a full collection every GC_COLLECT_EVERY steps frees them."""
+    if step == 1:
+        gc.collect()
+        gc.freeze()
+        gc.disable()
+    elif step > 1 and step % GC_COLLECT_EVERY == 0:
+        gc.collect()
+
+
+def gc_restore() -> None:
+    """Undo gc_step's freeze: automatic collection back on (tests, and a process that goes on
+    after training)."""
+    gc.unfreeze()
+    gc.enable()
+
+
 def compute_init(device_type: str | None = None, seed: int = 42):
     """Set up the device (and the process group under torchrun).
     Returns (is_distributed, rank, local_rank, world_size, device)."""
@@ -297,6 +338,7 @@ def compute_init(device_type: str | None = None, seed: int = 42):
     is_dist, rank, local_rank, world_size = get_dist_info()
     torch.manual_seed(seed)
     if device_type == "cuda":
+        set_cuda_alloc_conf()  # before the first allocation on the device
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.set_float32_matmul_precision("high")

@@ -216,6 +216,9 @@ class BatchDecoder:
         self.dtype = get_compute_dtype(self.device.type)
         self.cache = model.new_kv_cache(batch_size, self.max_len)
         self.inputs = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
+        # a decode step's logits_positions: (row r, its one new position) for rows 0..n-1
+        self.step_positions = (torch.arange(batch_size, device=self.device),
+                               torch.zeros(batch_size, dtype=torch.long, device=self.device))
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
         enc = tokenizer.encode_special
@@ -249,15 +252,16 @@ class BatchDecoder:
         if bucket not in self.views:
             view = self.cache.narrow(0, bucket)
             inputs = self.inputs[:bucket]
+            positions = tuple(t[:bucket] for t in self.step_positions)
             if self.device.type == "cuda":
                 # CUDA graphs read and write these in place instead of copying them every replay
-                for t in view.tensors() + [inputs]:
+                for t in view.tensors() + [inputs, *positions]:
                     torch._dynamo.mark_static_address(t)
-            self.views[bucket] = (inputs, view)
+            self.views[bucket] = (inputs, view, positions)
         if bucket > n:
             self.cache.lengths[n:bucket].zero_()
-        inputs, view = self.views[bucket]
-        logits = self._forward(inputs, view, self.max_len, positions=-1, model=self.compiled)
+        inputs, view, positions = self.views[bucket]
+        logits = self._forward(inputs, view, self.max_len, positions=positions, model=self.compiled)
         # CUDA graphs reuse their output buffer on the next replay: keep our own copy
         return logits[:n].clone()
 
@@ -343,6 +347,25 @@ class BatchDecoder:
             produced.append((seq, token, mask))
         return produced
 
+    def _prefill(self, prompts, row):
+        """Prefill prompts (shortest first) into cache rows row.. together, right-padded (a row's
+        padding lies beyond its length, so it is never attended to and is overwritten by the next
+        tokens). Returns the logits of each prompt's last token."""
+        T = len(prompts[-1])
+        ids = torch.zeros(len(prompts), T, dtype=torch.long)
+        for r, u in enumerate(prompts):
+            ids[r, :len(u)] = torch.tensor(u)
+        view = self.cache.narrow(row, len(prompts))
+        view.reset()
+        lengths = torch.tensor([len(u) for u in prompts], device=self.device)
+        # logits of each row's last prompt token only
+        rows = torch.arange(len(prompts), device=self.device)
+        picked = self._forward(ids.to(self.device), view, T, positions=(rows, lengths - 1))
+        view.lengths.copy_(lengths)  # undo the padding
+        for r, u in enumerate(prompts):
+            self.lens[row + r] = len(u)
+        return picked
+
     @torch.inference_mode()
     def add(self, new):
         """Prefill new sequences into free rows and sample their first tokens. Identical prompts
@@ -360,14 +383,17 @@ class BatchDecoder:
             if seq.seed is not None and seq.generator is None:
                 seq.generator = torch.Generator(device=self.device)
                 seq.generator.manual_seed(seq.seed)
-        # unique prompts first, shortest first (so padded groups waste little), then their copies
+        # unique prompts first, shortest first (so padded groups waste little), then their copies;
+        # seeded sequences last, each prefilled alone (see step)
         groups = {}
         for seq in new:
-            groups.setdefault(tuple(seq.prompt), []).append(seq)
+            if seq.seed is None:
+                groups.setdefault(tuple(seq.prompt), []).append(seq)
         uniques = sorted(groups, key=len)
+        seeded = [s for s in new if s.seed is not None]
         first_row = len(self.seqs)
         order = [groups[u][0] for u in uniques] + [s for u in uniques for s in groups[u][1:]]
-        self.seqs.extend(order)
+        self.seqs.extend(order + seeded)
         last_logits = {}
         i = 0
         while i < len(uniques):
@@ -375,27 +401,17 @@ class BatchDecoder:
             j = i + 1
             while j < len(uniques) and (j + 1 - i) * len(uniques[j]) <= PREFILL_TOKEN_BUDGET:
                 j += 1
-            group = uniques[i:j]
-            T = len(group[-1])
-            ids = torch.zeros(len(group), T, dtype=torch.long)
-            for r, u in enumerate(group):
-                ids[r, :len(u)] = torch.tensor(u)
-            view = self.cache.narrow(first_row + i, len(group))
-            view.reset()
-            lengths = torch.tensor([len(u) for u in group], device=self.device)
-            # logits of each row's last prompt token only
-            picked = self._forward(ids.to(self.device), view, T, positions=lengths - 1)
-            view.lengths.copy_(lengths)  # undo the padding
-            for r, u in enumerate(group):
-                last_logits[u] = picked[r]
-                self.lens[first_row + i + r] = len(u)
+            for r, row_logits in enumerate(self._prefill(uniques[i:j], first_row + i)):
+                last_logits[uniques[i + r]] = row_logits
             i = j
         # copies of a prompt: fork its prefilled row
         row_of = {tuple(s.prompt): first_row + n for n, s in enumerate(order[:len(uniques)])}
         for n, seq in enumerate(order[len(uniques):], start=first_row + len(uniques)):
             self._copy_row(row_of[tuple(seq.prompt)], n)
-        logits = torch.stack([last_logits[tuple(s.prompt)] for s in order])
-        produced = self._advance(order, logits)
+        rows = [last_logits[tuple(s.prompt)] for s in order]
+        rows += [self._prefill([s.prompt], first_row + len(order) + n)[0] for n, s in enumerate(seeded)]
+        order += seeded
+        produced = self._advance(order, torch.stack(rows))
         for n, (seq, token, _) in enumerate(produced, start=first_row):
             self.inputs[n, 0] = token
         return produced
@@ -406,11 +422,29 @@ class BatchDecoder:
         n = len(self.seqs)
         if n == 0:
             return []
-        if self.compiled is not None:
+        alone = [r for r, s in enumerate(self.seqs) if s.seed is not None]
+        if len(alone) == n:
+            logits = None
+        elif self.compiled is not None:
             logits = self._compiled_step(n)
         else:
             kv_len = self._kv_len(max(self.lens[:n]) + 1)
-            logits = self._forward(self.inputs[:n], self.cache.narrow(0, n), kv_len, positions=-1)
+            positions = tuple(t[:n] for t in self.step_positions)
+            logits = self._forward(self.inputs[:n], self.cache.narrow(0, n), kv_len, positions=positions)
+        if alone:
+            # A seeded row's logits come from a forward of that row alone: floating-point sums
+            # depend on the batch's shape (last bits), and a sampled token can flip on them.
+            # Its key/value written by the batched step (if any) is overwritten at the same place.
+            own = []
+            for r in alone:
+                if logits is not None:
+                    self.cache.lengths[r] -= 1
+                own.append(self._forward(self.inputs[r:r + 1], self.cache.narrow(r, 1),
+                                         self._kv_len(self.lens[r] + 1), positions=tuple(t[:1] for t in self.step_positions))[0])
+            if logits is None:
+                logits = torch.stack(own)
+            else:
+                logits[alone] = torch.stack(own).to(logits.dtype)
         for r in range(n):
             self.lens[r] += 1
         produced = self._advance(self.seqs, logits)
@@ -447,13 +481,40 @@ SAMPLE_PROMPTS = [
 ]
 
 
+@torch.inference_mode()
+def reference_generate(model, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
+    """Yield max_tokens sampled ids after the prompt `tokens` (ints), without a KV cache (the
+    reference for the batched decoding here): temperature 0 = greedy; else softmax(logits / temperature)
+    over the top_k (or all) of the last position, torch.multinomial with a `seed`ed generator."""
+    device = model.get_device()
+    rng = None
+    if temperature > 0:
+        rng = torch.Generator(device=device)
+        rng.manual_seed(seed)
+    ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)
+    for _ in range(max_tokens):
+        logits = model(ids)[:, -1, :]
+        if temperature > 0:
+            cand_ids = None
+            if top_k is not None and 0 < top_k < logits.size(-1):
+                logits, cand_ids = torch.topk(logits, top_k, dim=-1)
+            probs = F.softmax(logits / temperature, dim=-1)
+            next_id = torch.multinomial(probs, num_samples=1, generator=rng)
+            if cand_ids is not None:
+                next_id = cand_ids.gather(1, next_id)
+        else:
+            next_id = torch.argmax(logits, dim=-1, keepdim=True)
+        ids = torch.cat([ids, next_id], dim=1)
+        yield next_id.item()
+
+
 def greedy_samples(model, tokenizer, prompts=SAMPLE_PROMPTS, max_tokens=16):
-    """Each prompt followed by its greedy continuation (GPT.generate, up to a <|bos|>)."""
+    """Each prompt followed by its greedy continuation (reference_generate, up to a <|bos|>)."""
     bos = tokenizer.get_bos_token_id()
     samples = []
     for prompt in prompts:
         out = []
-        for tok in model.generate(tokenizer.encode(prompt, prepend=bos), max_tokens=max_tokens, temperature=0.0):
+        for tok in reference_generate(model, tokenizer.encode(prompt, prepend=bos), max_tokens, temperature=0.0):
             if tok == bos:
                 break
             out.append(tok)

@@ -14,6 +14,9 @@ docs/tools.md. The layers, outermost first:
 - no network: the child runs in a network namespace of its own (`unshare --net`; as a normal user
   `unshare --user --map-current-user --net`) whenever the machine allows it; it has no interface
   but a loopback that is down, so not even 127.0.0.1 is reachable;
+- Landlock where the kernel has it: the child confines itself before anything else (then execs
+  a fresh image), so the kernel refuses reads of /proc and any change to the file system outside
+  the working directory, whatever Python function asks (links such as /dev/fd resolved);
 - a wall-clock timeout enforced by the parent, which then SIGKILLs the whole process group (and,
   when running as root, every process of the sandbox's private uid, see below);
 - resource limits set in the child before the program runs: address space (memory), CPU
@@ -30,7 +33,8 @@ docs/tools.md. The layers, outermost first:
   signals, sockets, ctypes, writes and creations outside the working directory, opening /proc,
   chdir/chmod/links, tracing, the gc's object walks, code-object and marshal construction, and
   imports beyond the standard library (minus ctypes, socket, subprocess, ... ); the handful of
-  process functions it does not see (setsid, setuid, chroot, ...) are removed from os/posix.
+  process functions it does not see (setsid, setuid, mknod, ...) are removed from os/posix, and
+  _imp.create_builtin with them (a fresh posix would have them back).
 
 Grading (check_solution): the completion's code runs in the sandbox and serves calls of its
 entry point over two pipes; the test's check(candidate) runs in the checker, a separate process
@@ -211,6 +215,27 @@ def network_isolated() -> bool:
     return bool(_no_network_prefix())
 
 
+def landlock_abi() -> int:
+    """The Landlock ABI the sandbox confines its children with (0: none on this machine).
+    Probed once per process by confining a throwaway child and checking that /proc is closed
+    to it."""
+    with _NETNS_LOCK:
+        if "landlock" not in _NETNS:
+            abi = 0
+            folder = tempfile.mkdtemp(prefix="nanochat_probe_")
+            try:
+                p = subprocess.run([sys.executable, "-I", "-B", CHILD_PROGRAM, "probe"], cwd=folder,
+                                   env=_child_env(folder), capture_output=True, text=True, timeout=30)
+                if p.returncode == 0 and p.stdout.strip().isdigit():
+                    abi = int(p.stdout.strip())
+            except (OSError, subprocess.SubprocessError):
+                pass
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+            _NETNS["landlock"] = abi
+        return _NETNS["landlock"]
+
+
 # ---------------------------------------------------------------------------
 # Cleanup that nothing the program did can break
 
@@ -345,8 +370,9 @@ def _start_sandbox(code, workdir, uid, timeout, max_memory_bytes, max_file_bytes
         "max_file_bytes": int(max_file_bytes), "max_processes": int(max_processes),
         "preload": list(PRELOAD_MODULES), "python_guards": bool(python_guards),
         "max_created": DEFAULT_MAX_CREATED, "deny_imports": list(DENY_IMPORTS), "serve": serve,
+        "landlock": landlock_abi() > 0,
     }
-    return subprocess.Popen(_no_network_prefix() + [sys.executable, "-I", "-B", CHILD_PROGRAM, "child", json.dumps(config)],
+    return subprocess.Popen(_no_network_prefix() + [sys.executable, "-I", "-B", CHILD_PROGRAM, "confine", json.dumps(config)],
                             cwd=workdir, env=_child_env(workdir), stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=pass_fds,
                             start_new_session=True, close_fds=True)

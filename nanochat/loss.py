@@ -104,6 +104,8 @@ class SoftcapCrossEntropy(torch.autograd.Function):
         grad_x = torch.empty_like(x)
         # the first chunk sets it (zeros only when there are no rows at all)
         grad_w = (torch.empty if x.size(0) else torch.zeros)(weight.shape, dtype=torch.float32, device=weight.device)
+        # accumulated out of place: torch 2.11's dynamo gives zero gradients to a Function whose
+        # output was a tensor updated in place (`total +=`); 2.13 does not (tests/test_cuda_paths.py)
         total = torch.zeros((), dtype=torch.float32, device=x.device)
         cpu = x.device.type == "cpu" and not torch.compiler.is_compiling()
         rows = min(chunk_rows, x.size(0))
@@ -119,9 +121,9 @@ class SoftcapCrossEntropy(torch.autograd.Function):
             else:
                 v = (xs @ w.t()).float()
             if cpu:
-                total += softcap_ce_grad_(v, tc, block, scratch)
+                total = total + softcap_ce_grad_(v, tc, block, scratch)
             else:  # on a GPU one block of all the rows: few big kernels
-                total += softcap_ce_grad_(v, tc, n, torch.empty_like(v))
+                total = total + softcap_ce_grad_(v, tc, n, torch.empty_like(v))
             g = v.to(dtype)
             grad_x[s:s + chunk_rows] = (g @ w).to(x.dtype)
             if grad_w.dtype == g.dtype:

@@ -122,6 +122,39 @@ def adamw_update(p, g, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, wd, bias1, bi
     p.sub_(step)
 
 
+def gpt_param_groups(model, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, scalar_lr=0.5,
+                     weight_decay=0.0):
+    """A GPT's parameter groups for MuonAdamW (GPT.setup_optimizer; every parameter in exactly one
+    group), with upstream nanochat's hyperparameters (docs/model.md, "Optimizer groups")."""
+    scale = (model.config.n_embd / 768) ** -0.5  # the AdamW lrs of the tables were tuned at width 768
+
+    def adamw(params, lr, betas, wd):
+        return dict(kind="adamw", params=params, lr=lr, betas=betas, eps=1e-10, weight_decay=wd)
+    groups = [
+        adamw([model.lm_head.weight], unembedding_lr * scale, (0.8, 0.96), 0.01),
+        adamw([model.wte.weight], embedding_lr * scale, (0.8, 0.995), 0.001),
+        adamw(list(model.value_embeds.parameters()), embedding_lr * scale * 0.5, (0.8, 0.995), 0.01),
+        # the residual scalars get 1% of the scalar lr: at init their true gradient is ~0 (the
+        # blocks start as identities and RMSNorm ignores scale), so Adam would turn round-off
+        # into full-size random steps. Scalars are not width-scaled.
+        adamw([model.resid_lambdas], scalar_lr * 0.01, (0.8, 0.95), 0.05),
+        adamw([model.x0_lambdas], scalar_lr, (0.96, 0.95), 0.0),
+        # a fixed lr, as upstream (not tied to scalar_lr)
+        adamw([model.smear_gate.weight, model.smear_lambda, model.backout_lambda], 0.2, (0.8, 0.95), 0.0),
+    ]
+    # Muon: every matrix inside the blocks (the value-embedding gates too), one group per shape
+    matrices = {}
+    for p in model.blocks.parameters():
+        matrices.setdefault(tuple(p.shape), []).append(p)
+    for shape in sorted(matrices):
+        groups.append(dict(kind="muon", params=matrices[shape], lr=matrix_lr, momentum=0.95, ns_steps=5,
+                           beta2=0.9, weight_decay=weight_decay))
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    return groups
+
+
 def _world():
     """(world_size, rank, nccl?) of the default process group; (1, 0, False) without one."""
     if dist.is_available() and dist.is_initialized():

@@ -129,7 +129,7 @@ def quantize_int8(model, dtype):
     model.lm_head = Int8Linear(model.lm_head, dtype)
     for block in model.blocks:
         a = block.attn
-        a.qkv_weight = a._qkv_ptrs = None  # the packed fp32 q/k/v of the CPU layout: freed with the rest
+        a.qkv_weight = a.qkv_ptrs = None  # the stacked fp32 q/k/v of the CPU layout: freed; the plain forward runs
         a.c_q, a.c_k, a.c_v, a.c_proj = (Int8Linear(m, dtype) for m in (a.c_q, a.c_k, a.c_v, a.c_proj))
         block.mlp.c_fc, block.mlp.c_proj = Int8Linear(block.mlp.c_fc, dtype), Int8Linear(block.mlp.c_proj, dtype)
     return model

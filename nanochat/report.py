@@ -27,7 +27,7 @@ from nanochat.common import atomic_write_text, compute_dtype_choice, get_base_di
 SECTION_ORDER = [
     "Tokenizer training", "Tokenizer evaluation", "Base model training", "Base model evaluation",
     "Chat evaluation base", "Midtraining", "Chat evaluation mid", "Chat SFT", "Chat evaluation sft",
-    "Chat RL", "Chat evaluation rl",
+    "Chat RL", "Chat evaluation rl", "Scaling laws", "Miniseries",
 ]
 SUMMARY_ROWS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE"]
 STAGES = ["base", "mid", "sft", "rl"]
@@ -261,6 +261,17 @@ def plot_metrics(out_dir: str, base_dir: str | None = None) -> list[tuple[str, s
             f.write(buf.getvalue())
         pictures.append((title, path))
     return pictures
+
+
+def png_markdown(title: str, path: str) -> str:
+    """A picture as a markdown image with a data URI, so report.md stays one self-contained file."""
+    with open(path, "rb") as f:
+        return f"### {title}\n\n![{title}](data:image/png;base64,{base64.b64encode(f.read()).decode()})\n"
+
+
+def report_exists() -> bool:
+    """Has a report been started (`nanochat report reset`)? Sweeps add their section only then."""
+    return os.path.exists(os.path.join(get_base_dir(), "report", "header.md"))
 
 
 class DummyReport:

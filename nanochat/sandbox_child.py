@@ -2,6 +2,8 @@
 imports it. Standard library only, and nothing of nanochat: it runs in isolated mode (-I), so
 neither its folder nor any site-packages is on sys.path.
 
+    python -I -B sandbox_child.py confine CONFIG_JSON Landlock (where the kernel has it), then
+        exec of the next one (a fresh process image: nothing ctypes loaded stays)
     python -I -B sandbox_child.py child CONFIG_JSON   the sandboxed program (in its work dir):
         limits, privileges dropped, the audit hook, then program.py; with config["serve"] it
         answers calls of the completion's entry point over two pipes instead
@@ -97,6 +99,8 @@ def _write_all(fd, data):
 def _make_guard(root, max_created, deny_imports, stdlib):
     import itertools
     _type, _str, _bytes, _int, _len, _frozenset = type, str, bytes, int, len, frozenset
+    _issubclass, _any, _slice, _OSError, _item = issubclass, any, slice(None), OSError, tuple.__getitem__
+    _lstat, _readlink, _S_IFMT, _S_IFLNK = posix.lstat, posix.readlink, 0o170000, 0o120000
     _PermissionError, _ImportError, _function = PermissionError, ImportError, type(_make_guard)
     _created = itertools.count(1)
     _prefix = root + "/"
@@ -119,21 +123,59 @@ def _make_guard(root, max_created, deny_imports, stdlib):
     _path_events = {"os.mkdir": ((0,), (2,)), "os.remove": ((0,), (1,)), "os.rmdir": ((0,), (1,)),
                     "os.rename": ((0, 1), (2, 3)), "os.truncate": ((0,), ()), "os.utime": ((0,), (3,))}
 
+    def exact(p):
+        """The exact str the kernel will be given for a str, bytes, or subclass of either (their
+        characters, never a method the program could override); None for anything else."""
+        if _issubclass(_type(p), _bytes):
+            return _bytes.decode(_bytes.__getitem__(p, _slice), "utf-8", "surrogateescape")
+        if _issubclass(_type(p), _str):
+            return _str.__getitem__(p, _slice)
+        return None
+
     def resolve(p):
-        """The absolute, normalised form of an exact str or bytes path (relative ones are under
-        root: the program cannot chdir); None for anything else."""
-        if _type(p) is _bytes:
-            p = _bytes.decode(p, "utf-8", "surrogateescape")
-        elif _type(p) is not _str:
+        """The absolute path the kernel will reach for path p, symlinks followed component by
+        component as the kernel does (so '/dev/fd/../..' is '/proc'), with the functions bound
+        above; relative paths are under root (the program cannot chdir). A component that does
+        not exist (yet: another thread may make it before the open) counts as a directory, and
+        the walk goes on through '..' and the links after it. None for a non-path."""
+        p = exact(p)
+        if p is None:
             return None
         if not _str.startswith(p, "/"):
             p = _prefix + p
-        parts = []
-        for part in _str.split(p, "/"):
-            if part == ".." and parts:
+        todo = _str.split(p, "/")
+        todo.reverse()
+        parts, links = [], 0
+        while todo:
+            part = todo.pop()
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if parts:
+                    parts.pop()
+                continue
+            parts.append(part)
+            here = "/" + "/".join(parts)
+            if here == "/proc":
+                return here  # refused whatever follows; its magic links are never read
+            try:
+                st = _lstat(here)
+            except _OSError:
+                continue
+            if _item(st, 0) & _S_IFMT == _S_IFLNK:  # st_mode, through tuple's own method
+                links += 1
+                if links > 40:  # the kernel's own limit (ELOOP)
+                    return None
+                try:
+                    target = _readlink(here)
+                except _OSError:
+                    return None
                 parts.pop()
-            elif part not in ("", ".", ".."):
-                parts.append(part)
+                if _str.startswith(target, "/"):
+                    parts = []
+                more = _str.split(target, "/")
+                more.reverse()
+                todo += more
         return "/" + "/".join(parts)
 
     def inside(p):
@@ -149,7 +191,9 @@ def _make_guard(root, max_created, deny_imports, stdlib):
             if _type(path) is _int:
                 return  # an fd that is already open (os.fdopen)
             r = resolve(path)
-            if r is not None and (r == "/proc" or _str.startswith(r, "/proc/")):
+            if r is None:
+                deny("opening a path that is not a str or bytes, or loops")
+            if r == "/proc" or _str.startswith(r, "/proc/"):
                 deny(f"opening {r}")
             # os.open (mode None) may be relative to a directory fd the event does not show:
             # inside the working directory only, like every write
@@ -157,16 +201,16 @@ def _make_guard(root, max_created, deny_imports, stdlib):
                 if r == "/dev/null":
                     return
                 if not inside(path):
-                    deny(f"opening {path!r} outside the working directory" if r is not None
-                         else "opening a path that is not a plain str for writing")
+                    deny(f"opening {r!r} outside the working directory")
                 if flags & _O_CREAT and next(_created) > max_created:
                     deny(f"creating more than {max_created} files")
         elif event == "import":
             name = args[0]
             if _type(name) is not _str:
                 raise _ImportError("sandbox: import of a name that is not a str")
-            top = _str.partition(name, ".")[0]
-            if top in _deny_imports or name in _deny_imports or top not in _stdlib:
+            parts = _str.split(name, ".")
+            # every component: a loader made by hand for 'json._ctypes' loads _ctypes' binary
+            if parts[0] not in _stdlib or name in _deny_imports or _any(q in _deny_imports for q in parts):
                 raise _ImportError(f"sandbox: import of {name} is not allowed")
         elif event in _path_events:
             paths, dir_fds = _path_events[event]
@@ -183,6 +227,129 @@ def _make_guard(root, max_created, deny_imports, stdlib):
         elif event in ("object.__setattr__", "object.__delattr__") and _type(args[0]) is _function:
             deny("changing a function's code, defaults or closure")
     return hook
+
+
+def _close_unaudited(deny_imports):
+    """Take away what the audit hook cannot see (a function of its own: nothing of it stays in a
+    frame the program could walk to)."""
+    # every builtin module the program may import exists now: creating one afresh is closed below
+    for m in sys.builtin_module_names:
+        if m not in deny_imports and m not in sys.modules:
+            try:
+                __import__(m)
+            except Exception:
+                pass
+    # what the audit hook cannot see (these functions raise no audit event): gone from os/posix
+    # and from every module that took a reference
+    gone = []
+    for name in ("setsid", "setpgid", "setpgrp", "setuid", "seteuid", "setreuid", "setresuid", "setgid",
+                 "setegid", "setregid", "setresgid", "setgroups", "initgroups", "chroot", "mkfifo", "mknod",
+                 "memfd_create", "pidfd_open", "openpty", "login_tty", "unshare", "setns", "sched_setaffinity"):
+        if hasattr(posix, name):
+            gone.append(getattr(posix, name))
+    if "_signal" in sys.modules and hasattr(sys.modules["_signal"], "pidfd_send_signal"):
+        gone.append(sys.modules["_signal"].pidfd_send_signal)
+    for mod in list(sys.modules.values()):
+        d = getattr(mod, "__dict__", None)
+        if isinstance(d, dict):
+            for k, v in list(d.items()):
+                if any(v is f for f in gone):
+                    d[k] = None
+    # A builtin module created afresh (_imp.create_builtin, which every importlib route to a
+    # builtin module ends in, and which raises no audit event) would have all of those
+    # functions back; extension modules from files (create_dynamic) raise the "import" event
+    # the hook checks. Nothing but the import of a new builtin module needs these two.
+    imp = sys.modules["_imp"]
+    imp.create_builtin = None
+    imp.exec_builtin = None
+
+
+# Landlock (Linux >= 5.13, unprivileged): the kernel itself confines the process and whatever it
+# execs to reading and executing outside /proc, and to changing files only in its working
+# directory (and writing /dev/null), whichever functions the program reaches. System call
+# numbers are the same on every architecture; rights by ABI version (linux/landlock.h).
+_LL_CREATE, _LL_ADD_RULE, _LL_RESTRICT = 444, 445, 446
+_FS_EXECUTE, _FS_WRITE_FILE, _FS_READ_FILE, _FS_READ_DIR = 1, 2, 4, 8
+_FS_TRUNCATE, _FS_IOCTL_DEV = 1 << 14, 1 << 15
+
+
+def landlock_abi():
+    """The kernel's Landlock ABI version; 0 where there is none (or ctypes cannot load)."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+        return max(0, libc.syscall(ctypes.c_long(_LL_CREATE), None, ctypes.c_size_t(0), ctypes.c_uint32(1)))
+    except Exception:
+        return 0
+
+
+def _landlock(root):
+    """Confine this process (and what it execs) with Landlock; returns the ABI used, 0 if none."""
+    import ctypes
+    import stat
+    abi = landlock_abi()
+    if abi < 1:
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    fs = (1 << 13) - 1                        # ABI 1: execute .. make_sym
+    fs |= (1 << 13) if abi >= 2 else 0        # refer (rename/link across folders)
+    fs |= _FS_TRUNCATE if abi >= 3 else 0
+    fs |= _FS_IOCTL_DEV if abi >= 5 else 0
+    file_rights = fs & (_FS_EXECUTE | _FS_WRITE_FILE | _FS_READ_FILE | _FS_TRUNCATE | _FS_IOCTL_DEV)
+
+    class RulesetAttr(ctypes.Structure):
+        _fields_ = [("fs", ctypes.c_uint64), ("net", ctypes.c_uint64), ("scoped", ctypes.c_uint64)]
+
+    class PathBeneath(ctypes.Structure):
+        _pack_ = 1
+        _fields_ = [("allowed", ctypes.c_uint64), ("fd", ctypes.c_int32)]
+    # ABI 4: TCP bind and connect handled with no rule (none allowed); ABI 6: no signals to
+    # processes outside the domain, no abstract unix sockets
+    attr = RulesetAttr(fs, 3 if abi >= 4 else 0, 3 if abi >= 6 else 0)
+    size = 8 if abi < 4 else 16 if abi < 6 else 24
+
+    def check(ret, what):
+        if ret < 0:
+            e = ctypes.get_errno()
+            raise OSError(e, f"landlock {what}: {os.strerror(e)}")
+        return ret
+    ruleset = check(libc.syscall(ctypes.c_long(_LL_CREATE), ctypes.byref(attr), ctypes.c_size_t(size),
+                                 ctypes.c_uint32(0)), "create_ruleset")
+
+    def allow(path, rights):
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISDIR(os.fstat(fd).st_mode):
+                rights &= file_rights
+            rule = PathBeneath(rights, fd)
+            check(libc.syscall(ctypes.c_long(_LL_ADD_RULE), ctypes.c_int(ruleset), ctypes.c_int(1),
+                               ctypes.byref(rule), ctypes.c_uint32(0)), f"add_rule {path}")
+        finally:
+            os.close(fd)
+    try:
+        for name in os.listdir("/"):
+            if name != "proc":
+                try:
+                    allow("/" + name, _FS_EXECUTE | _FS_READ_FILE | _FS_READ_DIR)
+                except FileNotFoundError:  # a dangling link at the top
+                    pass
+        allow(root, fs)
+        allow("/dev/null", _FS_READ_FILE | _FS_WRITE_FILE)
+        check(libc.prctl(38, 1, 0, 0, 0), "no_new_privs")  # PR_SET_NO_NEW_PRIVS: required to confine oneself
+        check(libc.syscall(ctypes.c_long(_LL_RESTRICT), ctypes.c_int(ruleset), ctypes.c_uint32(0)), "restrict_self")
+    finally:
+        os.close(ruleset)
+    return abi
+
+
+def confine(cfg):
+    """The first step of the sandboxed child: Landlock where the kernel has it, then exec the child
+    proper, so that nothing ctypes loaded here is left in the program's process."""
+    if cfg["landlock"]:
+        _landlock(os.path.realpath(os.getcwd()))
+    os.execv(sys.executable, [sys.executable, "-I", "-B", os.path.abspath(__file__), "child", json.dumps(cfg)])
 
 
 def _limit(which, n):
@@ -209,15 +376,7 @@ def child(cfg):
         os.setuid(cfg["uid"])  # any failure here stops the run: never continue as root by accident
     _limit(resource.RLIMIT_AS, cfg["max_memory_bytes"])
     if cfg["python_guards"]:
-        # what the audit hook cannot see (these functions raise no audit event): gone from os/posix
-        for name in ("setsid", "setpgid", "setpgrp", "setuid", "seteuid", "setreuid", "setresuid", "setgid",
-                     "setegid", "setregid", "setresgid", "setgroups", "initgroups", "chroot", "mkfifo", "mknod",
-                     "memfd_create", "pidfd_open", "openpty", "login_tty", "unshare", "setns", "sched_setaffinity"):
-            for mod in (os, posix):
-                if hasattr(mod, name):
-                    setattr(mod, name, None)
-        if "_signal" in sys.modules and hasattr(sys.modules["_signal"], "pidfd_send_signal"):
-            sys.modules["_signal"].pidfd_send_signal = None
+        _close_unaudited(cfg["deny_imports"])
         for m in ("resource", "_signal", "_posixsubprocess", "subprocess"):  # loaded by us or at startup:
             # out of sys.modules, so that importing them meets the hook (which refuses it)
             sys.modules.pop(m, None)
@@ -293,7 +452,17 @@ def checker(cfg):
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "child":
+    if sys.argv[1] == "probe":  # can this machine confine a process? (execution.py asks once)
+        abi = _landlock(os.path.realpath(os.getcwd()))
+        try:
+            open("/proc/self/status").close()
+            abi = 0  # applied, yet it does not hold: treat as absent
+        except PermissionError:
+            pass
+        print(abi)
+    elif sys.argv[1] == "confine":
+        confine(json.loads(sys.argv[2]))
+    elif sys.argv[1] == "child":
         child(json.loads(sys.argv[2]))
     elif sys.argv[1] == "checker":
         checker(json.loads(sys.stdin.read()))

@@ -32,6 +32,9 @@ class Job:
         self.events = asyncio.Queue()
         self.cancelled = threading.Event()  # set when the client went away: the row is freed
         self.submitted = time.time()
+        self.arrived = time.monotonic()  # for the latency metrics (nanochat/metrics.py)
+        self.first_token_at = self.last_token_at = None
+        self.n_tokens = 0
 
 
 def _put_all(events):
@@ -54,12 +57,13 @@ def deliver(events):
 
 class Scheduler:
     def __init__(self, model, tokenizer, max_batch=8, seed=42, token_delay=0.0, compile=False,
-                 max_queue=DEFAULT_MAX_QUEUE):
+                 max_queue=DEFAULT_MAX_QUEUE, metrics=None):
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.token_delay = token_delay  # seconds slept per decode step (tests and demos only)
         self.max_queue = max_queue
+        self.metrics = metrics  # a metrics.Metrics, or None
         self.waiting = deque()  # jobs not yet in a row, guarded by self.cond
         self.cond = threading.Condition()
         self.decoder = BatchDecoder(model, tokenizer, batch_size=max_batch, seed=seed, compile=compile)
@@ -97,6 +101,8 @@ class Scheduler:
             self._drop_cancelled()
             if len(self.waiting) >= self.max_queue + max(0, self.max_batch - self.active):
                 self.rejected += 1
+                if self.metrics:
+                    self.metrics.refused(503)
                 return False
             self.total_requests += 1
             self.waiting.append(job)
@@ -106,7 +112,15 @@ class Scheduler:
     def _drop_cancelled(self):
         live = [j for j in self.waiting if not j.cancelled.is_set()]
         self.cancelled += len(self.waiting) - len(live)
+        if self.metrics:
+            for j in self.waiting:
+                if j.cancelled.is_set():
+                    self.metrics.finished(j, "abort")
         self.waiting = deque(live)
+
+    def _finished(self, job, reason):
+        if self.metrics:
+            self.metrics.finished(job, reason)
 
     def stats(self):
         steps = sum(self.rows_histogram.values())
@@ -155,9 +169,14 @@ class Scheduler:
             except ValueError as e:  # validation should have caught it; fail this request only
                 failed.append((job, ("error", f"generation failed: {e}")))
         self.failed += len(failed)
+        for job, _ in failed:
+            self._finished(job, "error")
         deliver(failed)
         if not new:
             return
+        if self.metrics:
+            for seq in new:
+                self.metrics.admitted(seq.owner)
         t0 = time.perf_counter()
         try:
             produced = self.decoder.add(new)
@@ -175,6 +194,7 @@ class Scheduler:
                         self.decoder.remove(q)
                     self._log_failure(e)
                     self.failed += 1
+                    self._finished(seq.owner, "error")
                     deliver([(seq.owner, ("error", f"generation failed: {type(e).__name__}: {e}"))])
         self.prefill_s += time.perf_counter() - t0
         self._emit(produced)
@@ -189,13 +209,17 @@ class Scheduler:
         for seq, token, mask in produced:
             if seq.error:  # its sampling failed: this request alone ends, with the reason
                 self.failed += 1
+                self._finished(seq.owner, "error")
                 events.append((seq.owner, ("error", f"generation failed: {seq.error}")))
                 continue
             if token not in self.decoder.specials["stop"]:  # the stop token itself is not text
                 events.append((seq.owner, ("token", token)))
                 self.tokens_generated += 1
+                if self.metrics:
+                    self.metrics.token(seq.owner)
             if seq.done:
                 self.completed += 1
+                self._finished(seq.owner, seq.finish_reason)
                 events.append((seq.owner, ("done", seq.finish_reason)))
         self.decoder.remove_done()
         self.active = len(self.decoder.seqs)
@@ -214,6 +238,7 @@ class Scheduler:
                 for seq in [s for s in self.decoder.seqs if s.owner.cancelled.is_set()]:
                     self.decoder.remove(seq)
                     self.cancelled += 1
+                    self._finished(seq.owner, "abort")
                 self.active = len(self.decoder.seqs)
                 if not self.decoder.seqs:
                     continue
@@ -230,6 +255,8 @@ class Scheduler:
                 # let it kill the server; fail the requests of that batch, serve the next ones
                 self._log_failure(e)
                 self.failed += len(self.decoder.seqs)
+                for seq in self.decoder.seqs:
+                    self._finished(seq.owner, "error")
                 deliver([(seq.owner, ("error", f"generation failed: {type(e).__name__}: {e}"))
                          for seq in self.decoder.seqs])
                 for seq in list(self.decoder.seqs):

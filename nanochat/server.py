@@ -1,11 +1,16 @@
 """Web chat and HTTP API: one model shared by many clients through continuous batching.
 
     GET  /                      the chat page (ui.html)
+    GET  /static/...            the page's vendored libraries (nanochat/static, README.md there)
     GET  /health                {"status": "ok", ...}
     GET  /stats                 active/queued requests, tokens generated, uptime, rows per step
     POST /chat/completions      nanochat's own protocol (SSE: data: {"token": ...} ... data: {"done": true})
     POST /v1/chat/completions   OpenAI's chat completions API (JSON, or SSE chunks + data: [DONE])
     GET  /v1/models             the one model served
+    GET  /metrics               Prometheus metrics (vLLM's names, docs/serving.md)
+
+With an API key (create_app(api_key=...), `nanochat serve --api-key`), every route but /,
+/static/..., /health and /metrics needs `Authorization: Bearer KEY` (401 otherwise).
 
 A single scheduler thread (nanochat/scheduler.py) owns the model and a KV cache of `max_batch`
 rows and runs continuous batching. The HTTP side is asyncio: each request gets an asyncio.Queue
@@ -18,6 +23,8 @@ fails ends alone (docs/serving.md, "Guarantees").
 """
 import asyncio
 import codecs
+import hashlib
+import hmac
 import json
 import os
 import time
@@ -25,8 +32,10 @@ import uuid
 from contextlib import aclosing, asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 
+from nanochat.metrics import CONTENT_TYPE_LATEST, Metrics
 from nanochat.scheduler import DEFAULT_MAX_QUEUE, Job, Scheduler
 
 
@@ -40,6 +49,7 @@ MIN_MAX_TOKENS, MAX_MAX_TOKENS = 1, 4096
 DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_MAX_TOKENS = 0.8, 50, 512
 ROLES = ("system", "user", "assistant")
 MAX_BODY_BYTES = 1 << 20       # a request body (the longest valid conversation is ~200 KB of JSON)
+MAX_DRAIN_BYTES = 16 << 20     # of a body too large, read and dropped so the client sees the 413
 BODY_TIMEOUT_S = 10.0          # seconds the whole body may take to arrive (then 408, connection closed)
 RETRY_AFTER_S = 2              # what a refused client is told to wait
 
@@ -133,17 +143,23 @@ def validate_request(body, tokenizer, context_len):
         "seed": _number(body, "seed", -2**63, 2**63 - 1, None, integer=True),
         "stream": body.get("stream", False),
     }
-    if settings["max_tokens"] is None:  # OpenAI's newer name for the same thing
-        settings["max_tokens"] = _number(body, "max_completion_tokens", MIN_MAX_TOKENS, MAX_MAX_TOKENS,
-                                         DEFAULT_MAX_TOKENS, integer=True)
+    # OpenAI's newer name for the same thing: checked even when max_tokens is given
+    newer = _number(body, "max_completion_tokens", MIN_MAX_TOKENS, MAX_MAX_TOKENS, None, integer=True)
+    if settings["max_tokens"] is None:
+        settings["max_tokens"] = DEFAULT_MAX_TOKENS if newer is None else newer
     if not isinstance(settings["stream"], bool):
         raise BadRequest("'stream' must be true or false")
-    options = body.get("stream_options") or {}
+    options = body.get("stream_options")
+    options = {} if options is None else options
     if not isinstance(options, dict):
         raise BadRequest("'stream_options' must be an object")
-    settings["include_usage"] = bool(options.get("include_usage", False))
-    if body.get("n", 1) != 1:
-        raise BadRequest("only n=1 is supported")
+    include_usage = options.get("include_usage")
+    if include_usage is not None and not isinstance(include_usage, bool):
+        raise BadRequest(f"'stream_options.include_usage' must be true or false, got {_short(include_usage)}")
+    settings["include_usage"] = bool(include_usage)
+    n = body.get("n")
+    if n is not None and (type(n) is not int or n != 1):  # `true` == 1 in Python, but is no count
+        raise BadRequest(f"only n=1 is supported, got {_short(n)}")
     if settings["top_p"] == 0.0:
         raise BadRequest("'top_p' must be in (0, 1]")
     try:
@@ -197,40 +213,75 @@ def _refusal(e):
     return _error(e.status, str(e), kind=kind, headers=headers)
 
 
-async def read_body(request, max_bytes=MAX_BODY_BYTES, timeout=BODY_TIMEOUT_S):
-    """The request body, at most max_bytes (413 otherwise, checked against Content-Length before
-    reading and while reading), arriving within `timeout` seconds (408 otherwise: a client that
-    announces more than it sends must not hold the connection)."""
+async def read_body(request, max_bytes=MAX_BODY_BYTES, timeout=BODY_TIMEOUT_S, max_drain=MAX_DRAIN_BYTES):
+    """The request body, at most max_bytes (413 otherwise, known from Content-Length or while
+    reading a chunked body), arriving within `timeout` seconds (408 otherwise: a client that
+    announces more than it sends must not hold the connection). Of a body too large, up to
+    max_drain more bytes are read and dropped within the same time before the 413 goes out:
+    closing a socket with unread data in it makes the kernel send a reset, and the client would
+    see "connection reset" instead of the answer."""
     declared = request.headers.get("content-length")
+    too_large = None
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise BadRequest(f"request body too large: {declared} bytes > {max_bytes}", status=413)
+        too_large = f"request body too large: {declared} bytes > {max_bytes}"
 
     async def receive_all():
+        nonlocal too_large
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
-            if size > max_bytes:
-                raise BadRequest(f"request body too large: more than {max_bytes} bytes", status=413)
-            chunks.append(chunk)
+            if size > max_bytes and too_large is None:
+                too_large = f"request body too large: more than {max_bytes} bytes"
+            if too_large is None:
+                chunks.append(chunk)
+            elif size > max_bytes + max_drain:
+                break  # not worth reading further: the connection closes after the 413
         return b"".join(chunks)
     try:
-        return await asyncio.wait_for(receive_all(), timeout)
+        raw = await asyncio.wait_for(receive_all(), timeout)
     except asyncio.TimeoutError:
-        raise BadRequest(f"the request body did not arrive within {timeout:g} s", status=408)
+        if too_large is None:
+            raise BadRequest(f"the request body did not arrive within {timeout:g} s", status=408)
+    if too_large is not None:
+        raise BadRequest(too_large, status=413)
+    return raw
 
 
 # ---------------------------------------------------------------------------
 # The app
 
+# Routes anyone may reach when an API key is set: the page itself and its libraries (it asks for
+# the key), the health check of load balancers, and the metrics scraper (as vLLM does)
+OPEN_PATHS = ("/", "/health", "/metrics")
+STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+
+
+def key_matches(header, api_key):
+    """Whether an Authorization header value is `Bearer <api_key>`, compared in constant time
+    (the time taken says nothing about how much of a guess was right)."""
+    scheme, _, given = (header or "").partition(" ")
+    # digests of equal length: neither the content nor the length of the key shows in the timing
+    # header values arrive as latin-1 text (one character per byte): back to their bytes, which
+    # a client sends as the UTF-8 of the key
+    ok = hmac.compare_digest(hashlib.sha256(given.strip().encode("latin-1", "replace")).digest(),
+                             hashlib.sha256(api_key.strip().encode("utf-8")).digest())
+    return ok and scheme.lower() == "bearer"
+
+
 def create_app(model, tokenizer, max_batch=8, model_name="nanochat", token_delay=0.0, seed=42, compile=False,
-               max_queue=DEFAULT_MAX_QUEUE, max_body_bytes=MAX_BODY_BYTES, body_timeout=BODY_TIMEOUT_S):
+               max_queue=DEFAULT_MAX_QUEUE, max_body_bytes=MAX_BODY_BYTES, body_timeout=BODY_TIMEOUT_S,
+               api_key=None):
     """The FastAPI app. The scheduler thread starts with the app and stops with it. compile:
     torch.compile the decode step (engine.BatchDecoder); /health says "ready" once it is warm.
     max_queue: requests that may wait for a row (more get 503); max_body_bytes / body_timeout:
-    the largest request body and the seconds it may take to arrive (413 / 408)."""
+    the largest request body and the seconds it may take to arrive (413 / 408). api_key: when
+    set, every route outside OPEN_PATHS answers 401 without `Authorization: Bearer <api_key>`."""
+    if api_key is not None and not api_key.strip():
+        raise ValueError("the API key is empty")
     context_len = model.config.sequence_len
+    metrics = Metrics(model_name)
     scheduler = Scheduler(model, tokenizer, max_batch=max_batch, seed=seed, token_delay=token_delay,
-                          compile=compile, max_queue=max_queue)
+                          compile=compile, max_queue=max_queue, metrics=metrics)
     created = int(time.time())
     ui_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ui.html")
 
@@ -243,6 +294,16 @@ def create_app(model, tokenizer, max_batch=8, model_name="nanochat", token_delay
 
     app = FastAPI(title="nanochat", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.scheduler = scheduler
+
+    if api_key is not None:
+        @app.middleware("http")
+        async def require_key(request, call_next):
+            path = request.url.path
+            if path in OPEN_PATHS or path.startswith("/static/") or key_matches(request.headers.get("authorization"), api_key):
+                return await call_next(request)
+            # the OpenAI error shape; the client raises AuthenticationError on it
+            return _error(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                          kind="authentication_error", headers={"WWW-Authenticate": "Bearer"})
 
     async def parse(request):
         """(prompt, settings) of a chat request, or BadRequest (400, 408, 413): every way a body
@@ -297,6 +358,8 @@ def create_app(model, tokenizer, max_batch=8, model_name="nanochat", token_delay
             watcher.cancel()
             job.cancelled.set()
 
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
     @app.api_route("/", methods=["GET", "HEAD"])
     async def index():
         with open(ui_path, encoding="utf-8") as f:
@@ -310,6 +373,11 @@ def create_app(model, tokenizer, max_batch=8, model_name="nanochat", token_delay
     @app.get("/stats")
     async def stats():
         return scheduler.stats()
+
+    @app.get("/metrics")
+    async def prometheus():
+        page = metrics.render(scheduler.active, len(scheduler.waiting), max_batch)
+        return Response(page, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models():

@@ -62,10 +62,7 @@ class Scripted(Wrapped):
         before = kv_cache.lengths.clone()
         self.inner(idx, kv_cache=kv_cache, kv_len=kv_len)  # fills the cache like the real model
         B, T = idx.shape
-        if logits_positions is None or isinstance(logits_positions, int):
-            pos = [T - 1 if logits_positions is None else logits_positions % T] * B
-        else:
-            pos = logits_positions.tolist()
+        pos = [T - 1] * B if logits_positions is None else logits_positions[1].tolist()
         logits = torch.zeros(B, self.config.vocab_size)
         for b in range(B):
             g = int(before[b]) + pos[b] + 1 - self.prompt_len  # index of the token these logits predict
@@ -77,12 +74,8 @@ def select_positions(logits, logits_positions):
     """What GPT.forward returns for `logits_positions`, from a stub's full (B, T, V) logits."""
     if logits_positions is None:
         return logits
-    if isinstance(logits_positions, int):
-        return logits[:, logits_positions]
-    if isinstance(logits_positions, tuple):
-        rows, positions = logits_positions
-        return logits[rows, positions]
-    return logits[torch.arange(logits.size(0)), logits_positions]
+    rows, positions = logits_positions
+    return logits[rows, positions]
 
 
 class BigramStub(nn.Module):

@@ -324,17 +324,17 @@ def test_meta_missing_keys_and_config_disagreeing_with_the_weights(tmp_path, mon
     trainable, _, _ = ck.load_model("sft", "cpu", phase="train", step=1)
     assert trainable.training and all(p.requires_grad for p in trainable.parameters())
     # on CPU a frozen model's Linear weights are stored transposed, q/k/v stacked
-    # (GPT.use_inference_layout), a trainable one's as usual; both hold the saved values
+    # (nanochat.inference_layout), a trainable one's as usual; both hold the saved values
     linears = [n + ".weight" for n, m in frozen.named_modules() if isinstance(m, torch.nn.Linear)]
     weights, plain = dict(frozen.named_parameters()), dict(trainable.named_parameters())
     assert linears and all(weights[n].stride(0) == 1 for n in linears if min(weights[n].shape) > 1)
     assert all(b.attn.qkv_weight is not None for b in frozen.blocks)
-    assert all(plain[n].is_contiguous() for n in linears) and trainable.blocks[0].attn.qkv_weight is None
+    assert all(plain[n].is_contiguous() for n in linears) and not hasattr(trainable.blocks[0].attn, "qkv_weight")
     assert all(torch.equal(weights[n], plain[n]) for n in weights)
     half, _, _ = ck.load_model("sft", "cpu", step=1, dtype=torch.bfloat16)  # the cast comes first
     assert all(p.dtype == torch.bfloat16 for p in half.parameters())
     assert all(dict(half.named_parameters())[n].stride(0) == 1 for n in linears if min(weights[n].shape) > 1)
-    assert half.blocks[0].attn._packed_qkv().dtype == torch.bfloat16
+    assert half.blocks[0].attn.packed_qkv().dtype == torch.bfloat16
 
 
 def test_torn_or_garbled_metrics_lines_are_dropped(tmp_path):

@@ -2,7 +2,9 @@
 dtype (bf16 under autocast, which the CPU also has), one compiled graph for the forward with the
 FlexAttention path forced (with and without activation checkpointing), no recompile per
 sequence length in evaluation, GQA never sent to SDPA's math fallback, `--device-batch-size auto`
-agreed by every rank (real 2-process gloo), and the GPU peak-FLOPs table."""
+agreed by every rank (real 2-process gloo), the GPU peak-FLOPs table, the block-mask cache filled
+before the first compiled call (one compile, not two), the CUDA allocator's expandable segments
+and the garbage collector frozen after the first training step."""
 import json
 import os
 import subprocess
@@ -18,7 +20,7 @@ from torch.nn.attention import flex_attention as flex
 from torch.overrides import TorchFunctionMode
 
 import nanochat.attention as attn
-from nanochat.common import autocast_ctx, get_compute_dtype, peak_flops_of
+from nanochat.common import autocast_ctx, get_compute_dtype, peak_flops_of, set_cuda_alloc_conf
 from nanochat.engine import BatchDecoder, Sequence
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.training import is_out_of_memory, largest_fitting
@@ -224,3 +226,91 @@ def test_auto_batch_size_is_agreed_by_every_rank(tmp_path):
 def test_peak_flops_table(name, key, tflops):
     got_key, flops = peak_flops_of(name)
     assert got_key == key and (flops is None if tflops is None else round(flops / 1e12) == tflops)
+
+
+def test_warm_window_masks_saves_the_second_compile(forced_flex):
+    """A compiled forward that finds the block-mask cache empty fills it inside its graph, and the
+    next call compiles the model again; with the masks built first it compiles once."""
+    compiles = {}
+    for warm in (False, True):
+        attn._block_masks.clear()
+        model = make_model().requires_grad_(False).eval()
+        if warm:
+            attn.warm_window_masks(model.config.layer_windows(), 128, "cpu")
+            assert len(attn._block_masks) == 1  # S windows; the L layers need no mask
+        torch._dynamo.reset()
+        counters.clear()
+        fwd = torch.compile(model, backend="eager", dynamic=False)
+        for _ in range(3):
+            fwd(torch.randint(0, V, (2, 128)))
+        compiles[warm] = counters["frames"]["ok"]
+    assert compiles == {False: 2, True: 1}
+
+
+def test_cuda_alloc_conf_is_set_unless_the_user_set_one():
+    env = {}
+    assert set_cuda_alloc_conf(env) == "expandable_segments:True" == env["PYTORCH_CUDA_ALLOC_CONF"]
+    env = {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}
+    assert set_cuda_alloc_conf(env) == "max_split_size_mb:128" and len(env) == 1
+    env = {"PYTORCH_ALLOC_CONF": "expandable_segments:False"}  # torch's newer name counts too
+    assert set_cuda_alloc_conf(env) == "expandable_segments:False" and "PYTORCH_CUDA_ALLOC_CONF" not in env
+
+
+def test_the_allocator_reads_it_in_a_fresh_process():
+    """compute_init sets it before CUDA starts: a process that imports torch and calls it sees the
+    variable (the CUDA allocator reads it at its first allocation)."""
+    code = ("import os; from nanochat.common import set_cuda_alloc_conf; set_cuda_alloc_conf(); "
+            "print(os.environ['PYTORCH_CUDA_ALLOC_CONF'])")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "expandable_segments:True", r.stderr
+
+
+def test_gc_step_freezes_after_the_first_step_and_collects_every_5000():
+    import gc
+
+    import nanochat.common as common
+    assert gc.isenabled()
+    try:
+        common.gc_step(0)
+        assert gc.isenabled() and gc.get_freeze_count() == 0
+        common.gc_step(1)
+        assert not gc.isenabled() and gc.get_freeze_count() > 0  # everything alive now is out of the scans
+        frozen = gc.get_freeze_count()
+
+        class Node:
+            pass
+        a, b = Node(), Node()
+        a.other, b.other = b, a  # a cycle: only a collection frees it
+        import weakref
+        ref = weakref.ref(a)
+        del a, b
+        for _ in range(2000):  # plenty of allocations: automatic collection would have run
+            [Node() for _ in range(10)]
+        assert ref() is not None
+        common.gc_step(4999)
+        assert ref() is not None
+        common.gc_step(common.GC_COLLECT_EVERY)
+        assert ref() is None and gc.get_freeze_count() == frozen
+    finally:
+        common.gc_restore()
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 48])
+def test_compiled_training_loss_has_the_eager_gradients(chunk_rows):
+    """The fused loss (a torch.autograd.Function) traced by dynamo gives the eager loss and
+    gradients. On torch 2.11 (the GPU image's) a Function returning a tensor it had updated in
+    place got all-zero gradients under torch.compile: nothing trained. One or several chunks."""
+    models = [make_model(n_layer=2) for _ in range(2)]
+    for m in models:
+        m.loss_chunk_rows = chunk_rows
+    idx = torch.randint(0, V, (2, 64), generator=torch.Generator().manual_seed(0))
+    losses = [fn(idx, idx).float() for fn in (models[0], torch.compile(models[1], backend="eager", dynamic=False))]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[1], losses[0])
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6)
+    assert models[1].lm_head.weight.grad.norm() > 0

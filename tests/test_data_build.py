@@ -129,6 +129,10 @@ def test_build_never_touches_shared_root(data_dir, tmp_path):
     assert sorted(os.listdir(os.path.join(data_dir, "pretrain"))) == before
 
 
+def _gz_lines(n):
+    return gzip.compress("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(n)).encode())
+
+
 @pytest.mark.parametrize("setup, match", [
     (lambda d: None, "no such file"),
     (lambda d: (d / "x.jsonl").write_text('{"text": "a"}\n{"body": "b"}\n'), r"x.jsonl:2: .*'text'"),
@@ -138,6 +142,20 @@ def test_build_never_touches_shared_root(data_dir, tmp_path):
     (lambda d: (d / "x.parquet").write_bytes(b"PAR1 this is not parquet"), r"x.parquet: cannot read"),
     (lambda d: (d / "x.txt").write_bytes(b"\xff\xfe\xfa bad utf8"), r"x.txt: cannot read"),
     (lambda d: (d / "x.csv").write_text("a,b"), "unsupported file type"),
+    # binary data is not a document, whatever the extension says
+    (lambda d: ((d / "a.txt").write_text("fine text"), (d / "x.txt").write_bytes(b"\0" * 4096)),
+     r"x.txt: binary data"),
+    (lambda d: ((d / "a.txt").write_text("fine text"), (d / "x.md.gz").write_bytes(gzip.compress(b"ab\0cd"))),
+     r"x.md.gz: binary data"),
+    (lambda d: (d / "x.jsonl").write_text('{"text": "a"}\n{"text": "b\\u0000c"}\n'), r"x.jsonl:2: binary data"),
+    (lambda d: pq.write_table(pa.table({"text": ["a", "b\0"]}), d / "x.parquet"), r"x.parquet .*binary data"),
+    # a compressed file cut short: an error naming it, never a build from what could be read
+    (lambda d: ((d / "a.txt").write_text("fine text"), (d / "x.jsonl.gz").write_bytes(_gz_lines(3000)[:-9])),
+     r"x.jsonl.gz: cannot read"),
+    (lambda d: ((d / "a.txt").write_text("fine text"), (d / "x.jsonl.gz").write_bytes(_gz_lines(3000)[:4000])),
+     r"x.jsonl.gz: cannot read"),
+    (lambda d: ((d / "a.txt").write_text("fine text"), (d / "x.txt.gz").write_bytes(_gz_lines(3000)[:-1])),
+     r"x.txt.gz: cannot read"),
     (lambda d: (d / "x.txt").write_text("only one document"), "need at least 2"),
     (lambda d: ((d / "a.txt").write_text("same"), (d / "b.txt").write_text("same")), "need at least 2"),
     (lambda d: (d / "sub").mkdir(), "no .txt/.md/.jsonl/.parquet files"),

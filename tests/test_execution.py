@@ -8,7 +8,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from nanochat.execution import (ExecutionResult, _processes_of_uid, check_solution, execute_code,
+from nanochat.execution import (ExecutionResult, _processes_of_uid, check_solution, execute_code, landlock_abi,
                                 network_isolated, remove_tree)
 
 IS_ROOT = os.geteuid() == 0
@@ -364,12 +364,40 @@ ESCAPES = {
     "bytecode from bytes": "import marshal\nmarshal.loads(b'N')\nprint('ESCAPED')\n",
     "code replace": "def f():\n    pass\nf.__code__.replace(co_consts=(1,))\nprint('ESCAPED')\n",
     "third-party import": "import numpy\nprint('ESCAPED')\n",
+    # /dev/fd is a link to /proc/self/fd: '..' then leaves it inside /proc, where the kernel is
+    "/proc of PID 1 through /dev/fd": "print(open('/dev/fd/../../1/cmdline', 'rb').read())\nprint('ESCAPED')\n",
+    # a folder that does not exist yet (another thread could make it before the open): still resolved
+    "/proc through a folder not made yet": "import os\nos.close(os.open('later/../../../../../../dev/fd/../../1/cmdline', "
+                                           "os.O_RDONLY))\nprint('ESCAPED')\n",
+    "own /proc through /dev/fd": "print(open('/dev/fd/../status').read())\nprint('ESCAPED')\n",
+    "/proc through /dev/fd, bytes": "print(open(b'/dev/fd/../status', 'rb').read())\nprint('ESCAPED')\n",
+    "/proc through /dev/stdin": "import os\nos.close(0)\nopen('/dev/null')\nprint(open('/dev/stdin').read())\n"
+                                "print('ESCAPED')\n",
+    "/proc as a str subclass": "class S(str):\n    pass\nprint(open(S('/proc/1/cmdline'), 'rb').read())\n"
+                               "print('ESCAPED')\n",
+    "/proc as a bytes subclass": "class B(bytes):\n    pass\nprint(open(B(b'/proc/self/status'), 'rb').read())\n"
+                                 "print('ESCAPED')\n",
+    # a fresh builtin module has every function the guards took away
+    "posix from _imp": "import sys\np = sys.modules['_imp'].create_builtin(sys.modules['posix'].__spec__)\n"
+                       "print('ESCAPED' if callable(p.mknod) else 'held')\n",
+    "posix from importlib internals": "import sys, importlib._bootstrap as b\ndel sys.modules['posix']\n"
+                                      "p = b._builtin_from_name('posix')\nprint('ESCAPED' if callable(p.mknod) else 'held')\n",
+    "posix from a spec": "import sys, importlib.util\np = importlib.util.module_from_spec(sys.modules['posix'].__spec__)\n"
+                         "print('ESCAPED' if callable(p.mknod) else 'held')\n",
+    "_signal from _imp": "import sys, importlib.machinery as m\nspec = m.ModuleSpec('_signal', m.BuiltinImporter)\n"
+                         "s = sys.modules['_imp'].create_builtin(spec)\ns.signal(15, s.SIG_IGN)\nprint('ESCAPED')\n",
+    "_ctypes under a stdlib package name": "import importlib.machinery as m, importlib.util as u\n"
+                                           "spec = u.spec_from_file_location('json._ctypes', CTYPES)\n"
+                                           "m.ExtensionFileLoader('json._ctypes', CTYPES).create_module(spec)\n"
+                                           "print('ESCAPED')\n",
 }
 
 
 @pytest.mark.parametrize("attack", sorted(ESCAPES))
 def test_observed_escapes_are_closed(attack):
-    r = execute_code(ESCAPES[attack], timeout=10)
+    import importlib.util
+    code = f"CTYPES = {importlib.util.find_spec('_ctypes').origin!r}\n" + ESCAPES[attack]
+    r = execute_code(code, timeout=10)
     assert "ESCAPED" not in r.stdout, (attack, r.stdout, r.stderr[-500:])
     assert not r.success
 
@@ -424,14 +452,15 @@ def test_the_child_has_a_network_namespace_of_its_own():
 @pytest.mark.parametrize("guards", [True, pytest.param(False, marks=needs_root)])
 def test_nothing_is_left_outside_the_working_directory(guards):
     """Files written to /tmp and /dev/shm (world-writable, so the private uid can write there):
-    the guards refuse them; without the guards, cleanup deletes whatever the uid left there."""
+    the guards refuse them, and so does Landlock where the kernel has it; without either,
+    cleanup deletes whatever the uid left there."""
     tag = f"nanochat-escape-{os.getpid()}-{time.time_ns()}"
     targets = [f"/tmp/{tag}", f"/dev/shm/{tag}", f"/tmp/{tag}-dir"]
     code = (f"import os\nfor p in {targets[:2]!r}:\n    fd = os.open(p, os.O_CREAT | os.O_WRONLY)\n"
             f"    os.write(fd, b'x' * 100000)\nos.makedirs({targets[2]!r} + '/a/b')\n"
             f"open({targets[2]!r} + '/a/b/f', 'w').write('x')\nprint('WROTE')\n")
     r = execute_code(code, timeout=10, python_guards=guards)
-    assert ("WROTE" in r.stdout) == (not guards), r.stderr[-500:]
+    assert ("WROTE" in r.stdout) == (not guards and not landlock_abi()), r.stderr[-500:]
     for path in targets:
         assert not os.path.lexists(path), path
 
@@ -526,7 +555,8 @@ def test_unprivileged_caller_network_files_and_subprocess():
     """The sandbox used by a normal user (no private uid: the program runs as the caller), where
     the standard library is readable: the previous sandbox let such a program connect to
     127.0.0.1, write the caller's files with os.open and start processes through a subclass walk.
-    Here the caller is uid 65534 running this very module from a world-readable copy."""
+    Here the caller is uid 65534 running this very module from a world-readable copy. Where the
+    kernel has Landlock, the caller's file and /tmp stay untouched even without the guards."""
     import shutil
     import subprocess
     import nanochat.execution as ex
@@ -545,9 +575,13 @@ attacks = [
     f"socket.create_connection(('127.0.0.1', {port}), timeout=2)\\n",
     f"import os\\nfd = os.open({victim!r}, os.O_WRONLY | os.O_TRUNC)\\nos.write(fd, b'pwned')\\n",
     "P = [c for c in ().__class__.__base__.__subclasses__() if c.__name__ == 'Popen'][0]\\nP(['echo', 'ESCAPED']).wait()\\n",
+    "import os, sys\\np = sys.modules['_imp'].create_builtin(sys.modules['posix'].__spec__)\\np.mkfifo('/tmp/' + FIFO)\\n",
 ]
+fifo = "nanochat-nobody-fifo-%d" % os.getpid()
+without_guards = [attacks[0], attacks[1], "import os\\nos.mkfifo('/tmp/' + FIFO)\\n"] if sandbox.landlock_abi() else attacks[:1]
 for guards in (True, False):
-    for code in attacks[:1] if not guards else attacks:
+    for code in without_guards if not guards else attacks:
+        code = "FIFO = %r\\n" % fifo + code
         r = sandbox.execute_code(code, timeout=10, python_guards=guards)
         assert "ESCAPED" not in r.stdout and not r.success, (code, r)
 try:
@@ -556,6 +590,7 @@ try:
 except socket.timeout:
     pass
 assert open(victim).read() == "precious"
+assert not os.path.lexists("/tmp/" + fifo)
 test = "def check(candidate):\\n    assert candidate(2, 3) == 5\\n"
 assert sandbox.check_solution("def add(a, b):\\n    return a + b\\n", test, "add").passed
 assert not sandbox.check_solution("class E:\\n    def __eq__(s, o): return True\\ndef add(a, b):\\n    return E()\\n",
@@ -571,3 +606,54 @@ print("OK", sandbox.network_isolated())
         assert p.returncode == 0 and p.stdout.startswith("OK"), p.stdout[-2000:] + p.stderr[-3000:]
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+MAKE_NODES = """
+import os, sys
+made = []
+for route in ("os", "_imp"):
+    for name, path in (("mkfifo", TAG + route + "-fifo"), ("mknod", TAG + route + "-node")):
+        try:
+            p = os if route == "os" else sys.modules["_imp"].create_builtin(sys.modules["posix"].__spec__)
+            getattr(p, name)(path)
+            made.append(path)
+        except Exception as e:
+            print(route, name, type(e).__name__)
+print("MADE", made)
+"""
+
+
+@pytest.mark.parametrize("guards", [True, False])
+def test_no_fifo_or_node_outside_the_working_directory(guards):
+    """mkfifo and mknod raise no audit event. With the guards they are gone, and a fresh posix
+    from _imp is refused; without the guards, Landlock (kernel) refuses them outside the working
+    directory, for any caller. The program reports what it made before cleanup could sweep it."""
+    if not guards and not landlock_abi():
+        pytest.skip("no Landlock on this kernel: without the guards only a root caller's sweep cleans up")
+    tag = f"/tmp/nanochat-node-{os.getpid()}-{time.time_ns()}-"
+    r = execute_code(f"TAG = {tag!r}\n" + MAKE_NODES, timeout=10, python_guards=guards)
+    assert "MADE []" in r.stdout, r.stdout + r.stderr[-500:]
+    for suffix in ("os-fifo", "os-node", "_imp-fifo", "_imp-node"):
+        assert not os.path.lexists(tag + suffix)
+
+
+@pytest.mark.skipif(not landlock_abi(), reason="no Landlock on this kernel")
+def test_landlock_holds_without_the_python_guards(tmp_path):
+    """The kernel layer alone: /proc through /dev/fd, a write to the caller's file, a signal to
+    a process outside the sandbox: all refused though every Python function is there."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    victim.chmod(0o666)
+    attacks = ["print(open('/dev/fd/../../1/cmdline', 'rb').read())",
+               f"open({str(victim)!r}, 'w').write('pwned')",
+               "import os\nos.kill(1, 0)"]
+    if landlock_abi() < 6:  # signal scoping came with ABI 6
+        attacks.pop()
+    for code in attacks:
+        r = execute_code(code + "\nprint('ESCAPED')\n", timeout=10, python_guards=False)
+        assert not r.success and "ESCAPED" not in r.stdout, (code, r.stdout, r.stderr[-500:])
+        assert "PermissionError" in r.error or "Operation not permitted" in r.error, r.error
+    assert victim.read_text() == "precious"
+    r = execute_code("import os\nos.mkfifo('fifo')\nopen('f', 'w').write('x')\nos.rename('f', 'g')\n"
+                     "os.remove('g')\nprint('ok')\n", timeout=10, python_guards=False)
+    assert r.success and r.stdout == "ok\n", r.stderr[-500:]

@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nanochat import checkpoint as ck
 from nanochat.cli import main as cli_main
+from nanochat.engine import reference_generate
 from nanochat.gpt import GPT, GPTConfig
 
 # GQA (4 heads, 2 kv heads), 3 layers (value embeddings on layers 0 and 2 only), a short window
@@ -217,7 +218,7 @@ def test_generate_greedy(env, hf, use_cache):
     prompts = [tok.encode(TEXTS[0], prepend="<|bos|>")[:10],
                tok.render_for_completion({"messages": [{"role": "user", "content": "What is 2+2?"}]})]
     for ids in prompts:
-        want = stop_at(list(model.generate(ids, 24, temperature=0)), stops)
+        want = stop_at(list(reference_generate(model, ids, 24, temperature=0)), stops)
         out = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                 do_sample=False, max_new_tokens=24, use_cache=use_cache)
         assert out[0, :len(ids)].tolist() == ids
@@ -235,7 +236,7 @@ def test_generate_batch_left_padded(env, hf):
     out = hf_model.generate(**batch, do_sample=False, max_new_tokens=12)
     width = batch["input_ids"].size(1)
     for row, text in zip(out.tolist(), texts):
-        want = stop_at(list(model.generate(tok.encode(text, prepend="<|bos|>"), 12, temperature=0)), stops)
+        want = stop_at(list(reference_generate(model, tok.encode(text, prepend="<|bos|>"), 12, temperature=0)), stops)
         assert row[width:width + len(want)] == want
 
 
@@ -334,7 +335,7 @@ def test_trained_base_checkpoint(base_checkpoint, tmp_path):
     assert ids == tok.encode("The history of the city", prepend="<|bos|>")
     with torch.no_grad():
         torch.testing.assert_close(hf_model(**batch).logits[0], reference_logits(model, ids), atol=1e-4, rtol=0)
-    want = stop_at(list(model.generate(ids, 16, temperature=0)), {tok.get_bos_token_id()})
+    want = stop_at(list(reference_generate(model, ids, 16, temperature=0)), {tok.get_bos_token_id()})
     got = hf_model.generate(**batch, do_sample=False, max_new_tokens=16)[0, len(ids):].tolist()
     assert got == want
     assert get_tokenizer() is tok

@@ -1,5 +1,6 @@
 """The model: shapes, parameter counts, training signal, and that every fast path (chunked loss,
 activation checkpointing, KV cache) computes the same thing as the plain path. Tiny fp32 models."""
+import copy
 import math
 
 import pytest
@@ -9,7 +10,10 @@ from torch.nn.attention import flex_attention as flex
 
 import nanochat.attention as attn
 from nanochat.attention import KVCache
+from nanochat.engine import reference_generate
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.inference_layout import use_inference_layout
+from nanochat.optim import gpt_param_groups
 
 V = 300  # vocabulary used directly in the config: no tokenizer needed
 
@@ -225,7 +229,9 @@ def test_sliding_window_blocks_influence_beyond_window(smear):
     w = 5
     # the smear carries token 2 into position 3's embedding: the window then reaches one further
     reach = w + 1 if smear else w
-    model = make_model(n_layer=2, window_pattern="SL", short_window=w, smear=smear)
+    model = make_model(n_layer=2, window_pattern="SL", short_window=w)
+    with torch.no_grad():  # no smear: its lambda at 0
+        model.smear_lambda.fill_(0.5 if smear else 0.0)
     model.eval()
     outs = {}
     model.blocks[0].register_forward_hook(lambda mod, inp, out: outs.__setitem__("b0", out.detach()))
@@ -295,20 +301,20 @@ def test_kv_cache_static_kv_len_and_logits_positions(cfg):
         ref = model(idx)
         lengths = torch.tensor([7, 12])
         # (lm_head over fewer rows may round differently: close, not bitwise equal)
-        torch.testing.assert_close(model(idx, logits_positions=lengths - 1), ref[torch.arange(2), lengths - 1],
+        rows = torch.arange(2)
+        torch.testing.assert_close(model(idx, logits_positions=(rows, lengths - 1)), ref[rows, lengths - 1],
                                    rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(model(idx, logits_positions=-1), ref[:, -1], rtol=1e-5, atol=1e-5)
         for static in (False, True):
             cache = new_cache(model, 2, max_len=24)
             # right-padded prefill of rows of lengths 7 and 12, then lengths reset (as the engine does)
-            first = model(idx[:, :12], kv_cache=cache, kv_len=24 if static else 12, logits_positions=lengths - 1)
+            first = model(idx[:, :12], kv_cache=cache, kv_len=24 if static else 12, logits_positions=(rows, lengths - 1))
             torch.testing.assert_close(first, ref[torch.arange(2), lengths - 1], rtol=1e-5, atol=1e-5)
             cache.lengths.copy_(lengths)
             pos = lengths.clone()
             for step in range(6):  # decode: each row continues its own sequence at its own position
                 tok = idx[torch.arange(2), pos][:, None]
                 kv_len = 24 if static else int(pos.max()) + 1
-                out = model(tok, kv_cache=cache, kv_len=kv_len, logits_positions=-1)
+                out = model(tok, kv_cache=cache, kv_len=kv_len, logits_positions=(rows, torch.zeros_like(rows)))
                 torch.testing.assert_close(out, ref[torch.arange(2), pos], rtol=1e-5, atol=1e-5)
                 pos += 1
             assert cache.lengths.tolist() == pos.tolist()
@@ -383,20 +389,20 @@ def test_kv_cache_fork_and_copy_row():
 def test_generate_is_deterministic_with_a_seed():
     model = make_model()
     prompt = [1, 2, 3, 4]
-    a = list(model.generate(prompt, 12, temperature=1.0, seed=7))
-    b = list(model.generate(prompt, 12, temperature=1.0, seed=7))
-    c = list(model.generate(prompt, 12, temperature=1.0, seed=8))
+    a = list(reference_generate(model, prompt, 12, temperature=1.0, seed=7))
+    b = list(reference_generate(model, prompt, 12, temperature=1.0, seed=7))
+    c = list(reference_generate(model, prompt, 12, temperature=1.0, seed=8))
     assert a == b and len(a) == 12 and all(isinstance(t, int) and 0 <= t < V for t in a)
     assert a != c
     # top_k=1 is greedy whatever the temperature
-    greedy = list(model.generate(prompt, 12, temperature=0.0))
-    assert list(model.generate(prompt, 12, temperature=1.0, top_k=1, seed=123)) == greedy
+    greedy = list(reference_generate(model, prompt, 12, temperature=0.0))
+    assert list(reference_generate(model, prompt, 12, temperature=1.0, top_k=1, seed=123)) == greedy
 
 
 def test_greedy_generate_matches_argmax_of_full_forward():
     model = make_model(window_pattern="SL", short_window=4)
     prompt = [5, 17, 42, 99, 250]
-    out = list(model.generate(prompt, 15, temperature=0.0))
+    out = list(reference_generate(model, prompt, 15, temperature=0.0))
     seq = torch.tensor([prompt + out])
     with torch.no_grad():
         pred = model(seq).argmax(-1)[0]
@@ -425,7 +431,7 @@ def test_estimate_flops():
 def test_optimizer_groups():
     """Membership and hyperparameters of every group, as upstream nanochat's setup_optimizer."""
     model = make_model(randomize=False, n_layer=3, n_embd=128, n_head=4, n_kv_head=2)
-    groups = model.optimizer_groups(unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, scalar_lr=0.5,
+    groups = gpt_param_groups(model, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, scalar_lr=0.5,
                                     weight_decay=0.1)
     seen = [id(p) for g in groups for p in g["params"]]
     assert sorted(seen) == sorted(id(p) for p in model.parameters())  # each exactly once
@@ -558,13 +564,12 @@ def test_forward_smears_the_previous_token_embedding():
         # block 0 sees resid_lambdas[0] * x0 + x0_lambdas[0] * x0
         want = (model.resid_lambdas[0] + model.x0_lambdas[0]) * x0
     torch.testing.assert_close(seen[0], want, rtol=1e-5, atol=1e-6)
-    # off: the embedding goes in unsmeared whatever smear_lambda holds
-    off = make_model(n_layer=3, smear=False)
-    off.load_state_dict(model.state_dict())
-    seen_off, _ = _block_inputs(off, idx)
+    # at smear_lambda 0 (its init) the embedding goes in exactly unsmeared
+    with torch.no_grad():
+        model.smear_lambda.zero_()
+    seen_off, _ = _block_inputs(model, idx)
     torch.testing.assert_close(seen_off[0], (model.resid_lambdas[0] + model.x0_lambdas[0]).detach() * e,
                                rtol=1e-5, atol=1e-6)
-    assert off.new_kv_cache(1, 8, dtype=torch.float32).tokens is None
 
 
 @pytest.mark.parametrize("n_layer", [1, 2, 3, 4])
@@ -586,10 +591,10 @@ def test_backout_subtracts_the_middle_residual(n_layer):
         x = F.rms_norm(outs[-1] - 0.35 * mid, (64,))
         want = 15 * torch.tanh((x @ model.lm_head.weight.t()) / 15)
         assert torch.allclose(logits, want, rtol=1e-5, atol=1e-5)
-        # off: no subtraction, whatever backout_lambda holds
-        off = make_model(n_layer=n_layer, backout=False)
-        off.load_state_dict(model.state_dict())
+        # at backout_lambda 0: no subtraction
         plain = 15 * torch.tanh((F.rms_norm(outs[-1], (64,)) @ model.lm_head.weight.t()) / 15)
+        off = copy.deepcopy(model)
+        off.backout_lambda.zero_()
         assert torch.allclose(off(idx), plain, rtol=1e-5, atol=1e-5)
         if n_layer > 2:
             assert not torch.allclose(logits, plain, atol=1e-3)
@@ -683,13 +688,14 @@ def test_kv_cache_with_smear_rows_of_different_lengths_padded_prefill_and_fork()
             cache = model.new_kv_cache(3, 24, dtype=torch.float32)
             assert cache.tokens is not None
             lengths = torch.tensor([4, 11, 7])
-            first = model(idx[:, :11], kv_cache=cache, kv_len=24 if static else 11, logits_positions=lengths - 1)
+            rows = torch.arange(3)
+            first = model(idx[:, :11], kv_cache=cache, kv_len=24 if static else 11, logits_positions=(rows, lengths - 1))
             torch.testing.assert_close(first, ref[torch.arange(3), lengths - 1], rtol=1e-5, atol=1e-5)
             cache.lengths.copy_(lengths)  # undo the padding, as BatchDecoder.add does
             pos = lengths.clone()
             for _ in range(5):
                 tok = idx[torch.arange(3), pos][:, None]
-                out = model(tok, kv_cache=cache, kv_len=24 if static else None, logits_positions=-1)
+                out = model(tok, kv_cache=cache, kv_len=24 if static else None, logits_positions=(rows, rows * 0))
                 torch.testing.assert_close(out, ref[torch.arange(3), pos], rtol=1e-5, atol=1e-5)
                 pos += 1
             # a 3-token chunk appended to rows 0 and 1 (lengths 9 and 16)
@@ -748,7 +754,7 @@ def test_softcap_ce_grad_any_block_size(block_rows):
 
 
 def test_relu_squared_matches_autograd():
-    from nanochat.gpt import ReluSquared
+    from nanochat.kernels import ReluSquared
     x = torch.randn(5, 33, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(ReluSquared.apply, (x,))
     y = ReluSquared.apply(x)
@@ -783,7 +789,7 @@ def test_training_after_inference_mode_sampling():
 
 
 def test_inference_layout_gives_the_same_model():
-    """use_inference_layout (frozen CPU models) changes only how the Linear weights are stored
+    """The inference layout (frozen CPU models) changes only how the Linear weights are stored
     (transposed; c_q, c_k, c_v as views of one stacked matrix): the same logits with and without
     a KV cache, the same state dict; a load writes through into the stacked matrix, and a later
     `.to()` (new tensors) drops the stacking instead of using stale weights."""
@@ -792,7 +798,7 @@ def test_inference_layout_gives_the_same_model():
     with torch.no_grad():
         want = model(idx)
         state = {k: v.clone() for k, v in model.state_dict().items()}
-        model.requires_grad_(False).use_inference_layout()
+        use_inference_layout(model.requires_grad_(False))
         attn = model.blocks[0].attn
         assert model.lm_head.weight.stride() == (1, V) and model.blocks[0].mlp.c_fc.weight.t().is_contiguous()
         assert attn.c_k.weight.data_ptr() == attn.qkv_weight[attn.c_q.weight.size(0):].data_ptr()
@@ -800,21 +806,22 @@ def test_inference_layout_gives_the_same_model():
         for rows in (1, 2, 3):  # prefill, then a decode step of 1, 2 and 3 rows through the cache
             cache = model.new_kv_cache(rows, 16)
             model(idx[:rows, :9], kv_cache=cache)
-            got = model(idx[:rows, 9:], kv_cache=cache, logits_positions=-1)
+            got = model(idx[:rows, 9:], kv_cache=cache, logits_positions=(torch.arange(rows), torch.zeros(rows, dtype=torch.long)))
             torch.testing.assert_close(got, want[:rows, -1], rtol=1e-5, atol=1e-5)
         assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
         model.load_state_dict({k: v * 0.5 for k, v in state.items()})
-        assert model.lm_head.weight.stride() == (1, V) and attn._packed_qkv() is not None
+        assert model.lm_head.weight.stride() == (1, V) and attn.packed_qkv() is not None
         torch.testing.assert_close(attn.qkv_weight[:attn.c_q.weight.size(0)], state["blocks.0.attn.c_q.weight"] * 0.5)
         halved = model(idx)
         model.to(torch.float64)
-        assert attn._packed_qkv() is None and attn.qkv_weight is None
+        assert attn.packed_qkv() is None and attn.qkv_weight is None
         torch.testing.assert_close(model(idx).float(), halved, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(halved, want)
 
 
 def test_rotary_function_matches_the_formula():
-    from nanochat.gpt import Rotary, rotary_cos_sin
+    from nanochat.gpt import rotary_cos_sin
+    from nanochat.kernels import Rotary
     x = torch.randn(2, 5, 3, 8, dtype=torch.float64, requires_grad=True)
     cos, sin = rotary_cos_sin(torch.arange(5), 8)
     cos, sin = cos[None, :, None].double(), sin[None, :, None].double()
@@ -830,9 +837,7 @@ def test_logits_positions_pairs_pick_the_full_logits():
     with torch.no_grad():
         full = model(idx)
         picked = model(idx, logits_positions=(rows, positions))
-        last = model(idx, logits_positions=torch.tensor([11, 4, 7]))
     torch.testing.assert_close(picked, full[rows, positions], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(last, full[torch.arange(3), torch.tensor([11, 4, 7])], rtol=1e-5, atol=1e-5)
 
 
 def test_trained_model_logits_follow_every_optimizer_step():
@@ -843,11 +848,11 @@ def test_trained_model_logits_follow_every_optimizer_step():
     opt = model.setup_optimizer(unembedding_lr=0.5)
     idx = torch.randint(0, V, (3, 10))
     with torch.no_grad():
-        first = model(idx, logits_positions=-1)
+        first = model(idx, logits_positions=(torch.arange(3), torch.full((3,), 9)))
     model(idx, targets=idx).backward()
     opt.step()
     with torch.no_grad():
-        second = model(idx, logits_positions=-1)
+        second = model(idx, logits_positions=(torch.arange(3), torch.full((3,), 9)))
     assert not torch.allclose(first, second)
     want = model(idx)[:, -1].detach()  # with grads: all positions through the plain product
     torch.testing.assert_close(second, want, rtol=1e-5, atol=1e-5)

@@ -12,7 +12,7 @@ from helpers import make_model
 
 from nanochat.checkpoint import load_model
 from nanochat.dataset import iter_texts
-from nanochat.engine import Engine
+from nanochat.engine import Engine, reference_generate
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.quant import (KERNEL_MAX_ROWS, Int8Embedding, Int8Linear, int8_linear, prepare_for_inference, quantize_rows,
                             reference_int8_linear, weight_bytes, weights_choice)
@@ -114,7 +114,7 @@ def _trained_tiny_model(tokenizer, steps=150):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return model, float(loss)
+    return model, loss.item()
 
 
 def test_bf16_and_int8_decode_like_fp32_on_a_trained_model(tokenizer):
@@ -135,7 +135,7 @@ def test_bf16_and_int8_decode_like_fp32_on_a_trained_model(tokenizer):
 
     fp32, bf16 = loaded("fp32"), loaded("bf16")
     assert bf16.lm_head.weight.dtype == torch.bfloat16
-    seq = torch.tensor([prompt + list(fp32.generate(prompt, n, temperature=0.0))])
+    seq = torch.tensor([prompt + list(reference_generate(fp32, prompt, n, temperature=0.0))])
     # each model's greedy choice after every prefix of fp32's greedy sequence (one forward each)
     ref, low = fp32(seq)[0, len(prompt) - 1:-1], bf16(seq)[0, len(prompt) - 1:-1]
     assert torch.equal(ref.argmax(-1), seq[0, len(prompt):])  # a full forward picks what generate picked

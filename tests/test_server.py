@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from helpers import LiveServer, Scripted, Wrapped, make_model
-from nanochat.server import MAX_MESSAGES, TextStream, create_app
+from nanochat.server import MAX_MESSAGES, TextStream, create_app, key_matches
 
 
 @pytest.fixture(scope="module")
@@ -288,6 +288,38 @@ def test_body_size_limit_and_slow_body_timeout(tokenizer):
         live.close()
 
 
+def _chunked(data, size=65536):
+    parts = [data[i:i + size] for i in range(0, len(data), size)]
+    return b"".join(b"%x\r\n" % len(p) + p + b"\r\n" for p in parts) + b"0\r\n\r\n"
+
+
+def test_a_chunked_body_over_the_default_limit_gets_its_413(tokenizer):
+    """2 MiB sent chunked (and with a Content-Length) to a server with the default 1 MiB limit:
+    the client reads the whole 413, never a connection reset (the server reads and drops the rest
+    before it answers and closes)."""
+    live = LiveServer(create_app(make_model(tokenizer.get_vocab_size(), sequence_len=64), tokenizer))
+    try:
+        big = json.dumps({"messages": user("x" * (2 << 20))}).encode()
+        head = b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        for path in (b"/v1/chat/completions", b"/chat/completions"):
+            for framing, body in ((b"Transfer-Encoding: chunked", _chunked(big)),
+                                  (b"Content-Length: %d" % len(big), big)):
+                sock = socket.create_connection(("127.0.0.1", live.port), timeout=30)
+                try:
+                    sock.sendall(head % path + framing + b"\r\n\r\n" + body)
+                    reply = b""
+                    while chunk := sock.recv(65536):
+                        reply += chunk
+                finally:
+                    sock.close()
+                status, _, rest = reply.partition(b"\r\n")
+                assert status.startswith(b"HTTP/1.1 413"), status
+                assert b"too large" in rest.partition(b"\r\n\r\n")[2]
+        assert requests.get(live.url + "/health", timeout=10).status_code == 200
+    finally:
+        live.close()
+
+
 BAD = [
     ("malformed JSON", b'{"messages": [', "malformed JSON"),
     ("not an object", [1, 2], "JSON object"),
@@ -323,6 +355,19 @@ BAD = [
     ("max_completion_tokens huge", {"messages": user(), "max_completion_tokens": 10 ** 309}, "max_completion_tokens"),
     ("temperature NaN", b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', "temperature"),
     ("max_tokens infinite", b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": Infinity}', "max_tokens"),
+    # a field that is present is checked even when another one decides the value
+    ("max_completion_tokens NaN beside max_tokens",
+     b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "max_completion_tokens": NaN}',
+     "max_completion_tokens"),
+    ("max_completion_tokens string beside max_tokens", {"messages": user(), "max_tokens": 5,
+                                                        "max_completion_tokens": "many"}, "max_completion_tokens"),
+    ("include_usage NaN", b'{"messages": [{"role": "user", "content": "hi"}], "stream": true, '
+                          b'"stream_options": {"include_usage": NaN}}', "include_usage"),
+    ("include_usage string", {"messages": user(), "stream": True, "stream_options": {"include_usage": "no"}},
+     "include_usage"),
+    ("n true", {"messages": user(), "n": True}, "n=1"),
+    ("n float", {"messages": user(), "n": 1.0}, "n=1"),
+    ("n two", {"messages": user(), "n": 2}, "n=1"),
     ("int too long to parse", b'{"messages": [{"role": "user", "content": "hi"}], "seed": ' + b"9" * 5000 + b"}",
      "malformed JSON"),
 ]
@@ -407,7 +452,7 @@ class ExplodingPrefill(Wrapped):
         self.bad_len = bad_len
 
     def forward(self, idx, kv_cache=None, kv_len=None, logits_positions=None):
-        if not isinstance(logits_positions, int) and (logits_positions + 1 == self.bad_len).any():
+        if (logits_positions[1] + 1 == self.bad_len).any():  # a decode step's positions are all 0
             raise RuntimeError("simulated failure in this prompt's prefill")
         return self.inner(idx, kv_cache=kv_cache, kv_len=kv_len, logits_positions=logits_positions)
 
@@ -551,7 +596,7 @@ def test_serve_command(tokenizer):
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "nanochat", "serve", "--port", str(port), "--model-tag", "d2serve",
                              "--max-batch", "3"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=os.environ.copy())
+                            env={**os.environ, "NANOCHAT_API_KEY": "env-key"})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
@@ -565,18 +610,146 @@ def test_serve_command(tokenizer):
             assert time.time() < deadline, "nanochat serve did not come up"
             time.sleep(0.3)
         assert requests.get(url + "/health", timeout=10).json()["max_batch"] == 3
-        assert requests.get(url + "/v1/models", timeout=10).json()["data"][0]["id"] == "nanochat-sft"
-        r = requests.post(url + "/v1/chat/completions", json={"messages": user(), "max_tokens": 4}, timeout=60)
+        assert requests.get(url + "/v1/models", timeout=10).status_code == 401  # the key from the environment
+        auth = {"Authorization": "Bearer env-key"}
+        assert requests.get(url + "/v1/models", headers=auth, timeout=10).json()["data"][0]["id"] == "nanochat-sft"
+        r = requests.post(url + "/v1/chat/completions", json={"messages": user(), "max_tokens": 4}, headers=auth,
+                          timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 4
     finally:
         proc.terminate()
         proc.wait(timeout=30)
     # default CPU threads: one fewer than the cores, so the HTTP side keeps one
     threads = max(1, (os.cpu_count() or 1) - 1)
-    assert f"with up to 3 requests per batch, {threads} CPU threads" in proc.stdout.read()
+    out = proc.stdout.read()
+    assert f"with up to 3 requests per batch, {threads} CPU threads, API key required" in out
+    assert "warning" not in out
 
 
 def test_serve_rejects_bad_threads(capsys):
     from nanochat import cli
     assert cli.main(["serve", "--threads", "0"]) == 1
     assert "--threads must be >= 1" in capsys.readouterr().err
+
+
+def test_api_key(tokenizer):
+    """create_app(api_key=...): /v1/* and the chat endpoints answer 401 (OpenAI's error shape,
+    which the official client raises as AuthenticationError) without `Authorization: Bearer KEY`
+    or with a wrong key; the page, /health and /metrics stay open."""
+    import openai
+    live = LiveServer(create_app(make_model(tokenizer.get_vocab_size(), sequence_len=64), tokenizer,
+                                 api_key="s3cret-key"))
+    try:
+        body = {"messages": user(), "max_tokens": 3}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"},
+                        {"Authorization": "s3cret"}, {"Authorization": "Bearer s3cret"}):
+            for method, path in (("get", "/v1/models"), ("post", "/v1/chat/completions"),
+                                 ("post", "/chat/completions"), ("get", "/stats")):
+                r = requests.request(method, live.url + path, json=body, headers=headers, timeout=10)
+                assert r.status_code == 401, (headers, path)
+                assert r.json()["error"]["type"] == "authentication_error"
+                assert r.headers["www-authenticate"] == "Bearer"
+        for path in ("/", "/health", "/metrics"):
+            assert requests.get(live.url + path, timeout=10).status_code == 200, path
+        good = {"Authorization": "Bearer s3cret-key"}
+        assert requests.get(live.url + "/v1/models", headers=good, timeout=10).status_code == 200
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="s3cret-key", max_retries=0)
+        r = client.chat.completions.create(model="x", messages=user(), max_tokens=3)
+        assert r.usage.completion_tokens <= 3
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=live.url + "/v1", api_key="nope", max_retries=0).models.list()
+    finally:
+        live.close()
+
+
+def test_key_matches():
+    assert key_matches("Bearer k3y", "k3y") and key_matches("bearer  k3y ", "k3y")
+    # header values reach the app as latin-1 text of the bytes sent: a UTF-8 key still matches
+    assert key_matches("Bearer " + "ключ".encode().decode("latin-1"), "ключ")
+    for header in (None, "", "Bearer", "Bearer k3", "Bearer k3yy", "Basic k3y", "k3y", "Bearer K3Y"):
+        assert not key_matches(header, "k3y"), header
+    with pytest.raises(ValueError):
+        create_app(make_model(64, sequence_len=16), None, api_key=" ")
+
+
+def test_serve_warns_when_reachable_without_a_key(capsys, monkeypatch):
+    """Binding beyond loopback without a key says so on stderr, before the model loads (here
+    the model is missing, so the command then fails); a key, or a loopback address, silences it."""
+    from nanochat import cli
+    from nanochat.stages.serve import is_loopback
+    monkeypatch.delenv("NANOCHAT_API_KEY", raising=False)
+    for host, key, warned in (("0.0.0.0", None, True), ("192.168.1.5", None, True), ("0.0.0.0", "k", False),
+                              ("127.0.0.1", None, False), ("::1", None, False), ("localhost", None, False)):
+        argv = ["serve", "--host", host, "--model-tag", "no-such-model"] + (["--api-key", key] if key else [])
+        assert cli.main(argv) == 1
+        err = capsys.readouterr().err
+        assert ("without an API key" in err) == warned, (host, key, err)
+    assert not is_loopback("example.org") and is_loopback("127.0.0.2") and is_loopback("[::1]")
+    monkeypatch.setenv("NANOCHAT_API_KEY", "from-env")
+    assert cli.main(["serve", "--host", "0.0.0.0", "--model-tag", "no-such-model"]) == 1
+    assert "without an API key" not in capsys.readouterr().err
+
+
+def scrape(live):
+    """{sample name: {frozenset(labels): value}} from GET /metrics, parsed by prometheus_client's
+    own parser (what a Prometheus server would read)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    r = requests.get(live.url + "/metrics", timeout=10)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    out = {}
+    for family in text_string_to_metric_families(r.text):
+        for s in family.samples:
+            out.setdefault(s.name, {})[frozenset(s.labels.items())] = s.value
+    return out
+
+
+def test_prometheus_metrics(tokenizer):
+    """/metrics in vLLM's names: requests running and waiting, KV rows in use, prompt and
+    generated tokens, time to first token, time per output token and end-to-end latency
+    (histograms), finished requests by reason, and requests refused with 503."""
+    live = LiveServer(create_app(make_model(tokenizer.get_vocab_size(), sequence_len=256), tokenizer, max_batch=2,
+                                 max_queue=0, model_name="m", token_delay=0.02))
+    me = frozenset({("model_name", "m")})
+    try:
+        first = scrape(live)
+        assert first["vllm:num_requests_running"][me] == 0 and first["vllm:num_requests_waiting"][me] == 0
+        assert first["vllm:generation_tokens_total"][me] == 0
+        assert first["vllm:time_to_first_token_seconds_count"][me] == 0
+        usages = []
+        for text in ("Hello!", "What is 2+2?"):
+            r = requests.post(live.url + "/v1/chat/completions", timeout=60,
+                              json={"messages": user(text), "max_tokens": 6, "temperature": 0})
+            usages.append(r.json()["usage"])
+        m = scrape(live)
+        assert m["vllm:prompt_tokens_total"][me] == sum(u["prompt_tokens"] for u in usages)
+        assert m["vllm:generation_tokens_total"][me] == sum(u["completion_tokens"] for u in usages)
+        assert m["vllm:time_to_first_token_seconds_count"][me] == 2
+        assert m["vllm:e2e_request_latency_seconds_count"][me] == 2
+        assert m["vllm:time_per_output_token_seconds_count"][me] == 2
+        assert 0 < m["vllm:time_to_first_token_seconds_sum"][me] <= m["vllm:e2e_request_latency_seconds_sum"][me]
+        bucket = frozenset({("model_name", "m"), ("le", "+Inf")})
+        assert m["vllm:e2e_request_latency_seconds_bucket"][bucket] == 2
+        done = sum(v for k, v in m["vllm:request_success_total"].items() if ("finished_reason", "length") in k
+                   or ("finished_reason", "stop") in k)
+        assert done == 2
+
+        # both rows busy: a third request is refused (max_queue=0) and counted
+        slow = [threading.Thread(target=requests.post, args=(live.url + "/v1/chat/completions",),
+                                 kwargs={"json": {"messages": user(f"story {i}"), "max_tokens": 60}, "timeout": 60})
+                for i in range(2)]
+        for t in slow:
+            t.start()
+        _wait_for(lambda: live.stats()["active"] == 2, 20)
+        busy = scrape(live)
+        assert busy["vllm:num_requests_running"][me] == 2 and busy["vllm:kv_cache_usage_perc"][me] == 1.0
+        assert busy["nanochat:kv_cache_rows"][frozenset({("model_name", "m"), ("state", "free")})] == 0
+        r = requests.post(live.url + "/v1/chat/completions", json={"messages": user(), "max_tokens": 2}, timeout=10)
+        assert r.status_code == 503
+        for t in slow:
+            t.join()
+        m = scrape(live)
+        assert m["nanochat:requests_rejected_total"][frozenset({("model_name", "m"), ("status", "503")})] == 1
+        assert m["vllm:num_requests_running"][me] == 0
+        assert m["vllm:e2e_request_latency_seconds_count"][me] == 4
+    finally:
+        live.close()

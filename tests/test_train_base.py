@@ -1,5 +1,4 @@
 """`nanochat train base`: derived config, bad flags, exact resume, metrics.jsonl, load_model."""
-import ast
 import math
 import os
 import subprocess
@@ -49,98 +48,133 @@ def meta_counts(depth, vocab, seq_len=2048, window_pattern="L"):
 
 
 def dry_run(flags, capsys):
+    """The printed plan of `train base --dry-run`."""
     assert tb.main(flags + ["--device-type", "cpu", "--dry-run", "--model-tag", "dry"]) == 0
-    out = capsys.readouterr().out
-    return out, ast.literal_eval(out.strip().splitlines()[-1])  # the derived configuration, printed last
+    return capsys.readouterr().out
 
 
-def test_dry_run_derives_everything_from_depth(tokenizer, capsys):
-    out, derived = dry_run(["--depth", "4"], capsys)
-    assert "depth 4, dim 256, heads 2 (kv 2), windows L" in out
-    # recompute every derived number by hand from the parameter counts and the test vocab
+def plan_of(flags, vocab, world_size=1, device_type="cpu"):
+    """plan_base of the flags, as `train base` derives it (fresh run)."""
+    args = tb.build_parser().parse_args(flags + ["--dry-run"])
+    tb.check_base_args(args, device_type)
+    return tb.plan_base(args, tb.base_model_config(args, vocab, device_type), world_size)
+
+
+def test_plan_derives_everything_from_depth(tokenizer, capsys):
     V = tokenizer.get_vocab_size()
+    plan = plan_of(["--depth", "4"], V)
+    # recompute every derived number by hand from the parameter counts and the test vocab
     counts, _ = meta_counts(4, V)
     ref_counts, _ = meta_counts(12, V)
     scaling = counts["transformer_matrices"] + counts["lm_head"]     # not the embeddings, not the scalars
-    assert counts["lm_head"] == V * 256 and derived["num_params"] == counts["total"]
+    assert counts["lm_head"] == V * 256 and plan.counts == counts
     # ...and the counts themselves by hand: q, k, v, proj + the 4x MLP, plus the two value-embedding
     # gates (kv heads 2 x 12 channels, trained by Muon with the matrices); smear gate + 2 lambdas
     C, L = 256, 4
     assert counts["transformer_matrices"] == L * (4 * C * C + 2 * 4 * C * C) + (L // 2) * 2 * 12
     assert counts["scalars"] == 2 * L + 24 + 2
-    assert derived["num_params"] == scaling + counts["scalars"] + V * C + (L // 2) * V * C
-    assert derived["scaling_params"] == scaling
+    assert counts["total"] == scaling + counts["scalars"] + V * C + (L // 2) * V * C
+    assert plan.scaling_params == scaling
     D, D_ref = 12 * scaling, 12 * (ref_counts["transformer_matrices"] + ref_counts["lm_head"])
-    assert derived["train_tokens"] == D and derived["ref_tokens"] == D_ref
+    assert plan.train_tokens == D and plan.ref_tokens == D_ref
     micro = 32 * 2048                                  # default device batch x context, one process
     target = 2 ** 19 * (D / D_ref) ** 0.383
     total = max(1, round(2 ** round(math.log2(target)) / micro)) * micro
-    assert derived["total_batch_size"] == total and derived["grad_accum"] == total // micro
-    assert derived["num_iterations"] == round(D / total)
+    assert plan.total_batch_size == total and plan.grad_accum == total // micro
+    assert plan.num_iterations == round(D / total)
     scale = (total / 2 ** 19) ** 0.5
-    assert derived["lr_scale"] == pytest.approx(scale)
-    assert derived["lrs"] == pytest.approx(dict(embedding_lr=0.3 * scale, unembedding_lr=0.008 * scale,
-                                                matrix_lr=0.02 * scale, scalar_lr=0.5 * scale))
-    assert derived["weight_decay_scaled"] == pytest.approx(0.28 * scale * D_ref / D)
-    assert derived["eval_steps"] == 20 * total // micro and derived["dtype"] == "float32"
+    assert plan.lr_scale == pytest.approx(scale)
+    assert plan.lrs == pytest.approx(dict(embedding_lr=0.3 * scale, unembedding_lr=0.008 * scale,
+                                          matrix_lr=0.02 * scale, scalar_lr=0.5 * scale))
+    assert plan.weight_decay == pytest.approx(0.28 * scale * D_ref / D)
+    assert plan.eval_steps == 20 * total // micro
+    # what --dry-run prints, and the derived record the meta keeps
+    out = dry_run(["--depth", "4"], capsys)
+    assert "depth 4, dim 256, heads 2 (kv 2), windows L" in out and "compute dtype: float32" in out
+    derived = plan.derived(torch.float32)
+    assert derived["num_params"] == counts["total"] and derived["weight_decay_scaled"] == plan.weight_decay
+    assert derived["dtype"] == "float32" and repr(dict(derived, model_tag="dry")) in out
 
 
-def test_given_total_batch_scales_the_lrs_too(tokenizer, capsys):
-    _, derived = dry_run(["--depth", "2", "--max-seq-len", "64", "--device-batch-size", "4",
-                          "--total-batch-size", "512"], capsys)
-    assert derived["total_batch_size"] == 512 and derived["lr_scale"] == pytest.approx(1 / 32)
-    assert derived["lrs"]["matrix_lr"] == pytest.approx(0.02 / 32)
+def test_given_total_batch_scales_the_lrs_too(tokenizer):
+    plan = plan_of(["--depth", "2", "--max-seq-len", "64", "--device-batch-size", "4", "--total-batch-size", "512"],
+                   tokenizer.get_vocab_size())
+    assert plan.total_batch_size == 512 and plan.lr_scale == pytest.approx(1 / 32)
+    assert plan.lrs["matrix_lr"] == pytest.approx(0.02 / 32)
+
+
+def test_plan_is_per_process_batch_aware(tokenizer):
+    """The same total batch with 4 processes: a quarter of the accumulation steps."""
+    flags = ["--depth", "2", "--max-seq-len", "64", "--device-batch-size", "2", "--total-batch-size", "1024"]
+    one, four = plan_of(flags, 1024), plan_of(flags, 1024, world_size=4)
+    assert (one.grad_accum, four.grad_accum) == (8, 2) and one.lrs == four.lrs
+    with pytest.raises(UserError, match="not a multiple of"):
+        plan_of(flags, 1024, world_size=3)
 
 
 def test_lr_batch_scaling_none_keeps_the_given_lrs(tokenizer, capsys):
     """runs/runcpu.sh's 4,096-token batch: the rule would divide every lr by sqrt(2^19 / 4096) =
     11.3; --lr-batch-scaling none keeps them, and the weight decay rule is unchanged."""
     flags = ["--depth", "2", "--max-seq-len", "64", "--device-batch-size", "4", "--total-batch-size", "512"]
-    _, scaled = dry_run(flags, capsys)
-    out, derived = dry_run(flags + ["--lr-batch-scaling", "none"], capsys)
-    assert derived["lr_scale"] == 1.0 and "learning rates (not batch-scaled)" in out
-    assert derived["lrs"] == pytest.approx(dict(embedding_lr=0.3, unembedding_lr=0.008, matrix_lr=0.02, scalar_lr=0.5))
-    assert derived["weight_decay_scaled"] == pytest.approx(scaled["weight_decay_scaled"])
+    V = tokenizer.get_vocab_size()
+    scaled = plan_of(flags, V)
+    plan = plan_of(flags + ["--lr-batch-scaling", "none"], V)
+    assert plan.lr_scale == 1.0
+    assert plan.lrs == pytest.approx(dict(embedding_lr=0.3, unembedding_lr=0.008, matrix_lr=0.02, scalar_lr=0.5))
+    assert plan.weight_decay == pytest.approx(scaled.weight_decay)
+    assert "learning rates (not batch-scaled)" in dry_run(flags + ["--lr-batch-scaling", "none"], capsys)
 
 
 def test_dry_run_without_a_tokenizer_plans_for_the_default_vocab(tmp_path, monkeypatch, capsys):
     """A plan on a fresh machine: no tokenizer, no shards; the vocabulary is tokenizer train's default."""
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "fresh"))
     monkeypatch.setenv("NANOCHAT_DATA", str(tmp_path / "no-data"))
-    out, derived = dry_run(["--depth", "24", "--target-param-data-ratio", "8"], capsys)
+    flags = ["--depth", "24", "--target-param-data-ratio", "8"]
+    out = dry_run(flags, capsys)
     counts, _ = meta_counts(24, 32768)
     assert "no tokenizer yet, planning for the default vocabulary of 32,768 tokens" in out
     assert "add --window-pattern SSSL for a GPU plan" in out
-    assert derived["num_params"] == counts["total"] and derived["total_batch_size"] == 2 ** 20
+    plan = plan_of(flags, tb.DEFAULT_VOCAB_SIZE)
+    assert plan.counts["total"] == counts["total"] and plan.total_batch_size == 2 ** 20
+    assert f"parameters: {counts['total']:,}" in out and f"batch: {2 ** 20:,} tokens/step" in out
 
 
-def test_dry_run_with_auto_device_batch_plans_without_probing(tokenizer, capsys):
-    """No GPU to probe: the plan (batch, steps, FLOPs) still comes out; the micro-batch is left open."""
-    out, derived = dry_run(["--depth", "2", "--device-batch-size", "auto"], capsys)
-    assert derived["device_batch_size"] is None and derived["grad_accum"] is None
-    assert derived["total_batch_size"] == 2 ** round(math.log2(derived["total_batch_size"]))
+def test_plan_with_auto_device_batch_leaves_the_micro_batch_open(tokenizer, capsys):
+    """No GPU to probe: the plan (batch, steps, FLOPs) still comes out; the micro-batch is left
+    open, and a probed one fills it in."""
+    V = tokenizer.get_vocab_size()
+    plan = plan_of(["--depth", "2", "--device-batch-size", "auto"], V)
+    assert plan.device_batch_size is None and plan.grad_accum is None and plan.eval_steps is None
+    assert plan.total_batch_size == 2 ** round(math.log2(plan.total_batch_size))
+    args = tb.build_parser().parse_args(["--depth", "2", "--device-batch-size", "auto"])
+    probed = tb.plan_base(args, tb.base_model_config(args, V, "cuda"), 1, device_batch_size=8)
+    assert probed.device_batch_size == 8 and probed.grad_accum == probed.total_batch_size // (8 * 2048)
+    out = dry_run(["--depth", "2", "--device-batch-size", "auto"], capsys)
     assert "device batch auto (probed at the start)" in out and "on paper:" in out
+
+
+VOCAB_32K = 32768
+
+
+def test_batch_rule_d12_gets_2_19_and_d20_to_d26_get_2_20():
+    """The Power Lines rule at the speedrun's vocabulary, ratio 12: d8 2^18, d12 (the reference) 2^19,
+    d20..d26 2^20 (upstream's table); by hand from meta-device parameter counts."""
+    ref_counts, _ = meta_counts(12, VOCAB_32K)
+    D_ref = 12 * (ref_counts["transformer_matrices"] + ref_counts["lm_head"])
+    for depth, expected in ((8, 2 ** 18), (12, 2 ** 19), (20, 2 ** 20), (24, 2 ** 20), (26, 2 ** 20)):
+        counts, _ = meta_counts(depth, VOCAB_32K)
+        D = 12 * (counts["transformer_matrices"] + counts["lm_head"])
+        assert 2 ** round(math.log2(2 ** 19 * (D / D_ref) ** 0.383)) == expected, depth
+        plan = plan_of(["--depth", str(depth), "--device-batch-size", "1"], VOCAB_32K)
+        assert plan.total_batch_size == expected, depth
+        assert plan.lr_scale == pytest.approx((expected / 2 ** 19) ** 0.5)
 
 
 @pytest.fixture
 def vocab_32k(monkeypatch):
     """The speedrun's vocabulary (32,768) for dry runs: they only ask the tokenizer its size."""
     import types
-    monkeypatch.setattr(tb, "get_tokenizer", lambda: types.SimpleNamespace(get_vocab_size=lambda: 32768))
-
-
-def test_batch_rule_d12_gets_2_19_and_d20_to_d26_get_2_20(vocab_32k, capsys):
-    """The Power Lines rule at the speedrun's vocabulary, ratio 12: d8 2^18, d12 (the reference) 2^19,
-    d20..d26 2^20 (upstream's table); by hand from meta-device parameter counts."""
-    ref_counts, _ = meta_counts(12, 32768)
-    D_ref = 12 * (ref_counts["transformer_matrices"] + ref_counts["lm_head"])
-    for depth, expected in ((8, 2 ** 18), (12, 2 ** 19), (20, 2 ** 20), (24, 2 ** 20), (26, 2 ** 20)):
-        counts, _ = meta_counts(depth, 32768)
-        D = 12 * (counts["transformer_matrices"] + counts["lm_head"])
-        assert 2 ** round(math.log2(2 ** 19 * (D / D_ref) ** 0.383)) == expected, depth
-        _, derived = dry_run(["--depth", str(depth), "--device-batch-size", "1"], capsys)
-        assert derived["total_batch_size"] == expected, depth
-        assert derived["lr_scale"] == pytest.approx((expected / 2 ** 19) ** 0.5)
+    monkeypatch.setattr(tb, "get_tokenizer", lambda: types.SimpleNamespace(get_vocab_size=lambda: VOCAB_32K))
 
 
 def test_speedrun_on_paper(vocab_32k, capsys):
@@ -149,24 +183,24 @@ def test_speedrun_on_paper(vocab_32k, capsys):
     on 8xH100 at 50% MFU of 989 TFLOP/s; no GPU, data or weights needed (--fp8 is only noted)."""
     flags = ["--depth", "24", "--target-param-data-ratio", "8", "--fp8", "--window-pattern", "SSSL",
              "--device-batch-size", "16"]
-    out, derived = dry_run(flags, capsys)
-    counts, flops_per_token = meta_counts(24, 32768, window_pattern="SSSL")
+    plan = plan_of(flags, VOCAB_32K)
+    counts, flops_per_token = meta_counts(24, VOCAB_32K, window_pattern="SSSL")
     scaling = counts["transformer_matrices"] + counts["lm_head"]
     steps = round(8 * scaling / 2 ** 20)
     tokens = steps * 2 ** 20
     hours = flops_per_token * tokens / (8 * 989e12 * 0.5) / 3600
-    assert derived["total_batch_size"] == 2 ** 20 and derived["num_iterations"] == steps
-    assert derived["total_tokens"] == tokens and derived["flops_per_token"] == flops_per_token
-    assert derived["total_flops"] == flops_per_token * tokens
-    assert derived["paper_hours_8xh100"] == pytest.approx(hours) and 1.0 < hours < 3.0
+    assert plan.total_batch_size == 2 ** 20 and plan.num_iterations == steps
+    assert plan.total_tokens == tokens and plan.flops_per_token == flops_per_token
+    assert plan.total_flops == flops_per_token * tokens
+    assert plan.paper_hours == pytest.approx(hours) and 1.0 < hours < 3.0
+    out = dry_run(flags, capsys)
     assert f"FLOPs/token {flops_per_token:.3e}" in out
     assert f"batch: {2 ** 20:,} tokens/step" in out and f"horizon: {steps:,} steps = {tokens:,} tokens" in out
     assert f"on paper: {flops_per_token * tokens:.3e} FLOPs" in out
     assert f"-> {hours:.2f} h on 8xH100 SXM at 50% MFU of 989 TFLOP/s bf16 dense" in out
     assert "fp8: requested, not on this machine (FP8 training needs" in out and "bf16-equivalent MFU" in out
     assert "would be tensorwise: 144 linear layers" in out  # 6 per block
-    _, derived = dry_run(flags + ["--assumed-mfu", "0.6"], capsys)
-    assert derived["paper_hours_8xh100"] == pytest.approx(hours * 0.5 / 0.6)
+    assert plan_of(flags + ["--assumed-mfu", "0.6"], VOCAB_32K).paper_hours == pytest.approx(hours * 0.5 / 0.6)
 
 
 def test_schedules_reach_the_optimizer(tokenizer, monkeypatch):
@@ -359,7 +393,7 @@ def test_inference_loads_weights_in_the_compute_dtype(base_checkpoint, monkeypat
     cache = model.new_kv_cache(1, 32)
     assert cache.k[0].dtype == torch.bfloat16
     with torch.no_grad():
-        cached = model(torch.tensor([ids]), kv_cache=cache, logits_positions=len(ids) - 1)
+        cached = model(torch.tensor([ids]), kv_cache=cache, logits_positions=(torch.tensor([0]), torch.tensor([len(ids) - 1])))
     torch.testing.assert_close(cached[0], logits[0, -1], atol=0.1, rtol=0)
     results, _ = Engine(model, tokenizer).generate_batch(ids, max_tokens=6, temperature=0)
     assert results[0][:len(ids)] == ids  # decoding in bf16 ran through the cache

@@ -44,8 +44,20 @@ def find_files(inputs: list[str]) -> list[str]:
     return files
 
 
+def _text(path, where, text):
+    """text, unless it holds a NUL character: that is binary data (a text file never has one),
+    which would otherwise become a "document" of garbage."""
+    if "\0" in text:
+        raise UserError(f"{path}{where}: binary data (a NUL character at position {text.index(chr(0))}), "
+                        f"not text: remove this input")
+    return text
+
+
 def read_documents(path: str):
-    """Yield the documents of one input file. Bad content is a UserError naming the file."""
+    """Yield the documents of one input file. Bad content is a UserError naming the file:
+    binary data (NUL characters), invalid UTF-8, a compressed file that ends early (gzip
+    checks every member's length and CRC, so a cut inside one is caught; a multi-member file cut
+    exactly between two members cannot be told from a complete one)."""
     name = path.lower()
     opener = gzip.open if name.endswith(".gz") else open
     try:
@@ -57,7 +69,7 @@ def read_documents(path: str):
                 for t in f.read_row_group(rg, columns=["text"]).column("text").to_pylist():
                     if t is not None and not isinstance(t, str):
                         raise UserError(f"{path}: the 'text' column must hold strings")
-                    yield t or ""
+                    yield _text(path, f" (row group {rg})", t or "")
         elif name.endswith((".jsonl", ".jsonl.gz")):
             with opener(path, "rt", encoding="utf-8") as f:
                 for lineno, line in enumerate(f, 1):
@@ -75,10 +87,11 @@ def read_documents(path: str):
                         raise UserError(f"{path}:{lineno}: the 'text' holds an unpaired surrogate "
                                         f"({row['text'][e.start]!r} at character {e.start}), which is not "
                                         f"valid Unicode: fix or drop that line") from None
-                    yield row["text"]
+                    yield _text(path, f":{lineno}", row["text"])
         else:
             with opener(path, "rt", encoding="utf-8") as f:
-                yield f.read()
+                text = f.read()
+            yield _text(path, "", text)
     except UserError:
         raise
     except (OSError, UnicodeDecodeError, EOFError) as e:

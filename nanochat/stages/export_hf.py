@@ -212,7 +212,7 @@ def export(model, tokenizer, meta, source, model_tag, step, out, dtype="float32"
                   "AutoModelForCausalLM": "modeling_nanochat.NanochatForCausalLM"},
         **config,
         softcap=SOFTCAP, rope_base=float(ROPE_BASE), ve_gate_channels=VE_GATE_CHANNELS,
-        ve_gate_range=VE_GATE_RANGE, qk_scale=QK_SCALE, smear_channels=SMEAR_CHANNELS,
+        ve_gate_range=VE_GATE_RANGE, qk_scale=QK_SCALE, smear_channels=SMEAR_CHANNELS, smear=True, backout=True,
         bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, tie_word_embeddings=False, use_cache=True,
         torch_dtype=dtype, dtype=dtype,  # transformers 4 reads torch_dtype, 5 reads dtype
     )

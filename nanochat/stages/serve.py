@@ -1,9 +1,12 @@
 """nanochat serve: the web chat and an OpenAI-compatible HTTP API (docs/serving.md).
 
     nanochat serve [-i SOURCE] [--host 127.0.0.1] [--port 8000] [--max-batch 8] [--max-queue 64]
+                   [--api-key KEY]  (or $NANOCHAT_API_KEY)
 """
 import argparse
+import ipaddress
 import os
+import sys
 
 import torch
 import uvicorn
@@ -13,6 +16,16 @@ from nanochat.common import UserError, print0
 from nanochat.quant import describe_weights
 from nanochat.scheduler import DEFAULT_MAX_QUEUE
 from nanochat.server import create_app
+
+
+def is_loopback(host):
+    """Whether binding to `host` keeps the server on this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 def main(argv=None):
@@ -33,8 +46,14 @@ def main(argv=None):
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decode step (CUDA graphs on CUDA); compiles at startup, "
                              "/health says ready when done")
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on the API and the chat (default: "
+                             "$NANOCHAT_API_KEY; /, /health and /metrics stay open)")
     add_model_flags(parser)  # -i and the common flags
     args = parser.parse_args(argv)
+    api_key = args.api_key if args.api_key is not None else os.environ.get("NANOCHAT_API_KEY") or None
+    if api_key is not None and not api_key.strip():
+        raise UserError("--api-key is empty")
     if args.threads is not None and args.threads < 1:
         raise UserError("--threads must be >= 1")
     if args.max_batch < 1:
@@ -44,15 +63,21 @@ def main(argv=None):
     if not 0 <= args.port <= 65535:
         raise UserError("--port must be in [0, 65535]")
 
+    if api_key is None and not is_loopback(args.host):
+        print(f"warning: listening on {args.host} without an API key: anyone who can reach this machine can use "
+              f"the model and the API (pass --api-key or set NANOCHAT_API_KEY)", file=sys.stderr, flush=True)
+
     model, tokenizer, meta, source = load_chat_model(args)
     if model.get_device().type == "cpu":
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) - 1))
     name = args.model_name or f"nanochat-{source}"
     app = create_app(model, tokenizer, max_batch=args.max_batch, model_name=name, token_delay=args.token_delay,
-                     compile=args.compile, max_queue=args.max_queue)
+                     compile=args.compile, max_queue=args.max_queue, api_key=api_key)
+
     threads = f", {torch.get_num_threads()} CPU threads" if model.get_device().type == "cpu" else ""
     print0(f"serving {name} (step {meta.get('step', '?')}, {describe_weights(args.weights, model.get_device().type)}) "
-           f"on http://{args.host}:{args.port}/ with up to {args.max_batch} requests per batch{threads}")
+           f"on http://{args.host}:{args.port}/ with up to {args.max_batch} requests per batch{threads}"
+           f"{', API key required' if api_key else ''}")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 

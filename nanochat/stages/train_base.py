@@ -17,6 +17,7 @@ there (no data or GPU needed):
 Checkpoints, metrics.jsonl and the resume state go to $NANOCHAT_BASE_DIR/checkpoints/base/<tag>.
 """
 import argparse
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -117,6 +118,68 @@ def fp8_layers(converted, kept):
             f"kept in the compute dtype: {fp8.summarize(kept) or 'none'}")
 
 
+# ---------------------------------------------------------------------------
+# The plan: everything derived from the flags, before any data or device is touched
+
+DEFAULT_VOCAB_SIZE = GPTConfig.vocab_size  # what `nanochat tokenizer train` makes by default (32,768)
+AUTO_BATCH_CANDIDATES = (256, 128, 64, 32, 16, 8, 4, 2, 1)
+
+
+def requested_device_batch(args):
+    """--device-batch-size as an int, or None for 'auto'."""
+    if args.device_batch_size == "auto":
+        return None
+    try:
+        b = int(args.device_batch_size)
+    except ValueError:
+        raise UserError(f"--device-batch-size must be a positive integer or 'auto', not '{args.device_batch_size}'")
+    if b < 1:
+        raise UserError(f"--device-batch-size must be >= 1, not {b}")
+    return b
+
+
+def check_base_args(args, device_type):
+    """The cheap flag checks, before any process group or data is touched."""
+    if args.depth < 1:
+        raise UserError(f"--depth must be >= 1, not {args.depth}")
+    if args.aspect_ratio < 1 or args.head_dim < 1:
+        raise UserError("--aspect-ratio and --head-dim must be >= 1")
+    if args.max_seq_len < 2:
+        raise UserError(f"--max-seq-len must be >= 2, not {args.max_seq_len}")
+    if requested_device_batch(args) is None and device_type != "cuda" and not args.dry_run:
+        raise UserError("--device-batch-size auto needs CUDA (it probes GPU memory); give a number")
+    check_schedule_args(args)
+    check_loop_args(args)
+    if args.target_param_data_ratio <= 0:
+        raise UserError(f"--target-param-data-ratio must be > 0, not {args.target_param_data_ratio}")
+    if not 0 < args.assumed_mfu <= 1:
+        raise UserError(f"--assumed-mfu must be in (0, 1], not {args.assumed_mfu}")
+    base_shape(args, device_type)
+
+
+def base_shape(args, device_type):
+    """(width, heads, kv heads, window pattern) of --depth and the shape flags: width = depth x
+    aspect ratio rounded up to the head size, heads of --head-dim, windows SSSL on CUDA, else L."""
+    model_dim, n_head = model_dims(args.depth, args.aspect_ratio, args.head_dim)
+    n_kv_head = args.n_kv_head if args.n_kv_head is not None else n_head
+    if n_kv_head < 1 or n_head % n_kv_head:
+        raise UserError(f"--n-kv-head ({n_kv_head}) must divide the number of heads ({n_head})")
+    window_pattern = (args.window_pattern or ("SSSL" if device_type == "cuda" else "L")).upper()
+    if not window_pattern or set(window_pattern) - {"S", "L"}:
+        raise UserError(f"--window-pattern must be made of S and L, not '{args.window_pattern}'")
+    return model_dim, n_head, n_kv_head, window_pattern
+
+
+def base_model_config(args, vocab_size, device_type):
+    """The GPTConfig fields of a fresh `train base` run (base_shape, --max-seq-len, --short-window)."""
+    model_dim, n_head, n_kv_head, window_pattern = base_shape(args, device_type)
+    config = dict(sequence_len=args.max_seq_len, vocab_size=vocab_size, n_layer=args.depth, n_head=n_head,
+                  n_kv_head=n_kv_head, n_embd=model_dim, window_pattern=window_pattern)
+    if args.short_window is not None:
+        config["short_window"] = args.short_window
+    return config
+
+
 def reference_model(model_config, args):
     """The d12 model of this run's vocabulary, context, aspect ratio and head size, on the meta
     device: the reference whose horizon (and 2^19-token batch) the batch and decay rules scale from."""
@@ -126,12 +189,138 @@ def reference_model(model_config, args):
         return GPT(GPTConfig(**cfg))
 
 
+@dataclass
+class BasePlan:
+    """What `train base` will do: the values it derives from the flags (docs/training.md, "One
+    dial"). derived() is what the checkpoints' meta and wandb record."""
+    model_tag: str
+    model_config: dict
+    counts: dict                  # GPT.num_params_by_category()
+    device_batch_size: int | None  # None: --device-batch-size auto, not probed yet
+    total_batch_size: int
+    grad_accum: int | None
+    num_iterations: int
+    train_tokens: float           # the horizon the batch and weight-decay rules see
+    ref_tokens: float             # the d12 reference's horizon
+    lr_scale: float
+    lrs: dict
+    weight_decay: float           # Muon's, at step 0 (cosine to 0 over the run)
+    scaling_params: int
+    flops_per_token: int
+    eval_steps: int | None
+    world_size: int
+    assumed_mfu: float
+    fp8: bool
+
+    @property
+    def total_tokens(self):
+        return self.num_iterations * self.total_batch_size
+
+    @property
+    def total_flops(self):
+        return self.flops_per_token * self.total_tokens
+
+    @property
+    def paper_hours(self):
+        """Hours on 8 H100s at --assumed-mfu of the bf16 dense peak."""
+        return self.total_flops / (PAPER_GPUS * H100_BF16_PEAK_FLOPS * self.assumed_mfu) / 3600
+
+    def derived(self, dtype):
+        return dict(model_tag=self.model_tag, device_batch_size=self.device_batch_size,
+                    total_batch_size=self.total_batch_size, grad_accum=self.grad_accum,
+                    num_iterations=self.num_iterations, total_tokens=self.total_tokens,
+                    train_tokens=self.train_tokens, ref_tokens=self.ref_tokens, lr_scale=self.lr_scale,
+                    lrs=self.lrs, weight_decay_scaled=self.weight_decay, num_params=self.counts["total"],
+                    scaling_params=self.scaling_params, flops_per_token=self.flops_per_token,
+                    total_flops=self.total_flops, assumed_mfu=self.assumed_mfu,
+                    paper_hours_8xh100=self.paper_hours, world_size=self.world_size,
+                    dtype=str(dtype).replace("torch.", ""), eval_steps=self.eval_steps, fp8=self.fp8)
+
+
+def plan_base(args, model_config, world_size, device_batch_size=None):
+    """The plan of a `train base` run, derived in upstream's order (scripts/base_train.py; each
+    rule in docs/training.md). Pure: the model exists only on the meta device. device_batch_size:
+    the probed micro-batch when --device-batch-size is auto (None: left open)."""
+    T = args.max_seq_len
+    # 1. The model: parameters and FLOPs per token; the scaling parameters are the transformer
+    #    matrices + lm_head (upstream's count, which gives its cleanest scaling laws)
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**model_config))
+    counts = model.num_params_by_category()
+    n_scaling = scaling_params(counts)
+    flops_per_token = model.estimate_flops()
+    # 2. The horizon D: --target-param-data-ratio x scaling params (Chinchilla-style tokens per
+    #    parameter; Hoffmann et al. 2022, arXiv:2203.15556), or what --target-flops buys; D_ref:
+    #    the d12 reference's at the same ratio
+    train_tokens = args.target_flops / flops_per_token if args.target_flops > 0 else \
+        args.target_param_data_ratio * n_scaling
+    ref_tokens = args.target_param_data_ratio * scaling_params(reference_model(model_config, args).num_params_by_category())
+    # 3. The batch: 2^19 x (D / D_ref)^0.383 ("Power Lines", Bergsma et al. 2025, arXiv:2505.13738)
+    #    as a whole number of micro-batches (device batch x seq len x processes)
+    B = device_batch_size or requested_device_batch(args)
+    tokens_per_fwdbwd = (B or 1) * T * world_size
+    if B is None and args.total_batch_size > 0 and args.total_batch_size % (T * world_size):
+        raise UserError(f"--total-batch-size {args.total_batch_size} is not a multiple of "
+                        f"max-seq-len * processes = {T * world_size}")
+    total_batch_size = args.total_batch_size if args.total_batch_size > 0 else \
+        derive_total_batch_size(train_tokens, ref_tokens, tokens_per_fwdbwd)
+    if total_batch_size % tokens_per_fwdbwd:
+        raise UserError(f"--total-batch-size {total_batch_size} is not a multiple of device-batch-size * "
+                        f"max-seq-len * processes = {B} * {T} * {world_size} = {tokens_per_fwdbwd}")
+    # 4. The steps: --num-iterations, else the horizon (or the FLOPs budget) over the batch
+    if args.num_iterations > 0:
+        num_iterations = args.num_iterations
+    elif args.target_flops > 0:
+        num_iterations = max(1, round(args.target_flops / (flops_per_token * total_batch_size)))
+    else:
+        num_iterations = max(1, round(train_tokens / total_batch_size))
+    # 5. Learning rates x sqrt(B / 2^19): the square-root rule for Adam (Malladi et al. 2022,
+    #    arXiv:2205.10287), applied to Muon too, as upstream does
+    lr_scale = batch_lr_scale(total_batch_size) if args.lr_batch_scaling == "sqrt" else 1.0
+    lrs = {k: getattr(args, k) * lr_scale for k in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr")}
+    # 6. Muon's weight decay: lambda_ref x sqrt(B / 2^19) x D_ref / D keeps the AdamW timescale
+    #    B / (lr lambda D) at the reference's (Wang & Aitchison 2024, arXiv:2405.13698)
+    weight_decay = scaled_weight_decay(args.weight_decay, total_batch_size, train_tokens, ref_tokens)
+    # 7. Evaluation: --eval-tokens, else 20 total batches
+    eval_tokens = args.eval_tokens if args.eval_tokens > 0 else 20 * total_batch_size
+    return BasePlan(model_tag=args.model_tag or f"d{args.depth}", model_config=model_config, counts=counts,
+                    device_batch_size=B, total_batch_size=total_batch_size,
+                    grad_accum=total_batch_size // tokens_per_fwdbwd if B else None,
+                    num_iterations=num_iterations, train_tokens=train_tokens, ref_tokens=ref_tokens,
+                    lr_scale=lr_scale, lrs=lrs, weight_decay=weight_decay, scaling_params=n_scaling,
+                    flops_per_token=flops_per_token,
+                    eval_steps=max(1, eval_tokens // tokens_per_fwdbwd) if B else None,
+                    world_size=world_size, assumed_mfu=args.assumed_mfu, fp8=args.fp8)
+
+
+def print_plan(plan, args, dtype_line, fp8_note):
+    c, T = plan.model_config, args.max_seq_len
+    print0(f"compute dtype: {dtype_line}; weights and optimizer state fp32")
+    print0(f"fp8: {fp8_note}")
+    print0(f"model: depth {c['n_layer']}, dim {c['n_embd']}, heads {c['n_head']} (kv {c['n_kv_head']}), "
+           f"windows {c['window_pattern']}, seq len {T}, vocab {c['vocab_size']}")
+    print0(f"parameters: {plan.counts['total']:,} ({', '.join(f'{k} {v:,}' for k, v in plan.counts.items())}); "
+           f"scaling parameters (matrices + lm_head) {plan.scaling_params:,}; FLOPs/token {plan.flops_per_token:.3e}")
+    B, world = plan.device_batch_size, plan.world_size
+    micro = f"{B} seqs x {T} tokens x {world} procs x {plan.grad_accum} accum" if B else \
+        f"device batch auto (probed at the start) x {T} tokens x {world} procs"
+    print0(f"batch: {plan.total_batch_size:,} tokens/step = {micro}")
+    print0(f"horizon: {plan.num_iterations:,} steps = {plan.total_tokens:,} tokens "
+           f"({plan.total_tokens / plan.scaling_params:.2f} tokens/scaling param); "
+           f"d{REF_DEPTH} reference {plan.ref_tokens:,.0f} tokens")
+    scaling = f"x sqrt(batch / 2^19) = x {plan.lr_scale:.4g}" if args.lr_batch_scaling == "sqrt" else "not batch-scaled"
+    print0(f"learning rates ({scaling}): " + ", ".join(f"{k} {v:.4g}" for k, v in plan.lrs.items())
+           + f"; Muon weight decay {plan.weight_decay:.4g}, cosine to 0")
+    print0(f"schedule: lr warmup {args.warmup_steps} steps, warmdown over the last {args.warmdown_ratio:g} to "
+           f"{args.final_lr_frac:g}; Muon momentum 0.85 -> 0.97 (400 steps) -> 0.90 over the warmdown")
+    fp8_peak = " (FP8 counted against the bf16 peak: a bf16-equivalent MFU)" if plan.fp8 else ""
+    print0(f"on paper: {plan.total_flops:.3e} FLOPs = {plan.flops_per_token:.3e} FLOPs/token x "
+           f"{plan.total_tokens:,} tokens -> {plan.paper_hours:.2f} h on {PAPER_GPUS}xH100 SXM at "
+           f"{plan.assumed_mfu:.0%} MFU of {H100_BF16_PEAK_FLOPS / 1e12:.0f} TFLOP/s bf16 dense{fp8_peak}")
+
+
 # ---------------------------------------------------------------------------
 # Memory helpers (CUDA)
-
-DEFAULT_VOCAB_SIZE = GPTConfig.vocab_size  # what `nanochat tokenizer train` makes by default (32,768)
-AUTO_BATCH_CANDIDATES = (256, 128, 64, 32, 16, 8, 4, 2, 1)
-
 
 def cuda_batch_fits(model, seq_len, vocab_size, device):
     """fits(b) for largest_fitting: forward + backward of b random sequences stays within 90% of
@@ -155,80 +344,60 @@ def cuda_batch_fits(model, seq_len, vocab_size, device):
     return fits
 
 
+def auto_device_batch(model, args, world_size, device):
+    """--device-batch-size auto: the largest candidate micro-batch that fits on every process
+    (and divides the total batch when one is given)."""
+    T, vocab_size = args.max_seq_len, model.config.vocab_size
+    multiple = args.total_batch_size // (T * world_size) if args.total_batch_size > 0 else 256
+    candidates = [b for b in AUTO_BATCH_CANDIDATES if multiple % b == 0]
+    B = largest_fitting(candidates, cuda_batch_fits(model, T, vocab_size, device), device)
+    if B is None:
+        raise UserError(f"--device-batch-size auto: not even 1 sequence of {T} tokens fits; "
+                        f"lower --max-seq-len or use --activation-checkpointing")
+    print0(f"--device-batch-size auto: {B} (agreed by all {world_size} process(es))")
+    return B
+
+
 # ---------------------------------------------------------------------------
+
+def planning_vocab(args, device_type):
+    """(tokenizer, vocab size). A dry run plans without a tokenizer for the default vocabulary;
+    a real run needs the tokenizer and checks every shard's schema before anything starts."""
+    if not args.dry_run:
+        tokenizer = get_tokenizer()
+        validate_shards(list_shards())
+        return tokenizer, tokenizer.get_vocab_size()
+    try:
+        tokenizer = get_tokenizer()
+        vocab_size = tokenizer.get_vocab_size()
+    except UserError:
+        tokenizer, vocab_size = None, DEFAULT_VOCAB_SIZE
+        print0(f"dry run: no tokenizer yet, planning for the default vocabulary of {vocab_size:,} tokens")
+    if args.window_pattern is None and device_type != "cuda":
+        print0(f"dry run: windows L (the default on {device_type}); on CUDA the default is SSSL: "
+               f"add --window-pattern SSSL for a GPU plan")
+    return tokenizer, vocab_size
+
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     device_type = args.device_type or autodetect_device_type()
-
-    # --- cheap flag checks, before any process group or data is touched
-    if args.depth < 1:
-        raise UserError(f"--depth must be >= 1, not {args.depth}")
-    if args.aspect_ratio < 1 or args.head_dim < 1:
-        raise UserError("--aspect-ratio and --head-dim must be >= 1")
-    if args.max_seq_len < 2:
-        raise UserError(f"--max-seq-len must be >= 2, not {args.max_seq_len}")
-    auto_batch = args.device_batch_size == "auto"
-    if auto_batch:
-        if device_type != "cuda" and not args.dry_run:
-            raise UserError("--device-batch-size auto needs CUDA (it probes GPU memory); give a number")
-    else:
-        try:
-            args.device_batch_size = int(args.device_batch_size)
-        except ValueError:
-            raise UserError(f"--device-batch-size must be a positive integer or 'auto', not '{args.device_batch_size}'")
-        if args.device_batch_size < 1:
-            raise UserError(f"--device-batch-size must be >= 1, not {args.device_batch_size}")
-    check_schedule_args(args)
-    check_loop_args(args)
-    if args.target_param_data_ratio <= 0:
-        raise UserError(f"--target-param-data-ratio must be > 0, not {args.target_param_data_ratio}")
-    if not 0 < args.assumed_mfu <= 1:
-        raise UserError(f"--assumed-mfu must be in (0, 1], not {args.assumed_mfu}")
-    model_dim, n_head = model_dims(args.depth, args.aspect_ratio, args.head_dim)
-    n_kv_head = args.n_kv_head if args.n_kv_head is not None else n_head
-    if n_kv_head < 1 or n_head % n_kv_head:
-        raise UserError(f"--n-kv-head ({n_kv_head}) must divide the number of heads ({n_head})")
-    window_pattern = (args.window_pattern or ("SSSL" if device_type == "cuda" else "L")).upper()
-    if not window_pattern or set(window_pattern) - {"S", "L"}:
-        raise UserError(f"--window-pattern must be made of S and L, not '{args.window_pattern}'")
-
-    # --- tokenizer and data must exist before we spin anything up
-    if args.dry_run:  # a plan needs only the vocabulary size: without a tokenizer, plan for the default one
-        try:
-            tokenizer = get_tokenizer()
-            vocab_size = tokenizer.get_vocab_size()
-        except UserError:
-            tokenizer, vocab_size = None, DEFAULT_VOCAB_SIZE
-            print0(f"dry run: no tokenizer yet, planning for the default vocabulary of {vocab_size:,} tokens")
-        if args.window_pattern is None and device_type != "cuda":
-            print0(f"dry run: windows {window_pattern} (the default on {device_type}); on CUDA the default is SSSL: "
-                   f"add --window-pattern SSSL for a GPU plan")
-    else:
-        tokenizer = get_tokenizer()
-        validate_shards(list_shards())  # every train and val shard's schema, before anything starts
-        vocab_size = tokenizer.get_vocab_size()
-
+    check_base_args(args, device_type)
+    tokenizer, vocab_size = planning_vocab(args, device_type)
     is_dist, rank, local_rank, world_size, device = compute_init(device_type, seed=args.seed)
-    master = rank == 0
     try:
-        return train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_batch,
-                     model_dim, n_head, n_kv_head, window_pattern)
+        return train(args, tokenizer, vocab_size, device, rank, world_size)
     finally:
         compute_cleanup()
 
 
-def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_batch,
-          model_dim, n_head, n_kv_head, window_pattern):
+def train(args, tokenizer, vocab_size, device, rank, world_size):
     device_type = device.type
+    master = rank == 0
     dtype, dtype_why = compute_dtype_choice(device_type)
+    model_config = base_model_config(args, vocab_size, device_type)
     model_tag = args.model_tag or f"d{args.depth}"
     ckpt_dir = ck.checkpoint_dir("base", model_tag)
-    T = args.max_seq_len
-    model_config = dict(sequence_len=T, vocab_size=vocab_size, n_layer=args.depth, n_head=n_head,
-                        n_kv_head=n_kv_head, n_embd=model_dim, window_pattern=window_pattern)
-    if args.short_window is not None:
-        model_config["short_window"] = args.short_window
 
     # --- resume: which step, and does it fit the flags?
     resume_step, meta = resolve_resume(ckpt_dir, args, world_size)
@@ -239,20 +408,11 @@ def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_ba
         if diffs:
             raise UserError("the architecture flags differ from the checkpoint's: " + "; ".join(diffs))
         model_config = dict(saved_cfg)
+    plan = plan_base(args, model_config, world_size)
 
-    # --- the model on the meta device (shapes only): everything the plan needs, no memory
-    config = GPTConfig(**model_config)
+    # --- build: the model materialized and initialized, FP8, the micro-batch if auto
     with torch.device("meta"):
-        model = GPT(config)
-    counts = model.num_params_by_category()
-    num_params = counts["total"]
-    n_scaling = scaling_params(counts)
-    flops_per_token = model.estimate_flops()
-    # the horizon the batch and weight-decay rules see: the ratio's tokens, or what --target-flops buys
-    train_tokens = args.target_flops / flops_per_token if args.target_flops > 0 else \
-        args.target_param_data_ratio * n_scaling
-    ref_tokens = args.target_param_data_ratio * scaling_params(reference_model(model_config, args).num_params_by_category())
-
+        model = GPT(GPTConfig(**model_config))
     fp8_note = "off"
     if args.fp8:
         why_not = fp8.unsupported_reason(device)
@@ -261,8 +421,6 @@ def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_ba
         if args.dry_run:  # which layers it would convert (on the meta model: shapes only)
             fp8_note = ("on, " if not why_not else f"requested, not on this machine ({why_not}); would be ") + \
                 fp8_layers(*fp8.convert_to_fp8(model))
-
-    # --- the model: materialized, initialized (not for a dry run)
     if not args.dry_run:
         model.to_empty(device=device)
         torch.manual_seed(args.seed)
@@ -272,78 +430,19 @@ def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_ba
         model.checkpoint_activations = True  # gpt.py wraps each block in torch.utils.checkpoint
     if args.fp8 and not args.dry_run:  # before the batch probe, compile and the optimizer; the parameters stay the same
         fp8_note = "on, " + fp8_layers(*fp8.convert_to_fp8(model))
+    if plan.device_batch_size is None and not args.dry_run:  # --device-batch-size auto
+        plan = plan_base(args, model_config, world_size, auto_device_batch(model, args, world_size, device))
+    check_horizon(resume_step, plan.num_iterations)
 
-    # --- batch: micro-batch, total batch, gradient accumulation
-    if auto_batch:
-        args.device_batch_size = None
-    B = args.device_batch_size
-    if auto_batch and args.total_batch_size > 0 and args.total_batch_size % (T * world_size):
-        raise UserError(f"--total-batch-size {args.total_batch_size} is not a multiple of "
-                        f"max-seq-len * processes = {T * world_size}")
-    if auto_batch and not args.dry_run:
-        multiple = args.total_batch_size // (T * world_size) if args.total_batch_size > 0 else 256
-        candidates = [b for b in AUTO_BATCH_CANDIDATES if multiple % b == 0]
-        B = largest_fitting(candidates, cuda_batch_fits(model, T, vocab_size, device), device)
-        if B is None:
-            raise UserError(f"--device-batch-size auto: not even 1 sequence of {T} tokens fits; "
-                            f"lower --max-seq-len or use --activation-checkpointing")
-        print0(f"--device-batch-size auto: {B} (agreed by all {world_size} process(es))")
-    # a dry run with auto does not probe: the micro-batch (and the accumulation) is found at the start
-    tokens_per_fwdbwd = (B or 1) * T * world_size
-    total_batch_size = args.total_batch_size if args.total_batch_size > 0 else \
-        derive_total_batch_size(train_tokens, ref_tokens, tokens_per_fwdbwd)
-    if total_batch_size % tokens_per_fwdbwd:
-        raise UserError(f"--total-batch-size {total_batch_size} is not a multiple of device-batch-size * "
-                        f"max-seq-len * processes = {B} * {T} * {world_size} = {tokens_per_fwdbwd}")
-    grad_accum = total_batch_size // tokens_per_fwdbwd if B else None
-    if args.num_iterations > 0:
-        num_iterations = args.num_iterations
-    elif args.target_flops > 0:
-        num_iterations = max(1, round(args.target_flops / (flops_per_token * total_batch_size)))
-    else:
-        num_iterations = max(1, round(train_tokens / total_batch_size))
-    check_horizon(resume_step, num_iterations)
-    lr_scale = batch_lr_scale(total_batch_size) if args.lr_batch_scaling == "sqrt" else 1.0
-    lrs = {k: getattr(args, k) * lr_scale for k in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr")}
-    weight_decay = scaled_weight_decay(args.weight_decay, total_batch_size, train_tokens, ref_tokens)
-    eval_tokens = args.eval_tokens if args.eval_tokens > 0 else 20 * total_batch_size
-    eval_steps = max(1, eval_tokens // tokens_per_fwdbwd) if B else None
-    total_tokens = num_iterations * total_batch_size
-    total_flops = flops_per_token * total_tokens
-    paper_hours = total_flops / (PAPER_GPUS * H100_BF16_PEAK_FLOPS * args.assumed_mfu) / 3600
-
-    print0(f"compute dtype: {str(dtype).replace('torch.', '')} ({dtype_why}); weights and optimizer state fp32")
-    print0(f"fp8: {fp8_note}")
-    print0(f"model: depth {args.depth}, dim {model_dim}, heads {n_head} (kv {n_kv_head}), windows {window_pattern}, "
-           f"seq len {T}, vocab {vocab_size}")
-    print0(f"parameters: {num_params:,} ({', '.join(f'{k} {v:,}' for k, v in counts.items())}); "
-           f"scaling parameters (matrices + lm_head) {n_scaling:,}; FLOPs/token {flops_per_token:.3e}")
-    micro = f"{B} seqs x {T} tokens x {world_size} procs x {grad_accum} accum" if B else \
-        f"device batch auto (probed at the start) x {T} tokens x {world_size} procs"
-    print0(f"batch: {total_batch_size:,} tokens/step = {micro}")
-    print0(f"horizon: {num_iterations:,} steps = {total_tokens:,} tokens "
-           f"({total_tokens / n_scaling:.2f} tokens/scaling param); d{REF_DEPTH} reference {ref_tokens:,.0f} tokens")
-    scaling = f"x sqrt(batch / 2^19) = x {lr_scale:.4g}" if args.lr_batch_scaling == "sqrt" else "not batch-scaled"
-    print0(f"learning rates ({scaling}): "
-           + ", ".join(f"{k} {v:.4g}" for k, v in lrs.items())
-           + f"; Muon weight decay {weight_decay:.4g}, cosine to 0")
-    print0(f"schedule: lr warmup {args.warmup_steps} steps, warmdown over the last {args.warmdown_ratio:g} to "
-           f"{args.final_lr_frac:g}; Muon momentum 0.85 -> 0.97 (400 steps) -> 0.90 over the warmdown")
-    fp8_peak = " (FP8 counted against the bf16 peak: a bf16-equivalent MFU)" if args.fp8 else ""
-    print0(f"on paper: {total_flops:.3e} FLOPs = {flops_per_token:.3e} FLOPs/token x {total_tokens:,} tokens "
-           f"-> {paper_hours:.2f} h on {PAPER_GPUS}xH100 SXM at {args.assumed_mfu:.0%} MFU of "
-           f"{H100_BF16_PEAK_FLOPS / 1e12:.0f} TFLOP/s bf16 dense{fp8_peak}")
-    user_config = {k: v for k, v in vars(args).items()}
-    derived = dict(model_tag=model_tag, device_batch_size=B, total_batch_size=total_batch_size,
-                   grad_accum=grad_accum, num_iterations=num_iterations, total_tokens=total_tokens,
-                   train_tokens=train_tokens, ref_tokens=ref_tokens, lr_scale=lr_scale, lrs=lrs,
-                   weight_decay_scaled=weight_decay, num_params=num_params, scaling_params=n_scaling,
-                   flops_per_token=flops_per_token, total_flops=total_flops, assumed_mfu=args.assumed_mfu,
-                   paper_hours_8xh100=paper_hours, world_size=world_size, dtype=str(dtype).replace("torch.", ""),
-                   eval_steps=eval_steps, fp8=args.fp8)
+    print_plan(plan, args, f"{str(dtype).replace('torch.', '')} ({dtype_why})", fp8_note)
+    user_config = dict(vars(args), device_batch_size=requested_device_batch(args))
+    derived = plan.derived(dtype)
     if args.dry_run:
         print0(derived)
         return 0
+    B, T, grad_accum = plan.device_batch_size, args.max_seq_len, plan.grad_accum
+    total_batch_size, num_iterations, lrs = plan.total_batch_size, plan.num_iterations, plan.lrs
+    weight_decay, eval_steps, flops_per_token = plan.weight_decay, plan.eval_steps, plan.flops_per_token
 
     use_compile = args.compile if args.compile is not None else device_type == "cuda"
     if use_compile:
@@ -484,10 +583,10 @@ def train(args, tokenizer, vocab_size, device, rank, world_size, master, auto_ba
         ld.close()
     peak_mem = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device_type == "cuda" else None
     summary = {
-        "model tag": model_tag, "depth": args.depth, "parameters": num_params,
+        "model tag": model_tag, "depth": args.depth, "parameters": plan.counts["total"],
         "FLOPs per token": f"{flops_per_token:.3e}", "steps": num_iterations,
         "tokens": num_iterations * total_batch_size, "total batch size": total_batch_size,
-        "tokens per scaling parameter": round(num_iterations * total_batch_size / n_scaling, 2),
+        "tokens per scaling parameter": round(num_iterations * total_batch_size / plan.scaling_params, 2),
         "training time (min)": round(log.total_time / 60, 2), "final val bpb": last_val_bpb,
         "min val bpb": None if min_val_bpb == float("inf") else min_val_bpb, "CORE": last_core,
         "peak memory (MiB)": peak_mem, "processes": world_size, "fp8": args.fp8,
