@@ -28,9 +28,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from nanochat.common import (UserError, add_common_flags, compute_init, get_base_dir, get_compute_dtype, print0,
+from nanochat.common import (UserError, add_common_flags, compute_init, get_base_dir, print0,
                              read_jsonl)
 from nanochat.gpt import GPT, VE_GATE_CHANNELS, GPTConfig
+from nanochat.quant import add_weights_flag, prepare_for_inference
 from nanochat.tokenizer import get_tokenizer
 
 SOURCES = ("base", "mid", "sft", "rl")
@@ -393,12 +394,14 @@ def outdated_architecture(state):
     return None
 
 
-def build_model(ckpt_dir, step, device, phase="eval", dtype=None):
+def build_model(ckpt_dir, step, device, phase="eval", dtype=None, weights=None):
     """(model, tokenizer, meta) from a saved step: the model is built on the meta device,
     materialized on `device`, loaded (fp32 master weights) and put in train or eval mode.
     dtype: the weights' dtype after loading, for inference (None = fp32, as stored). A model that
     only runs forward needs no fp32 master copy, and with weights in the compute dtype no matmul
-    casts a weight per call (autocast would, every decode step)."""
+    casts a weight per call (autocast would, every decode step). weights (eval phase only): an
+    inference weight format, fp32|bf16|int8 (nanochat/quant.py), instead of dtype. The model's
+    n_params is its parameter count as trained (an int8 model keeps most weights in buffers)."""
     if phase not in ("train", "eval"):
         raise ValueError(f"phase must be 'train' or 'eval', not {phase!r}")
     device = torch.device(device)
@@ -411,6 +414,7 @@ def build_model(ckpt_dir, step, device, phase="eval", dtype=None):
     except Exception as e:  # unknown keys, wrong types, impossible shapes
         raise _corrupt(ckpt_dir, step, meta_path, f"its model_config does not describe a model: {e}") from None
     model.to_empty(device=device)
+    model.n_params = sum(p.numel() for p in model.parameters())
     model.init_weights()  # fills buffers that are not in the state dict (e.g. rotary tables)
     try:
         model.load_state_dict(model_state, strict=True)
@@ -422,6 +426,8 @@ def build_model(ckpt_dir, step, device, phase="eval", dtype=None):
         model.train()
         if dtype is not None:
             model.to(dtype)
+    elif weights is not None:
+        prepare_for_inference(model, weights, device.type)  # freeze, then the weight format
     else:
         model.freeze(dtype)  # eval mode, no autograd bookkeeping, CPU inference layout
     tokenizer = get_tokenizer()
@@ -466,11 +472,11 @@ def resolve_checkpoint(source, model_tag=None, step=None):
     return ckpt_dir, model_tag, step
 
 
-def load_model(source, device, phase="eval", model_tag=None, step=None, dtype=None):
+def load_model(source, device, phase="eval", model_tag=None, step=None, dtype=None, weights=None):
     """Load a base/mid/sft/rl model: (model, tokenizer, meta). Defaults: the largest model tag
-    and its latest complete step; fp32 weights unless `dtype` (see build_model)."""
+    and its latest complete step; fp32 weights unless `dtype` or `weights` (see build_model)."""
     ckpt_dir, _, step = resolve_checkpoint(source, model_tag, step)
-    return build_model(ckpt_dir, step, device, phase, dtype)
+    return build_model(ckpt_dir, step, device, phase, dtype, weights)
 
 
 # ---------------------------------------------------------------------------
@@ -482,6 +488,7 @@ DEFAULT_CHAT_SOURCES = ("sft", "mid", "base")
 def add_model_flags(parser):
     parser.add_argument("-i", "--source", default=None, choices=list(SOURCES),
                         help="which checkpoints to load (default: the first of sft, mid, base that exists)")
+    add_weights_flag(parser)
     add_common_flags(parser)
 
 
@@ -497,11 +504,12 @@ def pick_source(source):
 
 
 def load_chat_model(args):
-    """(model, tokenizer, meta, source) for the flags of add_model_flags, on --device-type."""
+    """(model, tokenizer, meta, source) for the flags of add_model_flags, on --device-type, with the
+    weights in --weights."""
     source = pick_source(args.source)
     _, _, _, _, device = compute_init(args.device_type)
     model, tokenizer, meta = load_model(source, device, phase="eval", model_tag=args.model_tag, step=args.step,
-                                        dtype=get_compute_dtype(device.type))  # inference: weights in the compute dtype
+                                        weights=args.weights)
     return model, tokenizer, meta, source
 
 

@@ -25,7 +25,7 @@ from nanochat import kernels
 from nanochat.attention import KVCache, attention, cache_mask, window_mask
 from nanochat.common import get_compute_dtype
 from nanochat.inference_layout import use_inference_layout
-from nanochat.loss import lm_loss, logits_of
+from nanochat.loss import lm_loss, softcap
 from nanochat.optim import MuonAdamW, gpt_param_groups
 
 ROPE_BASE = 100_000
@@ -230,7 +230,12 @@ class GPT(nn.Module):
         self.backout_lambda.fill_(BACKOUT_INIT)
 
     def get_device(self):
-        return self.wte.weight.device
+        return self.resid_lambdas.device
+
+    def weights_dtype(self):
+        """The dtype of the weights as loaded (freeze), which a forward outside autocast computes
+        in; the scalars are always in it, int8 models included (nanochat/quant.py)."""
+        return self.resid_lambdas.dtype
 
     def freeze(self, dtype=None):
         """For inference only: eval mode, no gradients, the weights in `dtype` (None = as they
@@ -244,11 +249,13 @@ class GPT(nn.Module):
         return self
 
     def new_kv_cache(self, batch_size, max_len, dtype=None):
-        """A KVCache sized for this model (dtype: default the compute dtype of the device) that also
-        keeps each position's token, for the smear (KVCache, keep_tokens)."""
+        """A KVCache sized for this model that also keeps each position's token, for the smear
+        (KVCache, keep_tokens). dtype: default the dtype the forward computes in: the weights' own
+        when they are not fp32, else the compute dtype of the device, which autocast may use."""
         device = self.get_device()
         c = self.config
-        dtype = dtype or get_compute_dtype(device.type)
+        if dtype is None:
+            dtype = self.weights_dtype() if self.weights_dtype() != torch.float32 else get_compute_dtype(device.type)
         return KVCache(batch_size, c.n_layer, c.n_kv_head, c.n_embd // c.n_head, max_len, device, dtype,
                        keep_tokens=True)
 
@@ -313,7 +320,7 @@ class GPT(nn.Module):
         # activations in the compute dtype from the embedding on (autocast leaves the fp32 tables
         # alone); only the logits and the loss are fp32 (docs/model.md, "Precision")
         on = torch.is_autocast_enabled(device.type)
-        dtype = torch.get_autocast_dtype(device.type) if on else self.wte.weight.dtype
+        dtype = torch.get_autocast_dtype(device.type) if on else self.weights_dtype()
         cos, sin = as_dtype(cos, dtype), as_dtype(sin, dtype)  # once, not in every layer
         x = self._embed(idx, dtype)
         # the smear's previous position: within the sequence a shift of x; with a cache, the
@@ -347,7 +354,7 @@ class GPT(nn.Module):
             if logits_positions is not None:  # only these go through lm_head (prefill needs one per row)
                 rows, positions = logits_positions
                 x = x[rows, positions]
-            return logits_of(norm(x), self.lm_head.weight)
+            return softcap(self.lm_head(norm(x)).float())  # the module: it may be int8 (quant.py)
         return self._loss(norm(x), targets, loss_reduction)
 
     def _loss(self, x, targets, reduction):

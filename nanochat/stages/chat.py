@@ -13,6 +13,7 @@ import sys
 from nanochat.checkpoint import add_model_flags, load_chat_model
 from nanochat.common import UserError
 from nanochat.engine import Engine
+from nanochat.quant import describe_weights
 
 
 def reply(engine, tokenizer, messages, args, seed, out=sys.stdout):
@@ -62,7 +63,8 @@ def main(argv=None):
         reply(engine, tokenizer, [{"role": "user", "content": args.prompt}], args, args.seed)
         return 0
 
-    print(f"nanochat ({source}, step {meta.get('step', '?')}) -- type `clear` to start over, `quit` to leave")
+    print(f"nanochat ({source}, step {meta.get('step', '?')}, {describe_weights(args.weights, model.get_device().type)}) "
+          f"-- type `clear` to start over, `quit` to leave")
     messages = []
     turn = 0
     while True:

@@ -14,11 +14,12 @@ import time
 
 from nanochat.checkpoint import build_model, resolve_checkpoint
 from nanochat.common import (UserError, add_common_flags, autocast_ctx, compute_cleanup, compute_init, get_base_dir,
-                             get_compute_dtype, print0)
+                             print0)
 from nanochat.core_eval import core_summary, evaluate_core, write_core_csv
 from nanochat.dataloader import PretrainLoader
 from nanochat.engine import greedy_samples
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.quant import add_weights_flag, describe_weights
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
 
@@ -67,6 +68,7 @@ def main(argv=None):
     parser.add_argument("--device-batch-size", type=int, default=32, help="bpb: rows per forward")
     parser.add_argument("--core-batch-tokens", type=int, default=16384,
                         help="CORE: padded tokens per forward (rows x longest row)")
+    add_weights_flag(parser)
     add_common_flags(parser)
     args = parser.parse_args(argv)
     evals = [e.strip() for e in args.eval.split(",") if e.strip()]
@@ -80,8 +82,9 @@ def main(argv=None):
 
     is_dist, rank, local_rank, world_size, device = compute_init(args.device_type)
     ckpt_dir, model_tag, step = resolve_checkpoint(args.source, args.model_tag, args.step)
-    model, tokenizer, meta = build_model(ckpt_dir, step, device, phase="eval", dtype=get_compute_dtype(device.type))
-    print0(f"Evaluating {args.source}/{model_tag} step {step} on {device} ({', '.join(evals)})")
+    model, tokenizer, meta = build_model(ckpt_dir, step, device, phase="eval", weights=args.weights)
+    print0(f"Evaluating {args.source}/{model_tag} step {step} on {device} ({', '.join(evals)}), "
+           f"{describe_weights(args.weights, device.type)}")
 
     record = {"source": args.source, "model_tag": model_tag, "step": step}
     extra = []

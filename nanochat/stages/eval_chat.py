@@ -23,8 +23,9 @@ import time
 from nanochat.chat_eval import CHATCORE_TASKS, RANDOM_BASELINES, TASK_NAMES, chatcore, evaluate_task, load_task, pick_problems
 from nanochat.checkpoint import build_model, resolve_checkpoint
 from nanochat.common import (UserError, add_common_flags, atomic_write_text, compute_cleanup, compute_init, get_base_dir,
-                             get_compute_dtype, print0)
+                             print0)
 from nanochat.engine import Engine
+from nanochat.quant import add_weights_flag, describe_weights
 from nanochat.report import get_report
 
 
@@ -68,6 +69,7 @@ def main(argv=None):
     parser.add_argument("--temperature", type=float, default=0.0, help="generative sampling temperature (0 = greedy)")
     parser.add_argument("--top-k", type=int, default=50, help="generative sampling: keep the k most likely tokens")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="generative: longest completion")
+    add_weights_flag(parser)
     add_common_flags(parser)
     args = parser.parse_args(argv)
     names = split_names(args.task_name) if args.task_name else list(TASK_NAMES)
@@ -81,9 +83,10 @@ def main(argv=None):
 
     is_dist, rank, local_rank, world_size, device = compute_init(args.device_type)
     ckpt_dir, model_tag, step = resolve_checkpoint(args.source, args.model_tag, args.step)
-    model, tokenizer, meta = build_model(ckpt_dir, step, device, phase="eval", dtype=get_compute_dtype(device.type))
+    model, tokenizer, meta = build_model(ckpt_dir, step, device, phase="eval", weights=args.weights)
     engine = Engine(model, tokenizer)
-    print0(f"Evaluating {args.source}/{model_tag} step {step} on {device}: {', '.join(names)}")
+    print0(f"Evaluating {args.source}/{model_tag} step {step} on {device}, {describe_weights(args.weights, device.type)}: "
+           f"{', '.join(names)}")
 
     results = {}
     for name in names:

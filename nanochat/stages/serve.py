@@ -13,6 +13,7 @@ import uvicorn
 
 from nanochat.checkpoint import add_model_flags, load_chat_model
 from nanochat.common import UserError, print0
+from nanochat.quant import describe_weights
 from nanochat.scheduler import DEFAULT_MAX_QUEUE
 from nanochat.server import create_app
 
@@ -74,8 +75,8 @@ def main(argv=None):
                      compile=args.compile, max_queue=args.max_queue, api_key=api_key)
 
     threads = f", {torch.get_num_threads()} CPU threads" if model.get_device().type == "cpu" else ""
-    print0(f"serving {name} (step {meta.get('step', '?')}) on http://{args.host}:{args.port}/ "
-           f"with up to {args.max_batch} requests per batch{threads}"
+    print0(f"serving {name} (step {meta.get('step', '?')}, {describe_weights(args.weights, model.get_device().type)}) "
+           f"on http://{args.host}:{args.port}/ with up to {args.max_batch} requests per batch{threads}"
            f"{', API key required' if api_key else ''}")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
