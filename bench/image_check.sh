@@ -45,7 +45,7 @@ if [ "${1:-}" = "--suite" ] || [ "${1:-}" = "--suite-only" ]; then
     # the fast suite on torch 2.11: the image's packages (transformers is one) plus what the tests
     # import, in a target folder; the browser tests (test_ui.py: playwright + chromium) left out
     EXTRA="$WORK/extra"
-    "$VENV/bin/python3" -m pip install -q --target "$EXTRA" rustbpe fastapi uvicorn pytest-timeout openai transformers
+    "$VENV/bin/python3" -m pip install -q --target "$EXTRA" rustbpe fastapi uvicorn prometheus_client scipy pytest-timeout openai transformers
     t4=$(date +%s)
     run env PYTHONPATH="$EXTRA:$WORK/nanochat" NANOCHAT_DATA="$DATA" OMP_NUM_THREADS=1 \
         python3 -m pytest -q -m "not slow" -p no:cacheprovider --ignore=tests/test_ui.py tests || status=1

@@ -16,7 +16,7 @@ Two steps, so that a run compiles at most one shape it will not use:
 """
 import torch
 
-from nanochat.optim import SHARD_MIN_NUMEL
+from nanochat.optim import SHARD_MIN_NUMEL, gpt_param_groups
 
 ACT_BYTES = 48    # bytes saved per token, per layer, per channel by an eager bf16 forward (estimate)
 HEADROOM = 0.9    # the share of GPU memory a step may use (the rest: allocator slack, NCCL, cuBLAS)
@@ -28,7 +28,7 @@ def optimizer_state_bytes(model, world_size=1):
     momentum buffer and a per-row (rows >= cols) or per-column variance; an AdamW tensor has two
     moments, split along dim 0 when it is big enough and dim 0 divides by N, else kept whole."""
     total = 0
-    for group in model.optimizer_groups():
+    for group in gpt_param_groups(model):
         params = group["params"]
         size = params[0].element_size()
         if group["kind"] == "muon":

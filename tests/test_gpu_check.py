@@ -177,7 +177,7 @@ def test_the_gpu_lock_pins_every_runtime_dependency_and_no_test_extra():
             pins[name.lower().replace("_", "-")] = version
     assert pins["torch"] == "2.11.0"
     for dep in project["dependencies"]:
-        name = dep.split(">")[0].split("=")[0].split("<")[0].strip().lower()
+        name = dep.split(">")[0].split("=")[0].split("<")[0].strip().lower().replace("_", "-")
         assert name in pins, f"{name} is not pinned"
     dev = {d.split(">")[0].split("=")[0].strip().lower() for d in project["optional-dependencies"]["dev"]}
     assert not dev & set(pins), dev & set(pins)
