@@ -14,7 +14,8 @@ import torch.distributed as dist
 from nanochat import checkpoint as ck
 from nanochat.chat_data import MIXTURE_HELP, ConversationLoader, Mixture, default_mixture, estimate_rows
 from nanochat.chat_eval import small_chatcore
-from nanochat.common import UserError, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init, print0
+from nanochat.attention import warm_window_masks
+from nanochat.common import UserError, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init, gc_step, print0
 from nanochat.loss_eval import evaluate_bpb, evaluate_loss
 from nanochat.run import ResumeState, Run, check_horizon, resolve_source
 from nanochat.tokenizer import get_token_bytes
@@ -157,6 +158,8 @@ def loop(args, stage, run, model, tokenizer, data):
     derived, device, world_size = meta["derived"], model.get_device(), run.world_size
     B, T, grad_accum, n = args.device_batch_size, derived["max_seq_len"], derived["grad_accum"], derived["num_iterations"]
     use_compile = args.compile if args.compile is not None else device.type == "cuda"
+    if use_compile:  # masks first: an empty mask cache made the second call compile everything again
+        warm_window_masks(model.config.layer_windows(), T, device)
     train_model = torch.compile(model, dynamic=False) if use_compile else model
     optimizer = model.setup_optimizer(weight_decay=args.weight_decay, **derived["lrs"])
     loader = ConversationLoader(train_mix, tokenizer, B, T, mode=stage.mode, device=device, loop=True)
@@ -189,6 +192,7 @@ def loop(args, stage, run, model, tokenizer, data):
             dist.all_reduce(loss_total, op=dist.ReduceOp.SUM)
         log.end_step(loss_total / max(1, num_tokens))
         step += 1
+        gc_step(step - run.start_step)  # after the first step: the collector frozen and off (upstream)
         record = log.line(step, lrm, run.start_step, text=f" | trained tokens {num_tokens:,}", trained_tokens=num_tokens,
                           epoch=loader.epoch) if log.due(step, args.log_every) else None
     run.finish(stage.section, {

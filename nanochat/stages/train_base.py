@@ -24,8 +24,10 @@ import torch.distributed as dist
 
 from nanochat import checkpoint as ck
 from nanochat import fp8
+from nanochat.attention import warm_window_masks
+from nanochat.autobatch import estimated_batch, fits_measured, optimizer_state_bytes, probe_order
 from nanochat.common import (UserError, add_common_flags, autocast_ctx, autodetect_device_type, compute_cleanup,
-                             compute_dtype_choice, compute_init, get_peak_flops, print0)
+                             compute_dtype_choice, compute_init, gc_step, get_peak_flops, print0)
 from nanochat.core_eval import evaluate_core
 from nanochat.dataloader import PretrainLoader  # see docs/data.md
 from nanochat.dataset import list_shards, validate_shards
@@ -322,39 +324,43 @@ def print_plan(plan, args, dtype_line, fp8_note):
 # ---------------------------------------------------------------------------
 # Memory helpers (CUDA)
 
-def cuda_batch_fits(model, seq_len, vocab_size, device):
-    """fits(b) for largest_fitting: forward + backward of b random sequences stays within 90% of
-    the GPU's memory, after room for the optimizer state (~2 fp32 copies of the parameters).
-    Probed without compile (compiled code needs less), with activation checkpointing if on."""
-    total = torch.cuda.get_device_properties(device).total_memory
-    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    budget = 0.9 * total - 2 * param_bytes
-
-    def fits(b):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        try:
-            x = torch.randint(0, vocab_size, (b, seq_len), device=device)
-            with autocast_ctx(device):
-                model(x, x).backward()
-            return torch.cuda.max_memory_allocated(device) <= budget
-        finally:
-            model.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
-    return fits
+def compile_for_training(model, args):
+    """The model as the run trains it: compiled unless --no-compile (default on CUDA), after its
+    window masks are built (an empty mask cache made the second call compile everything again)."""
+    device = next(model.parameters()).device
+    if not (args.compile if args.compile is not None else device.type == "cuda"):
+        return model
+    warm_window_masks(model.config.layer_windows(), args.max_seq_len, device)
+    return torch.compile(model, dynamic=False)
 
 
 def auto_device_batch(model, args, world_size, device):
-    """--device-batch-size auto: the largest candidate micro-batch that fits on every process
-    (and divides the total batch when one is given)."""
+    """--device-batch-size auto: the largest candidate micro-batch (dividing the total batch when
+    one is given) whose training step fits on every process (nanochat/autobatch.py): estimated
+    from the shapes with this process's share of the optimizer state, then the step that will
+    train (compiled when the run compiles; the graph of the batch chosen is the one training
+    runs) measured at the candidate above the estimate and down from there."""
     T, vocab_size = args.max_seq_len, model.config.vocab_size
     multiple = args.total_batch_size // (T * world_size) if args.total_batch_size > 0 else 256
     candidates = [b for b in AUTO_BATCH_CANDIDATES if multiple % b == 0]
-    B = largest_fitting(candidates, cuda_batch_fits(model, T, vocab_size, device), device)
+    estimate = estimated_batch(model, T, torch.cuda.get_device_properties(device).total_memory, candidates, world_size)
+    train_model = compile_for_training(model, args)
+
+    def step(b):
+        try:
+            x = torch.randint(0, vocab_size, (b, T), device=device)
+            with autocast_ctx(device):
+                train_model(x, x).backward()
+        finally:
+            model.zero_grad(set_to_none=True)
+    fits = fits_measured(step, optimizer_state_bytes(model, world_size), device)
+    B = largest_fitting(probe_order(candidates, estimate), fits, device)
+    torch.cuda.empty_cache()
     if B is None:
         raise UserError(f"--device-batch-size auto: not even 1 sequence of {T} tokens fits; "
                         f"lower --max-seq-len or use --activation-checkpointing")
-    print0(f"--device-batch-size auto: {B} (agreed by all {world_size} process(es))")
+    print0(f"--device-batch-size auto: {B} (estimated {estimate}, measured {fits.tried}; "
+           f"agreed by all {world_size} process(es))")
     return B
 
 
@@ -480,7 +486,7 @@ class Evaluations:
 def loop(args, plan, run, model, tokenizer, meta):
     device = next(model.parameters()).device
     use_compile = args.compile if args.compile is not None else device.type == "cuda"
-    compiled = torch.compile(model, dynamic=False) if use_compile else model
+    compiled = compile_for_training(model, args)
     optimizer = model.setup_optimizer(**plan.lrs, weight_decay=plan.weight_decay,
                                       compile=use_compile or None)  # --compile on CPU compiles the optimizer's updates too
     B, T, grad_accum, n = plan.device_batch_size, args.max_seq_len, plan.grad_accum, plan.num_iterations
@@ -520,6 +526,7 @@ def loop(args, plan, run, model, tokenizer, meta):
             dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
         log.end_step(train_loss)
         step += 1
+        gc_step(step - run.start_step)  # after the first step: the collector frozen and off (upstream)
         if log.due(step, args.log_every):  # the only place that waits for the device
             record = log.line(step, lrm, run.start_step, plan.flops_per_token, peak_flops, plan.world_size)
         else:

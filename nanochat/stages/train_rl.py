@@ -22,7 +22,7 @@ import torch
 
 from nanochat import checkpoint as ck
 from nanochat.chat_eval import pick_problems
-from nanochat.common import UserError, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init, print0
+from nanochat.common import UserError, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init, gc_step, print0
 from nanochat.engine import Engine
 from nanochat.run import ResumeState, Run, check_horizon, resolve_source
 from nanochat.training import (StepLog, add_lr_flags, add_training_flags, announce_start, check_common_args,
@@ -271,6 +271,7 @@ def loop(args, run, model, tokenizer, train_task, meta):
             optimizer.step()
         clear_grads(model)
         step += 1
+        gc_step(step - run.start_step)  # after the first step: the collector frozen and off (upstream)
         n_all = global_sum(len(gen_lens), device)
         reward = global_sum(sum(map(sum, rewards)), device) / max(1, n_all)
         mean_len = global_sum(sum(gen_lens), device) / max(1, n_all)
