@@ -54,7 +54,7 @@ def sizes(cuda):
     if cuda:
         return dict(cuda=True, backend="inductor", dtype_depth=4, T=512, vocab=8192, head_dim=128,
                     flex_T=2048, flex_w=512,
-                    copy=dict(vocab=512, half=128, B=32, steps=150, depth=4, dim=256, heads=2),
+                    copy=dict(vocab=256, half=128, B=32, steps=300, depth=4, dim=256, heads=2),
                     compare=dict(depth=2, dim=256, heads=2, T=256, vocab=2048, B=16),
                     decode_rows=4, speedrun=dict(depth=24, T=2048, vocab=32768, steps=8, head_dim=128),
                     shard_depth=24, train_base=["--depth", "2", "--max-seq-len", "256", "--device-batch-size", "8",
@@ -397,8 +397,9 @@ def check_decode(device, s):
     g = torch.Generator().manual_seed(5)
     rows = s["decode_rows"]
     seqs = [torch.randint(0, c["vocab"], (c["half"],), generator=g).tolist() for _ in range(rows)]
+    m = c["half"] - 1 - rows  # tokens per row: every row ends at the same step (no row decodes past its end)
     prompts = [q + q[:2 + r] for r, q in enumerate(seqs)]  # different lengths, part of the copy given
-    want = [q[2 + r:] for r, q in enumerate(seqs)]
+    want = [q[2 + r:2 + r + m] for r, q in enumerate(seqs)]
     counters.clear()
     results = {}
     for compile in (False, True):
@@ -525,16 +526,11 @@ def check_speedrun(device, s):
         order = probe_order(CANDIDATES, estimate)
         B = largest_fitting(order, fits, device)
         bigger = [b for b in CANDIDATES if B is not None and b > B]
-        too_big = None
-        if bigger:
-            too_big = bigger[-1]
-            if too_big not in fits.peaks:  # not probed yet: the chosen one was the first tried
-                fits_too_big = largest_fitting([too_big], fits, device) is not None
-            else:
-                fits_too_big = False
-        else:
-            fits_too_big = False
-        out.update(estimate=estimate, chosen=B, next_larger=too_big, next_larger_fits=fits_too_big,
+        too_big = bigger[-1] if bigger else None
+        fits_too_big = False  # tried before B, it did not fit
+        if too_big is not None and too_big not in fits.tried:  # B was the first tried: try the next larger now
+            fits_too_big = largest_fitting([too_big], fits, device) is not None
+        out.update(estimate=estimate, chosen=B, next_larger=too_big, next_larger_fits=fits_too_big, tried=fits.tried,
                    probe_peaks_gib={b: round(v / 2**30, 2) for b, v in fits.peaks.items()},
                    optimizer_state_gib=round(reserve / 2**30, 2), memory_gib=round(total / 2**30, 1))
         batch_ok = B is not None and B >= (estimate or 1) and not fits_too_big

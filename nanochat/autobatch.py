@@ -16,7 +16,7 @@ Two steps, so that a run compiles at most one shape it will not use:
 """
 import torch
 
-from nanochat.optim import SHARD_MIN_NUMEL
+from nanochat.optim import SHARD_MIN_NUMEL, gpt_param_groups
 
 ACT_BYTES = 48    # bytes saved per token, per layer, per channel by an eager bf16 forward (estimate)
 HEADROOM = 0.9    # the share of GPU memory a step may use (the rest: allocator slack, NCCL, cuBLAS)
@@ -28,7 +28,7 @@ def optimizer_state_bytes(model, world_size=1):
     momentum buffer and a per-row (rows >= cols) or per-column variance; an AdamW tensor has two
     moments, split along dim 0 when it is big enough and dim 0 divides by N, else kept whole."""
     total = 0
-    for group in model.optimizer_groups():
+    for group in gpt_param_groups(model):
         params = group["params"]
         size = params[0].element_size()
         if group["kind"] == "muon":
@@ -74,15 +74,16 @@ def fits_measured(step, reserve_bytes, device, headroom=HEADROOM):
     training will run) and require its peak allocated memory plus `reserve_bytes` (what is not
     allocated yet: the optimizer state) to stay within headroom x the GPU's memory. An
     out-of-memory error inside step means "does not fit" (largest_fitting catches it).
-    The measured peaks are kept in fits.peaks ({b: bytes})."""
+    The batches tried are kept in fits.tried, the peaks of those that ran in fits.peaks ({b: bytes})."""
     total = torch.cuda.get_device_properties(device).total_memory
 
     def fits(b):
+        fits.tried.append(b)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         step(b)
         torch.cuda.synchronize(device)
         fits.peaks[b] = torch.cuda.max_memory_allocated(device)
         return fits.peaks[b] + reserve_bytes <= headroom * total
-    fits.peaks = {}
+    fits.peaks, fits.tried = {}, []
     return fits

@@ -1,23 +1,25 @@
 """The training loop of `nanochat train mid` and `nanochat train sft` (stages/train_mid.py and
 stages/train_sft.py hold their flags and defaults; docs/chat_training.md the whole story).
 
-mid (stage="mid"): conversations packed like pretraining, every token a target, val bpb.
-sft (stage="sft"): whole conversations padded into rows, assistant tokens only, small ChatCORE.
+mid: conversations packed like pretraining, every token a target, val bpb (its ChatStage).
+sft: whole conversations padded into rows, assistant tokens only, small ChatCORE.
 Same loop, flags, metrics and resume mechanism as `train base`; learning rates are inherited
 from the source checkpoint (nanochat.training.inherited_lrs) times --init-lr-frac.
 """
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
 from nanochat import checkpoint as ck
 from nanochat.chat_data import MIXTURE_HELP, ConversationLoader, Mixture, default_mixture, estimate_rows
 from nanochat.chat_eval import small_chatcore
-from nanochat.common import UserError, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init, init_wandb, print0
+from nanochat.common import UserError, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init, print0
 from nanochat.loss_eval import evaluate_bpb, evaluate_loss
+from nanochat.run import ResumeState, Run, check_horizon, resolve_source
 from nanochat.tokenizer import get_token_bytes
-from nanochat.training import (StepLog, add_compile_flag, clear_grads, announce_start, check_common_args, check_horizon,
-                               check_schedule_args, evaluated_before, global_sum, inherited_lrs, is_due, log_report,
-                               lr_multiplier, muon_momentum, resolve_start, set_lrs, write_record)
+from nanochat.training import (StepLog, add_compile_flag, announce_start, check_common_args, check_schedule_args,
+                               clear_grads, global_sum, inherited_lrs, is_due, lr_multiplier, set_lrs)
 
 
 def add_chat_train_flags(parser, stage, max_seq_len_default=-1):
@@ -47,31 +49,40 @@ def token_normalized_loss(model, x, y, num_tokens, world_size=1):
     return loss_sum * (world_size / max(1, num_tokens)), loss_sum.detach()
 
 
-def train(args, stage, section):
+@dataclass
+class ChatStage:
+    """What `train mid` and `train sft` do differently; each passes its own (stages/train_mid.py,
+    stages/train_sft.py)."""
+    name: str                # checkpoints/<name>/, the default mixture, the wandb project's suffix
+    section: str             # its section of the report card
+    mode: str                # ConversationLoader: "pack" (every token a target) or "pad" (assistant tokens only)
+    val_bpb: bool            # evaluate bits per byte besides the loss
+    momentum: object = None  # Muon momentum at a step (None: the optimizer's own)
+
+
+def train(args, stage):
     check_common_args(args)
     check_schedule_args(args)
     if args.max_seq_len == 0 or args.max_seq_len < -1 or args.max_seq_len == 1:
         raise UserError(f"--max-seq-len must be >= 2 (or -1 for the model's), not {args.max_seq_len}")
     device_type = args.device_type or autodetect_device_type()
-    mode = "pack" if stage == "mid" else "pad"
     is_dist, rank, local_rank, world_size, device = compute_init(device_type, seed=args.seed)
-    master = rank == 0
     try:
-        return _train(args, stage, section, mode, rank, world_size, master, device)
+        return plan_and_run(args, stage, rank, world_size, device)
     finally:
         compute_cleanup()
 
 
-def _train(args, stage, section, mode, rank, world_size, master, device):
-    src_dir, src_step, model_tag, out_dir, resume_step = resolve_start(args, stage, world_size)
-    load_dir, load_step = (out_dir, resume_step) if resume_step is not None else (src_dir, src_step)
+def plan_and_run(args, stage, rank, world_size, device):
+    """Plan, build (the model from the source or the resumed checkpoint), loop."""
+    src_dir, src_step, model_tag, out_dir = resolve_source(args, stage.name)
+    run = Run(out_dir, args, world_size, rank)
+    load_dir, load_step = (out_dir, run.resume_step) if run.resume_step is not None else (src_dir, src_step)
     model, tokenizer, load_meta = ck.build_model(load_dir, load_step, device, phase="train")
-    src_meta = ck.load_meta(src_dir, src_step)
     model_config = load_meta["model_config"]
     T = args.max_seq_len if args.max_seq_len > 0 else model_config["sequence_len"]
     B = args.device_batch_size
-
-    spec, why = (args.mixture, "from --mixture") if args.mixture else default_mixture(stage)
+    spec, why = (args.mixture, "from --mixture") if args.mixture else default_mixture(stage.name)
     train_mix = Mixture(spec, "train", seed=args.seed)
     val_mix = Mixture(spec, "val", seed=args.seed, sources=train_mix.sources)
     print0(f"mixture ({why}): {spec}")
@@ -85,15 +96,12 @@ def _train(args, stage, section, mode, rank, world_size, master, device):
                         f"max-seq-len * processes = {B} * {T} * {world_size} = {tokens_per_fwdbwd}")
     grad_accum = total_batch_size // tokens_per_fwdbwd
     rows_per_step = B * world_size * grad_accum
-    est_rows = estimate_rows(train_mix, tokenizer, T, mode)
-    if args.num_iterations > 0:
-        num_iterations = args.num_iterations
-    else:
-        num_iterations = max(1, round(args.num_epochs * est_rows / rows_per_step))
-    check_horizon(resume_step, num_iterations)
+    est_rows = estimate_rows(train_mix, tokenizer, T, stage.mode)
+    num_iterations = args.num_iterations if args.num_iterations > 0 else \
+        max(1, round(args.num_epochs * est_rows / rows_per_step))
+    check_horizon(run.resume_step, num_iterations)
     eval_steps = max(1, args.eval_tokens // tokens_per_fwdbwd) if args.eval_tokens > 0 else 20 * grad_accum
-    lrs = inherited_lrs(src_meta, args)
-    user_config = dict(vars(args))
+    lrs = inherited_lrs(ck.load_meta(src_dir, src_step), args)
     plan = (f"batch: {total_batch_size:,} tokens/step = {B} rows x {T} tokens x {world_size} procs x {grad_accum} accum; "
             f"{num_iterations:,} steps (~{est_rows / rows_per_step:.1f} steps per epoch)")
     derived = announce_start(args, model_tag, src_step, out_dir, lrs, world_size, plan, max_seq_len=T,
@@ -102,82 +110,70 @@ def _train(args, stage, section, mode, rank, world_size, master, device):
                              val_conversations=len(val_mix), eval_steps=eval_steps)
     if args.dry_run:
         return 0
+    meta = dict(model_config=model_config, user_config=dict(vars(args)), derived=derived, lrs=lrs,
+                source=dict(stage=args.source, model_tag=model_tag, step=src_step))
+    return loop(args, stage, run, model, tokenizer, (train_mix, val_mix, meta))
 
+
+class Evaluations:
+    """What mid/sft evaluate at a step boundary: the val loss (and bpb), the small ChatCORE."""
+
+    def __init__(self, args, stage, model, tokenizer, val_mix, eval_steps):
+        self.args, self.model, self.tokenizer, self.val_mix, self.eval_steps = args, model, tokenizer, val_mix, eval_steps
+        self.mode, self.device = stage.mode, model.get_device()
+        self.token_bytes = get_token_bytes(self.device) if stage.val_bpb else None
+        self.tasks = [t.strip() for t in args.chatcore_tasks.split(",") if t.strip()]
+        self.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        self.val_loss, self.chatcore = None, None
+
+    def val_loader(self):
+        T = self.args.max_seq_len if self.args.max_seq_len > 0 else self.model.config.sequence_len
+        return ConversationLoader(self.val_mix, self.tokenizer, self.args.device_batch_size, T, mode=self.mode,
+                                  device=self.device, loop=False)
+
+    def __call__(self, step, last, num_iterations):
+        a, out = self.args, {}
+        if len(self.val_mix) >= self.world_size and is_due(step, a.eval_every, last, at_start=True):
+            self.model.eval()
+            with autocast_ctx(self.device):
+                self.val_loss = out["val_loss"] = evaluate_loss(self.model, self.val_loader(), self.eval_steps, self.device)
+                msg = f"val loss {self.val_loss:.4f}"
+                if self.token_bytes is not None:
+                    out["val_bpb"] = evaluate_bpb(self.model, self.val_loader(), self.eval_steps, self.token_bytes)
+                    msg += f" | val bpb {out['val_bpb']:.4f}"
+            self.model.train()
+            print0(f"step {step:05d}/{num_iterations:05d} | {msg}")
+        if self.tasks and is_due(step, a.chatcore_every, last, at_end=False):
+            accs, self.chatcore = small_chatcore(self.model, self.tokenizer, self.device, self.tasks,
+                                                 a.chatcore_max_problems, a.chatcore_max_new_tokens)
+            print0(f"step {step:05d}/{num_iterations:05d} | ChatCORE {self.chatcore:.4f} ("
+                   + ", ".join(f"{k} {v:.3f}" for k, v in accs.items()) + ")")
+            out.update({"chatcore": self.chatcore, **{f"acc_{k}": v for k, v in accs.items()}})
+        return out
+
+
+def loop(args, stage, run, model, tokenizer, data):
+    train_mix, val_mix, meta = data
+    derived, device, world_size = meta["derived"], model.get_device(), run.world_size
+    B, T, grad_accum, n = args.device_batch_size, derived["max_seq_len"], derived["grad_accum"], derived["num_iterations"]
     use_compile = args.compile if args.compile is not None else device.type == "cuda"
     train_model = torch.compile(model, dynamic=False) if use_compile else model
     optimizer = model.setup_optimizer(weight_decay=args.weight_decay, **derived["lrs"])
-    loader = ConversationLoader(train_mix, tokenizer, B, T, mode=mode, device=device, loop=True)
-
-    loop = {}
-    if resume_step is not None:
-        _, shard, meta = ck.load_checkpoint(out_dir, resume_step, device, load_optimizer=True, rank=rank)
-        optimizer.load_state_dict(shard["optimizer"])
-        loader.load_state_dict(shard["extra"]["loader"])
-        ck.set_rng_state(shard["rng"])
-        loop = meta["loop"]
-    done_at_start = evaluated_before(out_dir, resume_step)  # before begin_run trims the metrics
-    ck.begin_run(out_dir, resume_step, master)
-    start_step = resume_step or 0
-    log = StepLog(device, total_batch_size, num_iterations, **loop)
-    wandb_run = init_wandb(args.run, "nanochat-" + stage, {**user_config, **derived}, master)
-    token_bytes = get_token_bytes(device) if stage == "mid" else None
-    chatcore_tasks = [t.strip() for t in args.chatcore_tasks.split(",") if t.strip()]
-
-    def save(step):
-        meta = dict(model_config=model_config, user_config=user_config, derived=derived, step=step,
-                    lrs=lrs, source=dict(stage=args.source, model_tag=model_tag, step=src_step),
-                    world_size=world_size, loop=log.state())
-        ck.save_checkpoint(out_dir, step, model.state_dict(), optimizer.state_dict(), meta, rank=rank,
-                           extra={"loader": loader.state_dict()})
-        print0(f"saved {out_dir} step {step}")
-
-    def val_loader():
-        return ConversationLoader(val_mix, tokenizer, B, T, mode=mode, device=device, loop=False)
-
-    step, record, last_val, last_chatcore = start_step, None, None, None
-    while True:
-        last = step == num_iterations
-        fresh = step == start_step and resume_step is not None  # this boundary was handled before the stop
-        evaluate = not (fresh and done_at_start)
-        saved = not fresh and is_due(step, args.save_every, last)
-        if saved:  # first: an evaluation that fails never costs the step
-            save(step)
-        if evaluate and len(val_mix) >= world_size and is_due(step, args.eval_every, last, at_start=True):
-            model.eval()
-            with autocast_ctx(device):
-                last_val = evaluate_loss(model, val_loader(), eval_steps, device)
-                msg = f"val loss {last_val:.4f}"
-                record = record or {"step": step}
-                record["val_loss"] = last_val
-                if token_bytes is not None:
-                    record["val_bpb"] = evaluate_bpb(model, val_loader(), eval_steps, token_bytes)
-                    msg += f" | val bpb {record['val_bpb']:.4f}"
-            model.train()
-            print0(f"step {step:05d}/{num_iterations:05d} | {msg}")
-        if evaluate and chatcore_tasks and is_due(step, args.chatcore_every, last, at_end=False):
-            accs, last_chatcore = small_chatcore(model, tokenizer, device, chatcore_tasks, args.chatcore_max_problems,
-                                                 args.chatcore_max_new_tokens)
-            print0(f"step {step:05d}/{num_iterations:05d} | ChatCORE {last_chatcore:.4f} ("
-                   + ", ".join(f"{k} {v:.3f}" for k, v in accs.items()) + ")")
-            record = record or {"step": step}
-            record.update({"chatcore": last_chatcore, **{f"acc_{k}": v for k, v in accs.items()}})
-        if (saved or fresh) and master and record:  # this step is a checkpoint: its evaluations go into its meta too
-            ck.annotate_meta(out_dir, step, **{k: v for k, v in record.items() if k in ("val_loss", "val_bpb", "chatcore")})
-        write_record(out_dir, record, wandb_run, master)
-        record = None
-        if last:
-            break
+    loader = ConversationLoader(train_mix, tokenizer, B, T, mode=stage.mode, device=device, loop=True)
+    log = StepLog(device, derived["total_batch_size"], n)
+    run.begin(ResumeState(model, optimizer, [loader], log), n, "nanochat-" + stage.name, meta)
+    evaluations = Evaluations(args, stage, model, tokenizer, val_mix, derived["eval_steps"])
+    step, record = run.start_step, None
+    while not run.boundary(step, record, lambda s, last: evaluations(s, last, n)):
         log.begin_step()
-
         # --- one optimizer step: fetch all micro-batches first, to count the step's targets
-        lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-        set_lrs(optimizer, lrm, muon_momentum(step) if stage == "mid" else None)
+        lrm = lr_multiplier(step, n, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+        set_lrs(optimizer, lrm, stage.momentum(step) if stage.momentum else None)
         batches, local_tokens = [], 0
         for _ in range(grad_accum):
             batches.append(next(loader))
             local_tokens += loader.last_targets  # counted on the host: no wait for the device
-        # (with torchrun, one small all-reduce of the count: the only per-step sync)
-        num_tokens = int(global_sum(local_tokens, device))
+        num_tokens = int(global_sum(local_tokens, device))  # with torchrun the only per-step sync
         loss_total = torch.zeros((), device=device)
         for x, y in batches:
             with autocast_ctx(device):
@@ -193,16 +189,11 @@ def _train(args, stage, section, mode, rank, world_size, master, device):
             dist.all_reduce(loss_total, op=dist.ReduceOp.SUM)
         log.end_step(loss_total / max(1, num_tokens))
         step += 1
-        if log.due(step, args.log_every):
-            record = log.line(step, lrm, start_step, text=f" | trained tokens {num_tokens:,}",
-                              trained_tokens=num_tokens, epoch=loader.epoch)
-
-    summary = {"model tag": model_tag, "source": derived["source"], "mixture": spec, "steps": num_iterations,
-               "tokens": num_iterations * total_batch_size, "total batch size": total_batch_size,
-               "training time (min)": round(log.total_time / 60, 2), "final val loss": last_val,
-               "ChatCORE (small)": last_chatcore, "processes": world_size}
-    print0("summary: " + " | ".join(f"{k} {v}" for k, v in summary.items() if v is not None))
-    if master:
-        log_report(section, [user_config, summary])
-    wandb_run.finish()
+        record = log.line(step, lrm, run.start_step, text=f" | trained tokens {num_tokens:,}", trained_tokens=num_tokens,
+                          epoch=loader.epoch) if log.due(step, args.log_every) else None
+    run.finish(stage.section, {
+        "model tag": derived["model_tag"], "source": derived["source"], "mixture": derived["mixture"], "steps": n,
+        "tokens": n * derived["total_batch_size"], "total batch size": derived["total_batch_size"],
+        "training time (min)": round(log.total_time / 60, 2), "final val loss": evaluations.val_loss,
+        "ChatCORE (small)": evaluations.chatcore, "processes": world_size})
     return 0

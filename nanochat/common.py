@@ -361,6 +361,7 @@ def compute_cleanup():
     that tore down its process group while another was still writing its results was seen to
     abort at exit (gloo, eval chat, once in several runs). Called from a `finally` while an
     exception is on its way out, there is no barrier: the other ranks may never arrive."""
+    gc_restore()  # a training loop's gc_step froze the collector: on again, also after an error
     if dist.is_available() and dist.is_initialized():
         if sys.exc_info()[1] is None and dist.get_world_size() > 1:
             dist.barrier()

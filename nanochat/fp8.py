@@ -35,7 +35,7 @@ these exact code paths; the training stage refuses --fp8 anywhere but on such a 
 (unsupported_reason). The speed-up needs torch.compile (upstream measured uncompiled FP8 about 4x
 slower than bf16: the scaling ops are only cheap when fused).
 
-Not verified on a GPU yet (bench/gpu_check.py --only fp8 does it).
+Not verified on a GPU yet (bench/gpu_check.sh 1 does it: its fp8 and compiled checks).
 """
 import collections
 import re

@@ -168,7 +168,10 @@ def budgets(C, N, min_sizes=MIN_SIZES):
     used, skipped = {}, []
     for c in sorted(set(C.tolist())):
         idx = np.flatnonzero(C == c)
-        (used.__setitem__(c, idx) if len(set(N[idx].tolist())) >= min_sizes else skipped.append(c))
+        if len(set(N[idx].tolist())) >= min_sizes:
+            used[c] = idx
+        else:
+            skipped.append(c)
     return used, skipped
 
 

@@ -117,12 +117,14 @@ def plot_series(rows, out):
     n = [float(r["num_params"]) for r in runs]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, name in [(axes[0], "val_bpb", "val bpb"), (axes[1], "core_score", "CORE")]:
-        pts = sorted((x, float(r[key])) for x, r in zip(n, runs) if r.get(key) not in (None, ""))
+        pts = sorted((x, float(r[key]), r["depth"]) for x, r in zip(n, runs) if r.get(key) not in (None, ""))
         if pts:
-            ax.plot(*zip(*pts), marker="o")
-            for (x, y), r in zip(pts, sorted(runs, key=lambda r: float(r["num_params"]))):
-                ax.annotate(f"d{r['depth']}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_xscale("log")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
+            for x, y, depth in pts:
+                ax.annotate(f"d{depth}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.set_xscale("log")
+        else:
+            ax.text(0.5, 0.5, f"no {name} in these runs", ha="center", transform=ax.transAxes)
         ax.set_xlabel("parameters")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)

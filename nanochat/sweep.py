@@ -273,24 +273,22 @@ def launch(run, out, nproc, progress, i, label):
 def sweep(runs, out, csv_path, columns, make_row, nproc=1, keep_checkpoints=False, retry_failed=False,
           prog="nanochat scaling"):
     """Run what `runs` ([{name, flags, flops, label, row}], in order) lacks in the CSV. make_row(run,
-    meta, records, wall) -> the CSV row of a finished run. Returns the CSV's rows."""
+    meta, records) -> the CSV cells of a finished run. Returns the CSV's rows."""
     columns = columns + EXTRA_COLUMNS
     rows = read_csv(csv_path, columns[:-len(EXTRA_COLUMNS)]) if os.path.exists(csv_path) and os.path.getsize(csv_path) else []
     for r in rows:
         r.pop("_line", None)
-    by_name = {r.get("run"): r for r in rows}
-    if retry_failed:
+    if retry_failed:  # their rows go when the CSV is next written, replaced by the new attempts'
         rows = [r for r in rows if r.get("status") != "failed"]
-        by_name = {r.get("run"): r for r in rows}
+    done = {r.get("run") for r in rows}
     for r in rows:  # a kill between a row and the clean-up leaves weights behind
         if not keep_checkpoints and r.get("run"):
             remove_weights(os.path.join(out, "runs", r["run"], "checkpoints", "base", r["run"]))
-    todo = [r for r in runs if r["name"] not in by_name]
+    todo = [r for r in runs if r["name"] not in done]
     total = sum(r["flops"] for r in runs)
     progress = Progress(prog, total, total - sum(r["flops"] for r in todo), len(runs))
     if not todo:
         print(f"{prog}: all {len(runs)} runs are in {csv_path}")
-    failures = 0
     for run in todo:
         i = runs.index(run) + 1
         progress.show(i, run["label"], force=True)
@@ -303,7 +301,6 @@ def sweep(runs, out, csv_path, columns, make_row, nproc=1, keep_checkpoints=Fals
             row = dict(run["row"], **make_row(run, *finished), status="ok", run=run["name"],
                        wall_time_sec=round(time.time() - t0, 1), cpu_time_sec=round(cpu_seconds() - cpu0, 1))
         else:
-            failures += 1
             why = last if rc else "finished without its final checkpoint"
             row = dict(run["row"], status="failed", run=run["name"], wall_time_sec=round(time.time() - t0, 1),
                        cpu_time_sec=round(cpu_seconds() - cpu0, 1), error=why[:300])

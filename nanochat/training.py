@@ -19,9 +19,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from nanochat import checkpoint as ck
 from nanochat.common import UserError, add_common_flags, print0, synchronize
-from nanochat.report import get_report
 
 # ---------------------------------------------------------------------------
 # The --depth rules of `train base` (docs/training.md)
@@ -186,13 +184,18 @@ class StepLog:
     def due(self, step, log_every):
         return step % log_every == 0 or step == self.num_iterations
 
-    def line(self, step, lrm, first_step, flops_per_token=None, peak_flops=None, world_size=1, text="", **extra):
-        """Print the log line of `step` and return its metrics record (extra keys included)."""
+    def lap(self):
+        """Seconds per step since the last lap (waits for the device); adds them to total_time."""
         synchronize(self.device)
         now = time.time()
         dt = (now - self.t0) / self.steps
         self.total_time += now - self.t0
         self.t0, self.steps = now, 0
+        return dt
+
+    def line(self, step, lrm, first_step, flops_per_token=None, peak_flops=None, world_size=1, text="", **extra):
+        """Print the log line of `step` and return its metrics record (extra keys included)."""
+        dt = self.lap()
         loss = float(self.loss)
         smooth = float(self.smooth) / (1 - self.beta ** step)
         tok_per_sec = self.total_batch_size / dt
@@ -210,17 +213,9 @@ class StepLog:
     def state(self):
         return dict(smooth_loss=float(self.smooth), total_time=self.total_time)
 
-
-def write_record(ckpt_dir, record, wandb_run, master):
-    """Append a step's metrics record (if any) to metrics.jsonl and wandb (master only)."""
-    if record is not None and master:
-        ck.append_metrics(ckpt_dir, record)
-        wandb_run.log(record, step=record["step"])
-
-
-def log_report(section, data):
-    """The stage's section of the report card (nanochat/report.py)."""
-    get_report().log(section=section, data=data)
+    def load_state(self, state):
+        self.smooth.fill_(float(state.get("smooth_loss", 0.0)))
+        self.total_time = state.get("total_time", 0.0)
 
 
 def announce_start(args, model_tag, src_step, out_dir, lrs, world_size, plan, **extra):
@@ -345,59 +340,6 @@ def check_common_args(args):
         raise UserError(f"--num-epochs must be > 0, not {args.num_epochs}")
     if args.init_lr_frac <= 0:
         raise UserError(f"--init-lr-frac must be > 0, not {args.init_lr_frac}")
-
-
-# ---------------------------------------------------------------------------
-# Resume
-
-
-def resolve_resume(ckpt_dir, args, world_size):
-    """(resume_step, meta) for --resume / --resume-from-step in `ckpt_dir`, or (None, None) for a
-    fresh run. UserError when there is nothing to resume or it was saved by another number of
-    processes."""
-    if not (args.resume or args.resume_from_step is not None):
-        return None, None
-    steps = ck.complete_steps(ckpt_dir)
-    if not steps:
-        raise UserError(f"nothing to resume: no complete checkpoint in {ckpt_dir} "
-                        f"(train without --resume first, or check --model-tag)")
-    step = steps[-1] if args.resume else args.resume_from_step
-    if step not in steps:
-        raise UserError(f"no complete checkpoint for step {step} in {ckpt_dir}; "
-                        f"complete steps: {', '.join(map(str, steps))}")
-    meta = ck.load_meta(ckpt_dir, step, require=("model_config", "loop"))
-    if meta.get("world_size", 1) != world_size:
-        raise UserError(f"the checkpoint was saved by {meta.get('world_size')} process(es); "
-                        f"resume with the same number (now {world_size})")
-    saved = meta.get("threads")
-    if saved and saved != torch.get_num_threads():
-        # CPU kernels split their sums by thread: another count gives other rounding, and the
-        # resumed run would drift from the uninterrupted one
-        print0(f"resume: {saved} CPU threads per process, as the checkpointed run (not {torch.get_num_threads()})")
-        torch.set_num_threads(saved)
-    return step, meta
-
-
-def evaluated_before(ckpt_dir, resume_step) -> bool:
-    """Did the interrupted run finish the evaluations at the step it is resumed from? (Their
-    record is in metrics.jsonl.) A checkpoint is saved before its step's evaluations, so a run
-    stopped while they ran resumes at that step with them still to do."""
-    return resume_step is not None and any(r.get("step") == resume_step for r in ck.read_metrics(ckpt_dir))
-
-
-def check_horizon(resume_step, num_iterations):
-    if resume_step is not None and resume_step > num_iterations:
-        raise UserError(f"the checkpoint is at step {resume_step}, past --num-iterations {num_iterations}")
-
-
-def resolve_start(args, stage, world_size):
-    """Where a mid/sft/rl run starts. Returns (src_dir, src_step, model_tag, out_dir, resume_step):
-    the source checkpoint (checkpoints/<source>/<tag>), the output folder checkpoints/<stage>/<tag>
-    (same tag), and the step to resume from in it (None for a fresh run)."""
-    src_dir, model_tag, src_step = ck.resolve_checkpoint(args.source, args.model_tag, args.step)
-    out_dir = ck.checkpoint_dir(stage, model_tag)
-    resume_step, _ = resolve_resume(out_dir, args, world_size)
-    return src_dir, src_step, model_tag, out_dir, resume_step
 
 
 # ---------------------------------------------------------------------------

@@ -26,8 +26,10 @@ WANDB_RUN=${WANDB_RUN:-dummy}
 export OMP_NUM_THREADS=1
 export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}
 
-# torch: a GPU machine usually has one already; otherwise install the CUDA build from PyPI
-NANOCHAT_TORCH=${NANOCHAT_TORCH:-torch} bash runs/setup.sh
+# The exact packages of runs/requirements-gpu.txt: PyPI's torch 2.11.0 (CUDA 13.0 build, the
+# version the GPU check ran with) and the runtime dependencies, no test extras; installed once
+# (pip skips what the venv already has at those versions).
+NANOCHAT_REQUIREMENTS=runs/requirements-gpu.txt bash runs/setup.sh
 . .venv/bin/activate
 
 TORCHRUN="torchrun --standalone --nproc_per_node=$NPROC -m nanochat"

@@ -314,3 +314,15 @@ def test_compiled_training_loss_has_the_eager_gradients(chunk_rows):
         if a.grad is not None:
             torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6)
     assert models[1].lm_head.weight.grad.norm() > 0
+
+
+def test_compute_cleanup_turns_the_collector_back_on():
+    """Every stage's `finally` calls compute_cleanup: a training loop that froze the collector and
+    then failed leaves the process (a test session, say) collecting again."""
+    import gc
+
+    import nanochat.common as common
+    common.gc_step(1)
+    assert not gc.isenabled()
+    common.compute_cleanup()
+    assert gc.isenabled() and gc.get_freeze_count() == 0

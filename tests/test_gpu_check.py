@@ -161,3 +161,25 @@ def test_speedrun_fails_when_auto_batch_picks_a_batch_that_does_not_fit(monkeypa
     monkeypatch.setattr(gpu_check, "estimated_batch", lambda *a, **k: 2 * real(*a, **k))
     ok, numbers = gpu_check.check_speedrun(CPU, S)
     assert not ok and numbers["estimate_bytes"] > numbers["budget"], numbers
+
+
+def test_the_gpu_lock_pins_every_runtime_dependency_and_no_test_extra():
+    """runs/requirements-gpu.txt (what runs/speedrun.sh installs): one exact torch, the tested
+    2.11.0, an exact pin for each of pyproject's runtime dependencies, none of the dev extras."""
+    import tomllib
+    project = tomllib.load(open(os.path.join(REPO, "pyproject.toml"), "rb"))["project"]
+    pins = {}
+    for line in open(os.path.join(REPO, "runs", "requirements-gpu.txt")):
+        line = line.split("#")[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"not an exact pin: {line}"
+            pins[name.lower().replace("_", "-")] = version
+    assert pins["torch"] == "2.11.0"
+    for dep in project["dependencies"]:
+        name = dep.split(">")[0].split("=")[0].split("<")[0].strip().lower().replace("_", "-")
+        assert name in pins, f"{name} is not pinned"
+    dev = {d.split(">")[0].split("=")[0].strip().lower() for d in project["optional-dependencies"]["dev"]}
+    assert not dev & set(pins), dev & set(pins)
+    speedrun = open(os.path.join(REPO, "runs", "speedrun.sh")).read()
+    assert "NANOCHAT_REQUIREMENTS=runs/requirements-gpu.txt bash runs/setup.sh" in speedrun

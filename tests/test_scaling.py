@@ -138,8 +138,9 @@ def test_failed_rows_are_left_out(tmp_path):
     C, N, D, L = law_grid(0.34, 0.28, n=5)
     path = tmp_path / "g.csv"
     write_grid(path, C, N, D, L, sc.GRID_COLUMNS + sc.EXTRA_COLUMNS, dict(status="ok"))
-    text = path.read_text() + "1e18,9,64,,,,,,,,,,,,failed,C1e18-d9,,3.0,boom\n"
-    path.write_text(text)
+    failed = dict.fromkeys(sc.GRID_COLUMNS + sc.EXTRA_COLUMNS, "")
+    failed.update(flops_budget="1e18", depth="9", status="failed", run="C1e18-d9", error="boom, NaN")
+    path.write_text(path.read_text() + ",".join(f'"{v}"' if "," in v else v for v in failed.values()) + "\n")
     assert len(sc.grid_points(str(path))[0]) == len(C)
 
 

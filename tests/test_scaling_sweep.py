@@ -186,3 +186,27 @@ def test_second_sweep_in_the_same_folder_is_refused(tokenizer, tmp_path, capsys)
     with FileLock(str(out / ".sweep.lock")):
         assert cli.main(["scaling", "run", "--budgets", "1e9", "--depths", "1", "--out", str(out)]) == 1
     assert "another sweep is running" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script,expect", [
+    ("scaling_laws.sh", ["scaling run --nproc-per-node 3 --out OUT/g --budgets 1e18,2.15e18,4.64e18,1e19 "
+                         "--depths 10,12,14,16,18,20 -- --device-batch-size auto --fp8",
+                         "scaling fit --csv OUT/g/results.csv --target-flops 4e19"]),
+    ("miniseries.sh", ["scaling series --nproc-per-node 3 --out OUT/g --depths 10,12,14,16,18,20 --ratio 12 "
+                       "-- --device-batch-size auto --fp8"]),
+])
+def test_gpu_presets_call_the_commands(tmp_path, script, expect):
+    """runs/scaling_laws.sh and runs/miniseries.sh with a fake `nanochat` and a fake 3-GPU nvidia-smi."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.log"
+    (bin_dir / "nanochat").write_text(f'#!/bin/sh\necho "$*" >> "{log}"\n')
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\nprintf 'GPU 0\\nGPU 1\\nGPU 2\\n'\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    out = str(tmp_path / "g")
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", OUT=out)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run(["bash", os.path.join(repo, "runs", script), "--fp8"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert log.read_text().replace(out, "OUT/g").splitlines() == expect

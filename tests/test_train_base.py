@@ -337,6 +337,31 @@ def test_save_comes_before_the_evaluations_of_a_step(tokenizer, monkeypatch):
     assert [r["step"] for r in metrics("evalfail")] == [1, 2, 3]
 
 
+def test_kill_right_after_a_checkpoint_leaves_no_gap_in_the_metrics(tokenizer, monkeypatch):
+    """Killed right after step 2's meta appeared (before step 2's record reached metrics.jsonl),
+    then resumed: every step appears once, step 2 with the record the killed run had made. The
+    loader state lives in the optimizer shards only (not a second copy in the meta)."""
+    flags = TINY + ["--num-iterations", "4", "--eval-every", "-1", "--save-every", "2", "--model-tag", "gap"]
+    real_save = ck.save_checkpoint
+
+    def dies_after_saving(d, step, *a, **k):
+        real_save(d, step, *a, **k)
+        if step == 2:
+            raise KeyboardInterrupt("simulated kill right after step 2's meta appeared")
+    monkeypatch.setattr(ck, "save_checkpoint", dies_after_saving)
+    with pytest.raises(KeyboardInterrupt):
+        tb.main(flags)
+    monkeypatch.setattr(ck, "save_checkpoint", real_save)
+    assert [r["step"] for r in metrics("gap")] == [1]
+    d = ck.checkpoint_dir("base", "gap")
+    assert "dataloader" not in ck.load_meta(d, 2) and ck.load_meta(d, 2)["record"]["step"] == 2
+    tb.main(flags + ["--resume"])
+    rows = metrics("gap")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    tb.main(flags[:-1] + ["gap-full"])
+    assert [r["loss"] for r in rows] == [r["loss"] for r in metrics("gap-full")]
+
+
 def test_resume_rejects_other_architecture(tokenizer):
     tb.main(TINY + ["--num-iterations", "1", "--eval-every", "-1", "--model-tag", "arch"])
     with pytest.raises(UserError, match="n_embd"):

@@ -191,12 +191,12 @@ def test_train_mid_two_processes_and_resume(base_checkpoint):
         assert ck.load_meta(d, s)["world_size"] == 2
         for r in (0, 1):
             shard = ck.load_checkpoint(d, s, load_optimizer=True, rank=r)[1]
-            assert shard["extra"]["loader"]["rank"] == r and shard["extra"]["loader"]["world_size"] == 2
+            assert shard["extra"]["loader"][0]["rank"] == r and shard["extra"]["loader"][0]["world_size"] == 2
             assert shard["optimizer"]["state"]  # a real optimizer state, not an empty shard
         assert not os.path.exists(os.path.join(d, f"optim_{s:06d}_rank2.pt"))
     shards = [ck.load_checkpoint(d, 3, load_optimizer=True, rank=r)[1] for r in (0, 1)]
     # the two ranks read different conversations (their strides of the mixture) ...
-    assert shards[0]["extra"]["loader"]["buffer"] != shards[1]["extra"]["loader"]["buffer"]
+    assert shards[0]["extra"]["loader"][0]["buffer"] != shards[1]["extra"]["loader"][0]["buffer"]
     # ... and each keeps the optimizer state of its own share of the parameters
     states = [[v for st in sh["optimizer"]["state"].values() for v in st.values() if torch.is_tensor(v)] for sh in shards]
     assert len(states[0]) == len(states[1])

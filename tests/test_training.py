@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from nanochat import checkpoint as ck
+from nanochat import run
 from nanochat import training as tr
 from nanochat.common import UserError
 
@@ -147,22 +148,22 @@ def test_inherited_lrs():
 def test_resolve_resume(tmp_path):
     d = str(tmp_path / "ckpt")
     fresh = types.SimpleNamespace(resume=False, resume_from_step=None)
-    assert tr.resolve_resume(d, fresh, 1) == (None, None)
+    assert run.resolve_resume(d, fresh, 1) == (None, None)
     latest = types.SimpleNamespace(resume=True, resume_from_step=None)
     with pytest.raises(UserError, match="nothing to resume"):
-        tr.resolve_resume(d, latest, 1)
+        run.resolve_resume(d, latest, 1)
     for step in (2, 5):
         ck.save_checkpoint(d, step, {"w": torch.zeros(1)}, {}, {"model_config": {}, "world_size": 2, "loop": {}})
-    step, meta = tr.resolve_resume(d, latest, 2)
+    step, meta = run.resolve_resume(d, latest, 2)
     assert step == 5 and meta["step"] == 5
-    assert tr.resolve_resume(d, types.SimpleNamespace(resume=False, resume_from_step=2), 2)[0] == 2
+    assert run.resolve_resume(d, types.SimpleNamespace(resume=False, resume_from_step=2), 2)[0] == 2
     with pytest.raises(UserError, match="no complete checkpoint for step 3.*2, 5"):
-        tr.resolve_resume(d, types.SimpleNamespace(resume=False, resume_from_step=3), 2)
+        run.resolve_resume(d, types.SimpleNamespace(resume=False, resume_from_step=3), 2)
     with pytest.raises(UserError, match="saved by 2 process"):
-        tr.resolve_resume(d, latest, 1)
-    tr.check_horizon(5, 5)
+        run.resolve_resume(d, latest, 1)
+    run.check_horizon(5, 5)
     with pytest.raises(UserError, match="past --num-iterations 4"):
-        tr.check_horizon(5, 4)
+        run.check_horizon(5, 4)
 
 
 def test_clear_grads_keeps_cpu_gradients_and_steps_the_same():

@@ -74,7 +74,7 @@ def main(argv=None):
     rows = scaling.read_csv(csv_path, scaling.SERIES_COLUMNS)
     pictures = plot_series(rows, out) + plot_losses(rows, out, key="")
     lines = [f"d{r['depth']}: {int(float(r['num_params'])):,} params, {int(float(r['tokens_trained'])):,} tokens, "
-             f"val bpb {r['val_bpb']}, CORE {r['core_score'] or '-'}" for r in rows if scaling.is_ok(r)]
+             f"val bpb {float(r['val_bpb']):.4f}, CORE {r['core_score'] or '-'}" for r in rows if scaling.is_ok(r)]
     print("\n".join(lines))
     print("pictures: " + ", ".join(path for _, path in pictures))
     log_section("Miniseries", dict(csv=csv_path, runs=len(lines)), lines, pictures)

@@ -25,19 +25,19 @@ import torch.distributed as dist
 from nanochat import checkpoint as ck
 from nanochat import fp8
 from nanochat.common import (UserError, add_common_flags, autocast_ctx, autodetect_device_type, compute_cleanup,
-                             compute_dtype_choice, compute_init, get_peak_flops, init_wandb, print0)
+                             compute_dtype_choice, compute_init, get_peak_flops, print0)
 from nanochat.core_eval import evaluate_core
 from nanochat.dataloader import PretrainLoader  # see docs/data.md
 from nanochat.dataset import list_shards, validate_shards
 from nanochat.engine import greedy_samples
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.run import ResumeState, Run, check_horizon, saved_architecture
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.training import (REF_DEPTH, StepLog, add_compile_flag, add_schedule_flags, base_muon_momentum,
-                               batch_lr_scale, check_horizon, check_loop_args, check_schedule_args, clear_grads,
-                               derive_total_batch_size, evaluated_before, is_due, largest_fitting, log_report,
-                               lr_multiplier, model_dims, resolve_resume, scaled_weight_decay, scaling_params,
-                               set_lrs, weight_decay_at, write_record)
+                               batch_lr_scale, check_loop_args, check_schedule_args, clear_grads,
+                               derive_total_batch_size, is_due, largest_fitting, lr_multiplier, model_dims,
+                               scaled_weight_decay, scaling_params, set_lrs, weight_decay_at)
 
 # The yardstick of the on-paper time: one H100 SXM's dense bf16 tensor-core peak (the data sheet's
 # 1,979 TFLOP/s is with 2:4 sparsity), 8 of them (one node), at --assumed-mfu. MFU is counted
@@ -392,209 +392,150 @@ def main(argv=None):
 
 
 def train(args, tokenizer, vocab_size, device, rank, world_size):
-    device_type = device.type
-    master = rank == 0
-    dtype, dtype_why = compute_dtype_choice(device_type)
-    model_config = base_model_config(args, vocab_size, device_type)
-    model_tag = args.model_tag or f"d{args.depth}"
-    ckpt_dir = ck.checkpoint_dir("base", model_tag)
-
-    # --- resume: which step, and does it fit the flags?
-    resume_step, meta = resolve_resume(ckpt_dir, args, world_size)
-    if resume_step is not None:
-        saved_cfg = meta["model_config"]
-        diffs = [f"{k}: checkpoint {saved_cfg.get(k)!r} vs now {v!r}" for k, v in model_config.items()
-                 if saved_cfg.get(k) != v]
-        if diffs:
-            raise UserError("the architecture flags differ from the checkpoint's: " + "; ".join(diffs))
-        model_config = dict(saved_cfg)
+    """Plan, build, loop."""
+    model_config = base_model_config(args, vocab_size, device.type)
+    run = Run(ck.checkpoint_dir("base", args.model_tag or f"d{args.depth}"), args, world_size, rank)
+    if run.resume_step is not None:
+        model_config = saved_architecture(model_config, run.resumed_meta)
     plan = plan_base(args, model_config, world_size)
+    model, plan, fp8_note = build(args, plan, device)
+    check_horizon(run.resume_step, plan.num_iterations)
+    dtype, dtype_why = compute_dtype_choice(device.type)
+    print_plan(plan, args, f"{str(dtype).replace('torch.', '')} ({dtype_why})", fp8_note)
+    meta = dict(model_config=plan.model_config, user_config=dict(vars(args), device_batch_size=requested_device_batch(args)),
+                derived=plan.derived(dtype))
+    if args.dry_run:
+        print0(meta["derived"])
+        return 0
+    return loop(args, plan, run, model, tokenizer, meta)
 
-    # --- build: the model materialized and initialized, FP8, the micro-batch if auto
+
+def build(args, plan, device):
+    """(model, plan, fp8 note): the model built (on the meta device only for a dry run),
+    initialized, converted to FP8 if asked, and the plan's micro-batch filled in if it was auto."""
     with torch.device("meta"):
-        model = GPT(GPTConfig(**model_config))
-    fp8_note = "off"
+        model = GPT(GPTConfig(**plan.model_config))
     if args.fp8:
         why_not = fp8.unsupported_reason(device)
         if why_not and not args.dry_run:
             raise UserError(f"--fp8: {why_not}; train without --fp8 (bf16)")
         if args.dry_run:  # which layers it would convert (on the meta model: shapes only)
-            fp8_note = ("on, " if not why_not else f"requested, not on this machine ({why_not}); would be ") + \
+            return model, plan, ("on, " if not why_not else f"requested, not on this machine ({why_not}); would be ") + \
                 fp8_layers(*fp8.convert_to_fp8(model))
-    if not args.dry_run:
-        model.to_empty(device=device)
-        torch.manual_seed(args.seed)
-        model.init_weights()
-    orig_model = model  # uncompiled: for saving, sampling and evaluation
-    if args.activation_checkpointing:
-        model.checkpoint_activations = True  # gpt.py wraps each block in torch.utils.checkpoint
-    if args.fp8 and not args.dry_run:  # before the batch probe, compile and the optimizer; the parameters stay the same
-        fp8_note = "on, " + fp8_layers(*fp8.convert_to_fp8(model))
-    if plan.device_batch_size is None and not args.dry_run:  # --device-batch-size auto
-        plan = plan_base(args, model_config, world_size, auto_device_batch(model, args, world_size, device))
-    check_horizon(resume_step, plan.num_iterations)
-
-    print_plan(plan, args, f"{str(dtype).replace('torch.', '')} ({dtype_why})", fp8_note)
-    user_config = dict(vars(args), device_batch_size=requested_device_batch(args))
-    derived = plan.derived(dtype)
     if args.dry_run:
-        print0(derived)
-        return 0
-    B, T, grad_accum = plan.device_batch_size, args.max_seq_len, plan.grad_accum
-    total_batch_size, num_iterations, lrs = plan.total_batch_size, plan.num_iterations, plan.lrs
-    weight_decay, eval_steps, flops_per_token = plan.weight_decay, plan.eval_steps, plan.flops_per_token
+        return model, plan, "off"
+    model.to_empty(device=device)
+    torch.manual_seed(args.seed)
+    model.init_weights()
+    model.checkpoint_activations = args.activation_checkpointing  # each block in torch.utils.checkpoint
+    fp8_note = "off"
+    if args.fp8:  # before the batch probe, compile and the optimizer; the parameters stay the same
+        fp8_note = "on, " + fp8_layers(*fp8.convert_to_fp8(model))
+    if plan.device_batch_size is None:  # --device-batch-size auto
+        plan = plan_base(args, plan.model_config, plan.world_size, auto_device_batch(model, args, plan.world_size, device))
+    return model, plan, fp8_note
 
-    use_compile = args.compile if args.compile is not None else device_type == "cuda"
-    if use_compile:
-        model = torch.compile(model, dynamic=False)
 
-    optimizer = orig_model.setup_optimizer(**lrs, weight_decay=weight_decay,
-                                           compile=use_compile or None)  # --compile on CPU compiles the optimizer's updates too
+class Evaluations:
+    """What `train base` evaluates at a step boundary: val bpb, CORE, greedy samples (each when
+    due); the latest values for the summary."""
 
+    def __init__(self, args, plan, model, tokenizer, master):
+        self.args, self.plan, self.model, self.tokenizer, self.master = args, plan, model, tokenizer, master
+        self.device = next(model.parameters()).device
+        self.token_bytes = get_token_bytes(self.device)
+        self.val_batches = None
+        self.val_bpb, self.min_val_bpb, self.core = None, float("inf"), None
+
+    def __call__(self, step, last, compiled):
+        a, n, device, out = self.args, self.plan.num_iterations, self.device, {}
+        if is_due(step, a.eval_every, last, at_start=True):
+            if self.val_batches is None:
+                self.val_batches = load_val_batches(self.tokenizer, self.plan.device_batch_size, a.max_seq_len,
+                                                    self.plan.eval_steps)
+            compiled.eval()
+            with autocast_ctx(device):
+                batches = ((x.to(device), y.to(device)) for x, y in self.val_batches)
+                self.val_bpb = evaluate_bpb(compiled, batches, self.plan.eval_steps, self.token_bytes)
+            compiled.train()
+            self.min_val_bpb = min(self.min_val_bpb, self.val_bpb)
+            print0(f"step {step:05d}/{n:05d} | val bpb {self.val_bpb:.4f}")
+            out["val_bpb"] = self.val_bpb
+        if is_due(step, a.core_metric_every, last, at_end=False):
+            self.model.eval()
+            with autocast_ctx(device):
+                res = evaluate_core(self.model, self.tokenizer, device, max_per_task=a.core_metric_max_per_task)
+            self.model.train()
+            self.core = out["core"] = res["core"]
+            print0(f"step {step:05d}/{n:05d} | CORE {res['core']:.4f} ({res['num_available']}/{res['num_tasks']} tasks)")
+        if self.master and is_due(step, a.sample_every, last, at_end=False):
+            self.model.eval()
+            with autocast_ctx(device):
+                for sample in greedy_samples(self.model, self.tokenizer):
+                    print0(f"  {sample!r}")
+            self.model.train()
+        return out
+
+
+def loop(args, plan, run, model, tokenizer, meta):
+    device = next(model.parameters()).device
+    use_compile = args.compile if args.compile is not None else device.type == "cuda"
+    compiled = torch.compile(model, dynamic=False) if use_compile else model
+    optimizer = model.setup_optimizer(**plan.lrs, weight_decay=plan.weight_decay,
+                                      compile=use_compile or None)  # --compile on CPU compiles the optimizer's updates too
+    B, T, grad_accum, n = plan.device_batch_size, args.max_seq_len, plan.grad_accum, plan.num_iterations
     # The data is split into grad_accum * world_size "data ranks", one loader each; micro-step k
-    # of process r reads data rank r * grad_accum + k. The split depends only on the total and
-    # micro batch sizes, not on the number of processes, so 1 GPU with 8 accumulation steps
-    # reads exactly the same batches as 8 GPUs without accumulation (same run, up to float
-    # summation order).
-    data_ranks = grad_accum * world_size
-    train_loaders = [PretrainLoader(tokenizer, B, T, split="train", device=device, rank=rank * grad_accum + k,
-                                    world_size=data_ranks) for k in range(grad_accum)]
-    loader_state = [ld.state_dict() for ld in train_loaders]  # positions of the next batches we take
-
-    # --- restore
-    loop = {}
-    if resume_step is not None:
-        model_state, shard, meta = ck.load_checkpoint(ckpt_dir, resume_step, device, load_optimizer=True, rank=rank)
-        orig_model.load_state_dict(model_state, strict=True)
-        optimizer.load_state_dict(shard["optimizer"])
-        loader_state = shard["extra"]["loader"]
-        if len(loader_state) != grad_accum:
-            raise UserError(f"the checkpoint was saved with {len(loader_state)} accumulation steps per process, "
-                            f"now {grad_accum}: resume with the same --total-batch-size and --device-batch-size")
-        for ld, st in zip(train_loaders, loader_state):
-            ld.load_state_dict(st)
-        ck.set_rng_state(shard["rng"])
-        # the saved groups replace ours (torch's load_state_dict): set this run's Muon options again
-        loop = meta["loop"]
-        del model_state, shard
-    for group in optimizer.param_groups:
+    # of process r reads data rank r * grad_accum + k: the same batches for 1 GPU with 8
+    # accumulation steps as for 8 GPUs without (same run, up to float summation order).
+    loaders = [PretrainLoader(tokenizer, B, T, split="train", device=device, rank=run.rank * grad_accum + k,
+                              world_size=grad_accum * plan.world_size) for k in range(grad_accum)]
+    log = StepLog(device, plan.total_batch_size, n)
+    state = ResumeState(model, optimizer, loaders, log)
+    run.begin(state, n, "nanochat", meta)
+    for group in optimizer.param_groups:  # after a resume too: the saved groups replaced ours
         if group["kind"] == "muon":
             group["row_eq"] = group["renorm"] = args.muon_eq_plus
-    done_at_start = evaluated_before(ckpt_dir, resume_step)  # before begin_run trims the metrics
-    ck.begin_run(ckpt_dir, resume_step, master)
-    start_step = resume_step or 0
-    log = StepLog(device, total_batch_size, num_iterations, **loop)
-
-    wandb_run = init_wandb(args.run, "nanochat", {**user_config, **derived}, master)
-    token_bytes = get_token_bytes(device)
+    evaluations = Evaluations(args, plan, model, tokenizer, run.master)
     peak_flops = get_peak_flops(device)
-    x, y = next(train_loaders[0])
-
-    def will_save(step):
-        return is_due(step, args.save_every, step == num_iterations)
-
-    def save(step):
-        meta = dict(model_config=model_config, user_config=user_config, derived=derived, step=step,
-                    dataloader=loader_state, world_size=world_size, loop=log.state())
-        ck.save_checkpoint(ckpt_dir, step, orig_model.state_dict(), optimizer.state_dict(), meta,
-                           rank=rank, extra={"loader": loader_state})
-        print0(f"saved {ckpt_dir} step {step}")
-
-    step = start_step
-    val_batches = None
-    record = None  # the metrics line of the last logged step, written after its evaluations
-    last_val_bpb = None
-    min_val_bpb = float("inf")
-    last_core = None
-    while True:
-        last = step == num_iterations
-        fresh = step == start_step and resume_step is not None  # this boundary was handled before the stop
-        evaluate = not (fresh and done_at_start)
-        # --- at a step boundary (before training step `step + 1`): save first, so that an
-        # evaluation that fails (a bad validation shard, an OOM) never costs the step
-        saved = not fresh and will_save(step)
-        if saved:
-            save(step)
-        if evaluate and is_due(step, args.eval_every, last, at_start=True):
-            if val_batches is None:
-                val_batches = load_val_batches(tokenizer, B, T, eval_steps)
-            model.eval()
-            with autocast_ctx(device):
-                val_bpb = evaluate_bpb(model, ((x.to(device), y.to(device)) for x, y in val_batches), eval_steps,
-                                       token_bytes)
-            model.train()
-            last_val_bpb = val_bpb
-            min_val_bpb = min(min_val_bpb, val_bpb)
-            print0(f"step {step:05d}/{num_iterations:05d} | val bpb {val_bpb:.4f}")
-            record = record or {"step": step}
-            record["val_bpb"] = val_bpb
-        if evaluate and is_due(step, args.core_metric_every, last, at_end=False):
-            orig_model.eval()
-            with autocast_ctx(device):
-                res = evaluate_core(orig_model, tokenizer, device, max_per_task=args.core_metric_max_per_task)
-            orig_model.train()
-            last_core = res["core"]
-            print0(f"step {step:05d}/{num_iterations:05d} | CORE {res['core']:.4f} "
-                   f"({res['num_available']}/{res['num_tasks']} tasks)")
-            record = record or {"step": step}
-            record["core"] = res["core"]
-        if evaluate and master and is_due(step, args.sample_every, last, at_end=False):
-            orig_model.eval()
-            with autocast_ctx(device):
-                for sample in greedy_samples(orig_model, tokenizer):
-                    print0(f"  {sample!r}")
-            orig_model.train()
-        if (saved or fresh) and master and record:  # a checkpoint step: its evaluations go into its meta too (export hf)
-            ck.annotate_meta(ckpt_dir, step, **{k: v for k, v in record.items() if k in ("val_bpb", "core")})
-        write_record(ckpt_dir, record, wandb_run, master)
-        record = None
-        if last:
-            break
+    state.mark_data()  # the data position a save records: before the first batch, fetched ahead
+    x, y = next(loaders[0])
+    step, record = run.start_step, None
+    while not run.boundary(step, record, lambda s, last: evaluations(s, last, compiled)):
         log.begin_step()  # evaluations do not count as step time
-
-        # --- one optimizer step
-        lrm = lr_multiplier(step, num_iterations, 0.0, args.warmdown_ratio, args.final_lr_frac,
-                            warmup_steps=args.warmup_steps)
-        set_lrs(optimizer, lrm, base_muon_momentum(step, num_iterations, args.warmdown_ratio),
-                weight_decay_at(step, weight_decay, num_iterations))
+        lrm = lr_multiplier(step, n, 0.0, args.warmdown_ratio, args.final_lr_frac, warmup_steps=args.warmup_steps)
+        set_lrs(optimizer, lrm, base_muon_momentum(step, n, args.warmdown_ratio), weight_decay_at(step, plan.weight_decay, n))
         loss_sum = torch.zeros((), device=device)
         for micro in range(grad_accum):
             with autocast_ctx(device):
-                loss = model(x, y)
+                loss = compiled(x, y)
             loss_sum += loss.detach()
             (loss / grad_accum).backward()
-            nxt = (micro + 1) % grad_accum
-            if micro == grad_accum - 1 and will_save(step + 1):
-                loader_state = [ld.state_dict() for ld in train_loaders]  # before taking step+2's first batch
-            x, y = next(train_loaders[nxt])  # fetched while the device still works on the backward
+            if micro == grad_accum - 1 and run.save_due(step + 1):
+                state.mark_data()  # before taking step + 2's first batch
+            x, y = next(loaders[(micro + 1) % grad_accum])  # fetched while the device works on the backward
         optimizer.step()
-        clear_grads(model)
+        clear_grads(compiled)
         train_loss = loss_sum / grad_accum
-        if world_size > 1:
+        if plan.world_size > 1:
             dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
         log.end_step(train_loss)
         step += 1
-
-        # --- logging: the only place that waits for the device
-        if log.due(step, args.log_every):
-            record = log.line(step, lrm, start_step, flops_per_token, peak_flops, world_size)
-
-    for ld in train_loaders:
+        if log.due(step, args.log_every):  # the only place that waits for the device
+            record = log.line(step, lrm, run.start_step, plan.flops_per_token, peak_flops, plan.world_size)
+        else:
+            record = None
+    for ld in loaders:
         ld.close()
-    peak_mem = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device_type == "cuda" else None
-    summary = {
-        "model tag": model_tag, "depth": args.depth, "parameters": plan.counts["total"],
-        "FLOPs per token": f"{flops_per_token:.3e}", "steps": num_iterations,
-        "tokens": num_iterations * total_batch_size, "total batch size": total_batch_size,
-        "tokens per scaling parameter": round(num_iterations * total_batch_size / plan.scaling_params, 2),
-        "training time (min)": round(log.total_time / 60, 2), "final val bpb": last_val_bpb,
-        "min val bpb": None if min_val_bpb == float("inf") else min_val_bpb, "CORE": last_core,
-        "peak memory (MiB)": peak_mem, "processes": world_size, "fp8": args.fp8,
-    }
-    print0("summary: " + " | ".join(f"{k} {v}" for k, v in summary.items() if v is not None))
-    if master:
-        log_report("Base model training", [user_config, summary])
-    wandb_run.finish()
+    run.finish("Base model training", {
+        "model tag": plan.model_tag, "depth": args.depth, "parameters": plan.counts["total"],
+        "FLOPs per token": f"{plan.flops_per_token:.3e}", "steps": n, "tokens": plan.total_tokens,
+        "total batch size": plan.total_batch_size,
+        "tokens per scaling parameter": round(plan.total_tokens / plan.scaling_params, 2),
+        "training time (min)": round(log.total_time / 60, 2), "final val bpb": evaluations.val_bpb,
+        "min val bpb": None if evaluations.min_val_bpb == float("inf") else evaluations.min_val_bpb,
+        "CORE": evaluations.core, "processes": plan.world_size, "fp8": args.fp8,
+        "peak memory (MiB)": torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None,
+    })
     return 0
 
 

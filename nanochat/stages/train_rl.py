@@ -17,18 +17,16 @@ Output: checkpoints/rl/<tag> (docs/chat_training.md).
 """
 import argparse
 import random
-import time
 
 import torch
 
 from nanochat import checkpoint as ck
 from nanochat.chat_eval import pick_problems
-from nanochat.common import (UserError, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
-                             init_wandb, print0, synchronize)
+from nanochat.common import UserError, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init, print0
 from nanochat.engine import Engine
-from nanochat.training import (add_lr_flags, clear_grads, add_training_flags, announce_start, check_common_args, check_horizon,
-                               evaluated_before, format_time, global_max, global_sum, inherited_lrs, is_due,
-                               log_report, resolve_start, set_lrs, write_record)
+from nanochat.run import ResumeState, Run, check_horizon, resolve_source
+from nanochat.training import (StepLog, add_lr_flags, add_training_flags, announce_start, check_common_args,
+                               clear_grads, format_time, global_max, global_sum, inherited_lrs, is_due, set_lrs)
 from tasks.gsm8k import GSM8K
 
 
@@ -170,108 +168,95 @@ def main(argv=None):
 
 
 def train(args, rank, world_size, device):
-    master = rank == 0
+    """Plan, build (the model from the source or the resumed checkpoint), loop."""
     if args.examples_per_step % world_size:
         raise UserError(f"--examples-per-step {args.examples_per_step} must be a multiple of the number of "
                         f"processes ({world_size})")
-    src_dir, src_step, model_tag, out_dir, resume_step = resolve_start(args, "rl", world_size)
-    load_dir, load_step = (out_dir, resume_step) if resume_step is not None else (src_dir, src_step)
+    src_dir, src_step, model_tag, out_dir = resolve_source(args, "rl")
+    run = Run(out_dir, args, world_size, rank)
+    load_dir, load_step = (out_dir, run.resume_step) if run.resume_step is not None else (src_dir, src_step)
     model, tokenizer, load_meta = ck.build_model(load_dir, load_step, device, phase="train")
-    src_meta = ck.load_meta(src_dir, src_step)
     model_config = load_meta["model_config"]
     max_seq_len = args.max_seq_len if args.max_seq_len > 0 else model_config["sequence_len"]
-
     train_task = GSM8K("main", "train")
-    val_task = GSM8K("main", "test")
-    order = list(range(len(train_task)))
-    random.Random(args.seed).shuffle(order)  # the same order every epoch; step s uses a fixed slice of it
-    per_rank = args.examples_per_step // world_size
-    if args.num_iterations > 0:
-        num_iterations = args.num_iterations
-    else:
-        num_iterations = max(1, int(args.num_epochs * len(train_task)) // args.examples_per_step)
-    check_horizon(resume_step, num_iterations)
-    lrs = inherited_lrs(src_meta, args)
-    user_config = dict(vars(args))
+    num_iterations = args.num_iterations if args.num_iterations > 0 else \
+        max(1, int(args.num_epochs * len(train_task)) // args.examples_per_step)
+    check_horizon(run.resume_step, num_iterations)
+    lrs = inherited_lrs(ck.load_meta(src_dir, src_step), args)
     plan = (f"{num_iterations} steps x {args.examples_per_step} GSM8K questions x {args.num_samples} samples "
             f"(of {len(train_task):,} questions); {world_size} process(es)")
     derived = announce_start(args, model_tag, src_step, out_dir, lrs, world_size, plan, num_iterations=num_iterations,
                              max_seq_len=max_seq_len, train_questions=len(train_task))
     if args.dry_run:
         return 0
+    meta = dict(model_config=model_config, user_config=dict(vars(args)), derived=derived, lrs=lrs,
+                source=dict(stage=args.source, model_tag=model_tag, step=src_step))
+    return loop(args, run, model, tokenizer, train_task, meta)
 
+
+def top_k_arg(args):
+    return args.top_k if args.top_k > 0 else None
+
+
+def rollouts(args, engine, task, order, step, run):
+    """This rank's questions of `step` (a fixed slice of the shuffled order), --num-samples
+    completions each: (sequences, masks, rewards (questions x samples), completion lengths)."""
+    tokenizer = engine.tokenizer
+    max_seq_len = args.max_seq_len if args.max_seq_len > 0 else engine.model.config.sequence_len
+    per_rank = args.examples_per_step // run.world_size
+    sequences, masks, rewards, gen_lens = [], [], [], []
+    for j in range(per_rank):
+        g = step * args.examples_per_step + run.rank * per_rank + j  # global example number
+        conv, prompt = pick_question(task, order, g, tokenizer, max_seq_len, min(args.max_new_tokens, 32))
+        max_tokens = min(args.max_new_tokens, max_seq_len - len(prompt))
+        seqs, mks, comps, _ = sample_group(engine, tokenizer, prompt, args.num_samples, max_tokens,
+                                           args.temperature, top_k_arg(args), seed=args.seed * 1_000_003 + g)
+        sequences += seqs
+        masks += mks
+        rewards.append([task.reward(conv, tokenizer.decode(c)) for c in comps])
+        gen_lens += [len(s) - len(prompt) for s in seqs]
+    return sequences, masks, rewards, gen_lens
+
+
+def loop(args, run, model, tokenizer, train_task, meta):
+    derived, device, world_size = meta["derived"], model.get_device(), run.world_size
+    n, max_seq_len = derived["num_iterations"], derived["max_seq_len"]
     optimizer = model.setup_optimizer(weight_decay=args.weight_decay, **derived["lrs"])
-    total_time = 0.0
-    if resume_step is not None:
-        _, shard, meta = ck.load_checkpoint(out_dir, resume_step, device, load_optimizer=True, rank=rank,
-                                            require=("loop",))
-        optimizer.load_state_dict(shard["optimizer"])
-        ck.set_rng_state(shard["rng"])
-        total_time = meta["loop"]["total_time"]
-    done_at_start = evaluated_before(out_dir, resume_step)  # before begin_run trims the metrics
-    ck.begin_run(out_dir, resume_step, master)
-    start_step = resume_step or 0
-    wandb_run = init_wandb(args.run, "nanochat-rl", {**user_config, **derived}, master)
+    log = StepLog(device, 1, n)
+    # the data position and the sampling seeds are functions of the step: no loader to restore
+    run.begin(ResumeState(model, optimizer, [], log), n, "nanochat-rl", meta)
     engine = Engine(model, tokenizer)
-    pad = tokenizer.get_bos_token_id()
-    eval_problems = pick_problems(len(val_task), args.eval_problems)[rank::world_size]
-    top_k = args.top_k if args.top_k > 0 else None
+    val_task = GSM8K("main", "test")
+    order = list(range(len(train_task)))
+    random.Random(args.seed).shuffle(order)  # the same order every epoch; step s uses a fixed slice of it
+    eval_problems = pick_problems(len(val_task), args.eval_problems)[run.rank::world_size]
+    last_pass = None
 
-    def save(step):
-        meta = dict(model_config=model_config, user_config=user_config, derived=derived, step=step, lrs=lrs,
-                    source=dict(stage=args.source, model_tag=model_tag, step=src_step), world_size=world_size,
-                    loop=dict(total_time=total_time))
-        # the data position and the sampling seeds are functions of the step: nothing else to save
-        ck.save_checkpoint(out_dir, step, model.state_dict(), optimizer.state_dict(), meta, rank=rank)
-        print0(f"saved {out_dir} step {step}")
-
-    step, record, last_pass = start_step, None, None
-    while True:
-        last = step == num_iterations
-        fresh = step == start_step and resume_step is not None
-        evaluate = not (fresh and done_at_start)
-        saved = not fresh and is_due(step, args.save_every, last)
-        if saved:  # first: an evaluation that fails never costs the step
-            save(step)
-        if evaluate and is_due(step, args.eval_every, last, at_start=True):
-            model.eval()
-            with autocast_ctx(device):
-                p1, pk = evaluate_pass_at_k(engine, tokenizer, val_task, eval_problems, args.eval_samples,
-                                            args.max_new_tokens, max_seq_len, args.temperature, top_k, args.seed, device)
-            model.train()
-            last_pass = (p1, pk)
-            print0(f"step {step:05d}/{num_iterations:05d} | GSM8K test pass@1 {p1:.4f} | pass@{args.eval_samples} {pk:.4f}")
-            record = record or {"step": step}
-            record.update({"pass@1": p1, f"pass@{args.eval_samples}": pk})
-        if (saved or fresh) and master and record:  # this step is a checkpoint: its evaluations go into its meta too
-            ck.annotate_meta(out_dir, step, **{k: v for k, v in record.items() if k.startswith("pass@")})
-        write_record(out_dir, record, wandb_run, master)
-        record = None
-        if last:
-            break
-
-        # --- rollouts: this rank's questions of this step
-        t0 = time.time()
-        sequences, masks, rewards, gen_lens = [], [], [], []
+    def evaluate(step, last):
+        nonlocal last_pass
+        if not is_due(step, args.eval_every, last, at_start=True):
+            return {}
         model.eval()
         with autocast_ctx(device):
-            for j in range(per_rank):
-                g = step * args.examples_per_step + rank * per_rank + j  # global example number
-                conv, prompt = pick_question(train_task, order, g, tokenizer, max_seq_len, min(args.max_new_tokens, 32))
-                max_tokens = min(args.max_new_tokens, max_seq_len - len(prompt))
-                seqs, mks, comps, _ = sample_group(engine, tokenizer, prompt, args.num_samples, max_tokens,
-                                                   args.temperature, top_k, seed=args.seed * 1_000_003 + g)
-                sequences += seqs
-                masks += mks
-                rewards.append([train_task.reward(conv, tokenizer.decode(c)) for c in comps])
-                gen_lens += [len(s) - len(prompt) for s in seqs]
+            last_pass = evaluate_pass_at_k(engine, tokenizer, val_task, eval_problems, args.eval_samples,
+                                           args.max_new_tokens, max_seq_len, args.temperature, top_k_arg(args),
+                                           args.seed, device)
         model.train()
-        adv = rl_advantages(rewards, args.std_normalize).reshape(-1)  # (per_rank * num_samples,)
+        print0(f"step {step:05d}/{n:05d} | GSM8K test pass@1 {last_pass[0]:.4f} | pass@{args.eval_samples} {last_pass[1]:.4f}")
+        return {"pass@1": last_pass[0], f"pass@{args.eval_samples}": last_pass[1]}
 
+    step, record = run.start_step, None
+    while not run.boundary(step, record, evaluate):
+        log.begin_step()
+        model.eval()
+        with autocast_ctx(device):
+            sequences, masks, rewards, gen_lens = rollouts(args, engine, train_task, order, step, run)
+        model.train()
+        adv = rl_advantages(rewards, args.std_normalize).reshape(-1)  # (questions * num_samples,)
         # --- policy gradient, micro-batches of --device-batch-size sequences
-        lrm = 1.0 - step / num_iterations
+        lrm = 1.0 - step / n
         set_lrs(optimizer, lrm)
-        inputs, targets = rl_batch(sequences, masks, pad)
+        inputs, targets = rl_batch(sequences, masks, tokenizer.get_bos_token_id())
         num_tokens = int(global_sum(int((targets != -1).sum()), device))
         loss_total = 0.0
         for s in range(0, len(sequences), args.device_batch_size):
@@ -286,31 +271,26 @@ def train(args, rank, world_size, device):
             optimizer.step()
         clear_grads(model)
         step += 1
-
         n_all = global_sum(len(gen_lens), device)
         reward = global_sum(sum(map(sum, rewards)), device) / max(1, n_all)
         mean_len = global_sum(sum(gen_lens), device) / max(1, n_all)
         max_len = global_max(max(gen_lens), device)  # the longest completion of the step over all ranks
         loss_total = global_sum(loss_total, device)
-        synchronize(device)
-        dt = time.time() - t0
-        total_time += dt
-        if step % args.log_every == 0 or step == num_iterations:
-            print0(f"step {step:05d}/{num_iterations:05d} | reward {reward:.4f} | loss {loss_total:+.5f} | "
+        log.end_step(loss_total)
+        record = None
+        if log.due(step, args.log_every):
+            dt = log.lap()
+            print0(f"step {step:05d}/{n:05d} | reward {reward:.4f} | loss {loss_total:+.5f} | "
                    f"completion len {mean_len:.1f} (max {max_len}) | sampled tokens {num_tokens:,} | lrm {lrm:.3f} | "
-                   f"dt {dt:.2f}s | eta {format_time(dt * (num_iterations - step))}")
+                   f"dt {dt:.2f}s | eta {format_time(dt * (n - step))}")
             record = dict(step=step, reward=reward, loss=loss_total, seq_len=mean_len, max_seq_len=max_len,
-                          sampled_tokens=num_tokens, lrm=lrm, dt=dt, total_time=total_time)
-
-    summary = {"model tag": model_tag, "source": derived["source"], "steps": num_iterations,
+                          sampled_tokens=num_tokens, lrm=lrm, dt=dt, total_time=log.total_time)
+    summary = {"model tag": derived["model_tag"], "source": derived["source"], "steps": n,
                "questions per step": args.examples_per_step, "samples per question": args.num_samples,
-               "training time (min)": round(total_time / 60, 2), "processes": world_size}
+               "training time (min)": round(log.total_time / 60, 2), "processes": world_size}
     if last_pass is not None:
         summary["GSM8K pass@1"], summary[f"GSM8K pass@{args.eval_samples}"] = last_pass
-    print0("summary: " + " | ".join(f"{k} {v}" for k, v in summary.items()))
-    if master:
-        log_report("Chat RL", [user_config, summary])
-    wandb_run.finish()
+    run.finish("Chat RL", summary)
     return 0
 
 

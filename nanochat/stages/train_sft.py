@@ -17,8 +17,11 @@ The training loop, shared with `train mid`, is nanochat/chat_train.py.
 """
 import argparse
 
-from nanochat.chat_train import add_chat_train_flags, train
+from nanochat.chat_train import ChatStage, add_chat_train_flags, train
 from nanochat.training import add_lr_flags, add_schedule_flags, add_training_flags
+
+# whole conversations padded into rows, the assistant's tokens only; the optimizer's own momentum
+SFT = ChatStage("sft", "Chat SFT", mode="pad", val_bpb=False)
 
 
 def build_parser():
@@ -34,7 +37,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    return train(args, "sft", "Chat SFT")
+    return train(args, SFT)
 
 
 if __name__ == "__main__":
