@@ -44,7 +44,8 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.server import create_app
 from nanochat.stages.train_base import AUTO_BATCH_CANDIDATES, cuda_batch_fits
 from nanochat.tokenizer import Tokenizer, capped_texts
-from nanochat.training import largest_fitting, model_dims
+from nanochat.scaling import model_dims
+from nanochat.training import largest_fitting
 
 from infer import SpecialsOnly  # bench/infer.py's stand-in tokenizer (this folder is on sys.path)
 

@@ -53,7 +53,7 @@ class SpecialsOnly:
 
 def build(args, device):
     if args.source:
-        from nanochat.checkpoint import load_model
+        from nanochat.models import load_model
         model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag,
                                          dtype=get_compute_dtype(device.type))  # as chat and serve load it
         return model, tokenizer

@@ -12,7 +12,8 @@ import argparse
 import os
 import time
 
-from nanochat.checkpoint import build_model, resolve_checkpoint
+from nanochat.checkpoint import resolve_checkpoint
+from nanochat.models import build_model
 from nanochat.common import (UserError, add_common_flags, autocast_ctx, compute_cleanup, compute_init, get_base_dir,
                              get_compute_dtype, print0)
 from nanochat.core_eval import core_summary, evaluate_core, write_core_csv

@@ -21,7 +21,8 @@ import sys
 import time
 
 from nanochat.chat_eval import CHATCORE_TASKS, RANDOM_BASELINES, TASK_NAMES, chatcore, evaluate_task, load_task, pick_problems
-from nanochat.checkpoint import build_model, resolve_checkpoint
+from nanochat.checkpoint import resolve_checkpoint
+from nanochat.models import build_model
 from nanochat.common import (UserError, add_common_flags, atomic_write_text, compute_cleanup, compute_init, get_base_dir,
                              get_compute_dtype, print0)
 from nanochat.engine import Engine
