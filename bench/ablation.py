@@ -4,7 +4,7 @@ and d6 on the CPU. Prints and writes JSON (docs/training.md, "Ablation at tiny s
 of CI: it needs a checkout of the old recipe, and of the reference with its own environment.
 
     git worktree add --detach /path/old ccb2337        # the old recipe
-    python bench/ablation.py --old /path/old --upstream /path/up --upstream-python /path/up-venv/bin/python \
+    python -m bench.ablation --old /path/old --upstream /path/up --upstream-python /path/up-venv/bin/python \
         --work /tmp/abl --out bench/results/ablation.json
 
 Every run is a fresh `train base` (the reference: `scripts.base_train`) in a subprocess with its
@@ -34,8 +34,8 @@ import subprocess
 import sys
 import time
 
-from nanochat.common import cpu_model
-from vs_reference import run as run_logged  # bench/ is on sys.path when this script runs
+from bench.vs_reference import run as run_logged
+from bench.common import machine
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -291,7 +291,7 @@ def main(argv=None):
                          "seq_len": args.seq_len, "aspect_ratio": 64, "head_dim": 64, "window_pattern": "L",
                          "eval_tokens": args.eval_tokens, "vocab_size": args.vocab_size,
                          "tokenizer_chars": args.tokenizer_chars, "threads": 1}
-    results["machine"] = cpu_model()
+    results["machine"] = machine()
     results["cpu_count"] = os.cpu_count()
 
     def shape_flags(depth):

@@ -1,9 +1,9 @@
 """Our CORE scorer against upstream nanochat's own, on the same weights and the same items, as
 JSON. Not part of CI: it needs a plain checkout of karpathy/nanochat outside this repository.
 
-    python bench/core_vs_upstream.py --upstream /work/upstream --max-per-task 40
-    python bench/core_vs_upstream.py --upstream /work/upstream --model-tag d2 --out cmp.json
-    python bench/core_vs_upstream.py --upstream /work/upstream --spans-only --max-per-task -1
+    python -m bench.core_vs_upstream --upstream /work/upstream --max-per-task 40
+    python -m bench.core_vs_upstream --upstream /work/upstream --model-tag d2 --out cmp.json
+    python -m bench.core_vs_upstream --upstream /work/upstream --spans-only --max-per-task -1
 
 Upstream's scorer is its `nanochat/core_eval.py` (loaded from the file, as the module
 `upstream_core_eval`, so it never clashes with our `nanochat` package) driven by the
@@ -27,7 +27,6 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ import yaml
 
 from nanochat import core_eval
 from nanochat.common import autocast_ctx, compute_init
+from bench.common import machine
 
 
 def load_file_module(name, path):
@@ -225,7 +225,8 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
 
-    from nanochat.checkpoint import build_model, resolve_checkpoint
+    from nanochat.checkpoint import resolve_checkpoint
+    from nanochat.models import build_model
     upstream_dir = os.path.abspath(args.upstream)
     config_path = args.core_config or core_eval.default_config_path()
     tasks = [t for t in core_eval.load_bundle(config_path) if os.path.isfile(t["path"])]
@@ -267,7 +268,7 @@ def main(argv=None):
                              "identical": row["num_correct"] == sum(r["correct"] for r in group) == round(up_acc * n),
                              **compare_items(mine, group)})
     result = {
-        "machine": f"{platform.node()} ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs)",
+        "machine": machine(),
         "date": datetime.date.today().isoformat(), "device": str(device), "torch": torch.__version__,
         "checkpoint": f"{args.source}/{tag} step {step}", "max_per_task": args.max_per_task,
         "upstream": upstream_dir, "core_ours": ours["core"], "core_upstream": theirs["core_metric"],

@@ -1,6 +1,6 @@
 """Benchmark the pretraining loader; prints one JSON object.
 
-    python bench/dataloader.py [--B 8] [--T 2048] [--batches 40] [--util-shards 2]
+    python -m bench.dataloader [--B 8] [--T 2048] [--batches 40] [--util-shards 2]
 
 - tokens_per_s: (inputs) tokens per second that PretrainLoader delivers from a cold start with
   1 and 2 tokenizer threads (reading, tokenizing and packing included);

@@ -4,7 +4,7 @@ Prints JSON: the median `BatchDecoder.step` time in ms at 1 and --rows rows, wit
 thread, with one that does short bursts of Python work between short sleeps (like an event loop
 serving streams), and with one that never sleeps.
 
-    python bench/decode_gil.py [--depth 4] [--rows 16] [--threads 1] [--switch-interval 0.005]
+    python -m bench.decode_gil [--depth 4] [--rows 16] [--threads 1] [--switch-interval 0.005]
 
 A random d4 (width 256, vocab --vocab-size: a tokenizer trained on this repository's text, as
 bench/serve.py does), frozen as `nanochat serve` loads it, top-k 50 sampling, stop tokens ignored.
@@ -13,7 +13,6 @@ decode thread waits (docs/benchmarks.md, "Server").
 """
 import argparse
 import json
-import os
 import statistics
 import sys
 import threading
@@ -21,11 +20,10 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.serve import get_or_train_tokenizer  # noqa: E402
-from nanochat.common import cpu_model  # noqa: E402
-from nanochat.engine import BatchDecoder, Sequence  # noqa: E402
-from nanochat.gpt import GPT, GPTConfig  # noqa: E402
+from bench.common import machine, random_model
+from bench.serve import get_or_train_tokenizer
+from nanochat.engine import BatchDecoder, Sequence
+from nanochat.gpt import GPTConfig
 
 
 def python_work(stop, pause_s):
@@ -68,12 +66,8 @@ def main():
     tokenizer = get_or_train_tokenizer(args.vocab_size)
     cfg = GPTConfig(sequence_len=512, vocab_size=tokenizer.get_vocab_size(), n_layer=args.depth, n_head=2,
                     n_kv_head=2, n_embd=64 * args.depth, window_pattern="L")
-    with torch.device("meta"):
-        model = GPT(cfg)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    model.freeze()
-    out = {"machine": cpu_model(), "date": time.strftime("%Y-%m-%d %H:%M"), "threads": args.threads,
+    model = random_model(cfg, "cpu")
+    out = {"machine": machine(), "threads": args.threads,
            "switch_interval_s": sys.getswitchinterval(), "rows": args.rows, "step_ms": {}}
     for name, pause in (("alone", None), ("with_bursty_python_thread", 0.0005), ("with_busy_python_thread", 0)):
         stop = threading.Event()

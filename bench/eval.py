@@ -1,9 +1,9 @@
 """Evaluation speed: seconds per 100 CORE items and per 100 chat problems (categorical and
 generative), as JSON.
 
-    python bench/eval.py                                  # latest base checkpoint, else a random tiny model
-    python bench/eval.py --source sft --device-type cuda --out eval_speed.json
-    python bench/eval.py --random --depth 4               # a random model of that depth
+    python -m bench.eval                                  # latest base checkpoint, else a random tiny model
+    python -m bench.eval --source sft --device-type cuda --out eval_speed.json
+    python -m bench.eval --random --depth 4               # a random model of that depth
 
 The model: `--source/--model-tag/--step` pick a checkpoint; with none saved (or --random), a
 randomly initialized GPT built from GPTConfig (width 64 x depth, the tokenizer's vocabulary) is
@@ -12,46 +12,26 @@ that run to --max-new-tokens (it rarely emits <|assistant_end|>), i.e. the slow 
 Needs the tokenizer ($NANOCHAT_BASE_DIR/tokenizer) and the offline data ($NANOCHAT_DATA).
 """
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
 import os
 import platform
 import sys
-import time
 
 import torch
 
-from nanochat.common import UserError, compute_init, get_compute_dtype, synchronize
-
-
-def autocast_ctx(device):
-    dtype = get_compute_dtype(device.type)
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+from bench.common import autocast_ctx, timed
+from bench.common import random_model as bench_random_model
+from nanochat.common import UserError, compute_init, get_compute_dtype
 
 
 def random_model(tokenizer, device, depth, sequence_len):
-    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.gpt import GPTConfig
     width = 64 * depth
     cfg = GPTConfig(sequence_len=sequence_len, vocab_size=tokenizer.get_vocab_size(), n_layer=depth,
                     n_head=max(1, width // 64), n_kv_head=max(1, width // 64), n_embd=width, window_pattern="L")
-    with torch.device("meta"):
-        model = GPT(cfg)
-    model.to_empty(device=device)
-    model.init_weights()
-    model.freeze(get_compute_dtype(device.type))  # as eval base/chat load it (checkpoint.build_model)
-    return model, dataclasses.asdict(cfg)
-
-
-def timed(fn, device):
-    synchronize(device)
-    t0 = time.perf_counter()
-    out = fn()
-    synchronize(device)
-    return out, time.perf_counter() - t0
+    return bench_random_model(cfg, device), dataclasses.asdict(cfg)
 
 
 def main(argv=None):
@@ -80,7 +60,8 @@ def main(argv=None):
     model = None
     info = {}
     if not args.random:
-        from nanochat.checkpoint import build_model, resolve_checkpoint
+        from nanochat.checkpoint import resolve_checkpoint
+        from nanochat.models import build_model
         try:
             ckpt_dir, tag, step = resolve_checkpoint(args.source, args.model_tag, args.step)
             model, tokenizer, meta = build_model(ckpt_dir, step, device, phase="eval")

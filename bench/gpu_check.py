@@ -42,7 +42,7 @@ from nanochat.engine import BatchDecoder, Sequence
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.training import largest_fitting
 
-from infer import SpecialsOnly  # bench/infer.py's stand-in tokenizer (this folder is on sys.path)
+from bench.infer import SpecialsOnly  # its stand-in tokenizer
 
 PARTS = {1: ("env", "dtypes", "graphs", "flex", "learn", "compiled", "fp8", "decode", "sharded_optim"),
          2: ("speedrun", "train_base")}

@@ -48,7 +48,7 @@ prepare)
     fi
     export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
     export NANOCHAT_DATA="$DIR/data" NANOCHAT_OFFLINE=1 PYTHONUNBUFFERED=1
-    python3 "$REPO/bench/gpu_check.py" --part "$cmd" "$@"
+    python3 -m bench.gpu_check --part "$cmd" "$@"  # the repository is on PYTHONPATH
     ;;
 *)
     echo "usage: bash bench/gpu_check.sh prepare | 1 | 2 [--device-type cpu] [--out DIR] [--only CHECKS]" >&2

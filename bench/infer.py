@@ -76,7 +76,7 @@ class SpecialsOnly:
 def build(args, device):
     """(model, tokenizer, parameter count) with the weights in --weights, as chat and serve load them."""
     if args.source:
-        from nanochat.checkpoint import load_model
+        from nanochat.models import load_model
         model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag,
                                          weights=args.weights)
         return model, tokenizer, model.n_params

@@ -3,22 +3,20 @@ transpose of a contiguous (in, out) matrix: nanochat.inference_layout), at the r
 decode and evaluation. Prints JSON: microseconds per call (the best of --rounds interleaved
 rounds) and the speedup of the transposed layout, per matrix and row count.
 
-    python bench/linear_layout.py [--width 256] [--vocab 32768] [--threads 1] [--rounds 7]
+    python -m bench.linear_layout [--width 256] [--vocab 32768] [--threads 1] [--rounds 7]
 
 The matrices are a d4 model's at the given width: the stacked q/k/v (3C x C), c_proj (C x C),
 c_fc (4C x C), the MLP's c_proj (C x 4C) and lm_head (vocab x C), fp32.
 """
 import argparse
 import json
-import os
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from nanochat.common import cpu_model  # noqa: E402
+from bench.common import machine
 
 
 def per_call_us(fn, calls):
@@ -40,7 +38,7 @@ def main():
     C = args.width
     shapes = {"qkv": (3 * C, C), "attn.c_proj": (C, C), "c_fc": (4 * C, C), "mlp.c_proj": (C, 4 * C),
               "lm_head": (args.vocab, C)}
-    out = {"machine": cpu_model(), "threads": args.threads, "torch": torch.__version__,
+    out = {"machine": machine(), "threads": args.threads, "torch": torch.__version__,
            "date": time.strftime("%Y-%m-%d %H:%M"), "results": []}
     with torch.inference_mode():
         for name, (n_out, n_in) in shapes.items():

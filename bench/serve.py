@@ -1,9 +1,9 @@
 """Server benchmark: aggregate tokens/s and request latency (p50/p90/p99) for 1, 4 and 16
 concurrent clients of `nanochat serve`'s continuous batching. Prints JSON.
 
-    python bench/serve.py --depth 4                             # CPU (the server gets cores - 1 threads)
-    python bench/serve.py --depth 12 --max-batch 32             # GPU
-    python bench/serve.py -i sft                                # a trained checkpoint
+    python -m bench.serve --depth 4                             # CPU (the server gets cores - 1 threads)
+    python -m bench.serve --depth 12 --max-batch 32             # GPU
+    python -m bench.serve -i sft                                # a trained checkpoint
 
 The bench starts the server itself, in a child process on 127.0.0.1 (a free port), with
 random weights unless -i names a checkpoint source, and with stop tokens ignored so that every
@@ -16,13 +16,13 @@ import argparse
 import glob
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
 import sys
 import threading
 import time
+from bench.common import machine
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,7 +51,7 @@ def serve(args):
     if device.type == "cpu":  # the same default as `nanochat serve --threads`
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) - 1))
     if args.source:
-        from nanochat.checkpoint import load_model
+        from nanochat.models import load_model
         model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag,
                                          dtype=get_compute_dtype(device.type))
     else:
@@ -200,10 +200,10 @@ def main(argv=None):
         child.wait(timeout=30)
     base = runs[0]["aggregate_tok_per_s"]
     out = {
-        "bench": "serve", "date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.machine(),
+        "bench": "serve", "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
         "cpus": os.cpu_count(), "server": {k: v for k, v in info.items() if k != "ready"},
         "max_batch": args.max_batch, "max_tokens": args.max_tokens,
-        "command": "python bench/serve.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m bench.serve " + " ".join(sys.argv[1:] if argv is None else argv),
         "runs": runs,
         "speedup_vs_first": {str(r["clients"]): round(r["aggregate_tok_per_s"] / base, 2) for r in runs},
         "server_mean_rows_per_step": stats["mean_rows_per_step"], "server_max_rows_per_step": stats["max_rows_per_step"],

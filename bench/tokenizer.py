@@ -1,16 +1,16 @@
 """Tokenizer benchmark: training time on N characters, encode throughput (1 thread, all threads),
 bytes per token. Prints JSON.
 
-    python bench/tokenizer.py --train-chars 50000000 --vocab-size 8192
+    python -m bench.tokenizer --train-chars 50000000 --vocab-size 8192
 """
 import argparse
 import json
 import os
-import platform
 import time
 
 from nanochat.dataset import iter_texts
 from nanochat.tokenizer import Tokenizer, capped_texts
+from bench.common import machine
 
 
 def main():
@@ -34,7 +34,7 @@ def main():
         results[f"encode_MB_per_s_{threads}_threads"] = round(nbytes / dt / 1e6, 2)
     ntok = sum(len(x) for x in ids)
     print(json.dumps({
-        "bench": "tokenizer", "date": time.strftime("%Y-%m-%d"), "machine": platform.machine(),
+        "bench": "tokenizer", "machine": machine(),
         "cpus": os.cpu_count(), "vocab_size": args.vocab_size, "train_chars": args.train_chars,
         "train_seconds": round(train_s, 2), "encode_bytes": nbytes, **results,
         "bytes_per_token_val": round(nbytes / ntok, 3),

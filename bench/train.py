@@ -1,8 +1,8 @@
 """Training throughput: tok/s, MFU (when the device's peak is known) and peak memory of full
 training steps (forward, backward, MuonAdamW step) of a model of the given shape. Prints JSON.
 
-    python bench/train.py --depth 12 --max-seq-len 2048 --device-batch-size 32       # one GPU
-    python bench/train.py --depth 4 --max-seq-len 512 --device-batch-size 8 \\
+    python -m bench.train --depth 12 --max-seq-len 2048 --device-batch-size 32       # one GPU
+    python -m bench.train --depth 4 --max-seq-len 512 --device-batch-size 8 \\
         --total-batch-size 4096 --threads 2                                           # CPU
 
 Random tokens stand in for data (the loader is measured by bench/dataloader.py, if present, and
@@ -21,7 +21,8 @@ import torch
 
 from nanochat.common import get_compute_dtype, get_peak_flops, synchronize
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.training import clear_grads, model_dims
+from nanochat.hparams import model_dims
+from nanochat.training import clear_grads
 
 
 def main(argv=None):

@@ -5,7 +5,7 @@ Not part of CI: it needs a checkout of the reference with an environment of its 
 
     git clone https://github.com/karpathy/nanochat /path/up && python3 -m venv /path/up-venv
     /path/up-venv/bin/pip install torch==2.13.0 && /path/up-venv/bin/pip install -e /path/up
-    python bench/vs_reference.py --upstream /path/up --upstream-python /path/up-venv/bin/python
+    python -m bench.vs_reference --upstream /path/up --upstream-python /path/up-venv/bin/python
 
 The config (the d4 of the issue that asked for this): depth 4, width 256, heads of 64, context
 512, 8 x 512 = 4,096-token steps, full attention, vocab 32,768, --steps optimizer steps, then the
@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 
-from nanochat.common import cpu_model
+from bench.common import machine
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,7 +44,7 @@ import json, sys, time, torch
 torch.set_num_threads(int(sys.argv[1]))
 ours = sys.argv[2] == "ours"
 if ours:
-    from nanochat.checkpoint import load_model
+    from nanochat.models import load_model
     from nanochat.common import get_compute_dtype
     model, tokenizer, _ = load_model("base", "cpu", model_tag="vsref", dtype=get_compute_dtype("cpu"))  # as chat does
 else:
@@ -75,7 +75,7 @@ torch.set_num_threads(int(sys.argv[1]))
 torch.set_grad_enabled(False)
 ours = sys.argv[2] == "ours"
 if ours:
-    from nanochat.checkpoint import load_model
+    from nanochat.models import load_model
     from nanochat.common import get_compute_dtype
     model, _, _ = load_model("base", "cpu", model_tag="vsref", dtype=get_compute_dtype("cpu"))
 else:
@@ -267,7 +267,7 @@ def main(argv=None):
         if runs:
             results[w]["step_time_median_s"] = statistics.median(x["step_time_median_s"] for x in runs)
             results[w]["peak_rss_mib"] = max(x["peak_rss_mib"] for x in runs)
-    summary = {"machine": cpu_model(), "cpu_count": os.cpu_count(),
+    summary = {"machine": machine(),
                "date": time.strftime("%Y-%m-%d %H:%M"), "threads": args.threads, "steps": args.steps,
                "work": work, **results}
     if len(who) == 2:

@@ -59,11 +59,15 @@ def chat_files(data_dir=None) -> list[str]:
     return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith((".jsonl", ".jsonl.gz")))
 
 
+# what each stage's online mixture downloads: (repo, subset, split)
+ONLINE_NEEDS = {
+    "mid": [("HuggingFaceTB/smol-smoltalk", "default", "train"), ("cais/mmlu", "auxiliary_train", "train")],
+    "sft": [("HuggingFaceTB/smol-smoltalk", "default", "train")],
+}
+
+
 def online_data_present(stage, data_dir=None) -> bool:
-    need = [("HuggingFaceTB/smol-smoltalk", "default", "train")]
-    if stage == "mid":
-        need.append(("cais/mmlu", "auxiliary_train", "train"))
-    return all(local_files(repo, subset, split, data_dir) for repo, subset, split in need)
+    return all(local_files(repo, subset, split, data_dir) for repo, subset, split in ONLINE_NEEDS[stage])
 
 
 def default_mixture(stage, data_dir=None) -> tuple[str, str]:

@@ -22,11 +22,11 @@ import math
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from nanochat.common import UserError, autocast_ctx, get_dist_info
 from nanochat.core_eval import centered
 from nanochat.engine import Engine
+from nanochat.training import global_sum
 from tasks.arc import ARC
 from tasks.gsm8k import GSM8K
 from tasks.humaneval import HumanEval
@@ -105,14 +105,16 @@ def run_categorical(model, tokenizer, task, indices, device, batch_size=32, prog
     return correct, total
 
 
-def run_generative(engine, tokenizer, task, indices, num_samples=1, max_new_tokens=512, temperature=0.0,
-                   top_k=50, batch_size=32, seed=42, progress=None, chunk=64):
-    """(correct, total) over task[indices]: num_samples completions per problem, solved if
-    any passes task.evaluate (pass@k). Problems go to the Engine `chunk` at a time (so progress
-    can be shown), all their samples continuously batched `batch_size` rows at a time."""
-    max_len = engine.model.config.sequence_len
-    keep = max(1, max_len - max_new_tokens)  # prompt + completion must fit the context
-    correct, total = 0, 0
+def generative_outcomes(engine, task, indices, num_samples=1, max_new_tokens=512, temperature=0.0, top_k=50,
+                        batch_size=32, seed=42, progress=None, chunk=64, max_len=None):
+    """Per problem of task[indices], whether each of its num_samples completions passes
+    task.evaluate: a list of lists of bools. Problems go to the Engine `chunk` at a time (so
+    progress can be shown), all their samples continuously batched `batch_size` rows at a time.
+    max_len: the context prompt + completion must fit (default: the model's)."""
+    tokenizer = engine.tokenizer
+    max_len = max_len or engine.model.config.sequence_len
+    keep = max(1, max_len - max_new_tokens)
+    outcomes = []
     for s in range(0, len(indices), chunk):
         convs = [task[i] for i in indices[s:s + chunk]]
         prompts = [tokenizer.render_for_completion(c)[-keep:] for c in convs]
@@ -121,12 +123,19 @@ def run_generative(engine, tokenizer, task, indices, num_samples=1, max_new_toke
                                           top_k=top_k, seed=seed + s, batch_size=batch_size)
         for k, (conv, p) in enumerate(zip(convs, prompts)):
             outs = results[k * num_samples:(k + 1) * num_samples]
-            ok = any(bool(task.evaluate(conv, tokenizer.decode(o[len(p):]))) for o in outs)
-            correct += int(ok)
-            total += 1
+            outcomes.append([bool(task.evaluate(conv, tokenizer.decode(o[len(p):]))) for o in outs])
         if progress:
-            progress(total)
-    return correct, total
+            progress(len(outcomes))
+    return outcomes
+
+
+def run_generative(engine, tokenizer, task, indices, num_samples=1, max_new_tokens=512, temperature=0.0,
+                   top_k=50, batch_size=32, seed=42, progress=None, chunk=64):
+    """(correct, total) over task[indices]: num_samples completions per problem, solved if any
+    passes task.evaluate (pass@k)."""
+    outcomes = generative_outcomes(engine, task, indices, num_samples, max_new_tokens, temperature, top_k, batch_size,
+                                   seed, progress, chunk)
+    return sum(any(o) for o in outcomes), len(outcomes)
 
 
 def evaluate_task(engine, task, problems, device, num_samples=1, max_new_tokens=512, temperature=0.0, top_k=50,
@@ -145,10 +154,7 @@ def evaluate_task(engine, task, problems, device, num_samples=1, max_new_tokens=
         else:
             c, t = run_generative(engine, tokenizer, task, mine, num_samples, max_new_tokens, temperature, top_k,
                                      batch_size, progress=progress)
-    counts = torch.tensor([c, t], dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized() and world > 1:
-        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-    c, t = counts.tolist()
+    c, t = global_sum(c, device), global_sum(t, device)
     if baseline is None:
         baseline = 0.25 if task.eval_type == "categorical" else 0.0
     acc = c / max(t, 1)

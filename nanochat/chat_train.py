@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat import checkpoint as ck
+from nanochat import models
 from nanochat.chat_data import MIXTURE_HELP, ConversationLoader, Mixture, default_mixture, estimate_rows
 from nanochat.chat_eval import small_chatcore
 from nanochat.attention import warm_window_masks
@@ -19,8 +20,9 @@ from nanochat.common import UserError, autocast_ctx, autodetect_device_type, com
 from nanochat.loss_eval import evaluate_bpb, evaluate_loss
 from nanochat.run import ResumeState, Run, check_horizon, resolve_source
 from nanochat.tokenizer import get_token_bytes
-from nanochat.training import (StepLog, add_compile_flag, announce_start, check_common_args, check_schedule_args,
-                               clear_grads, global_sum, inherited_lrs, is_due, lr_multiplier, set_lrs)
+from nanochat.flags import add_compile_flag, check_common_args, check_schedule_args
+from nanochat.hparams import inherited_lrs, lr_multiplier, set_lrs
+from nanochat.training import StepLog, announce_start, clear_grads, global_sum, is_due
 
 
 def add_chat_train_flags(parser, stage, max_seq_len_default=-1):
@@ -79,7 +81,7 @@ def plan_and_run(args, stage, rank, world_size, device):
     src_dir, src_step, model_tag, out_dir = resolve_source(args, stage.name)
     run = Run(out_dir, args, world_size, rank)
     load_dir, load_step = (out_dir, run.resume_step) if run.resume_step is not None else (src_dir, src_step)
-    model, tokenizer, load_meta = ck.build_model(load_dir, load_step, device, phase="train")
+    model, tokenizer, load_meta = models.build_model(load_dir, load_step, device, phase="train")
     model_config = load_meta["model_config"]
     T = args.max_seq_len if args.max_seq_len > 0 else model_config["sequence_len"]
     B = args.device_batch_size

@@ -1,21 +1,17 @@
-"""Checkpoints: save / load / exact resume, written so that a crash never leaves a torn step.
+"""Checkpoints: save, load, find, verify; a crash never leaves a torn step. (Models built from
+them: nanochat/models.py; metrics.jsonl beside them: nanochat/metrics.py.)
 
 Folder: $NANOCHAT_BASE_DIR/checkpoints/<base|mid|sft|rl>/<model_tag>/
     model_<step:06d>.pt            model weights (fp32, CPU tensors, no torch.compile prefixes)
     optim_<step:06d>_rank<r>.pt    each rank's optimizer shard + its RNG states (+ extra state)
-    meta_<step:06d>.json           model_config, user_config, step, dataloader state, ...
-    metrics.jsonl                  one JSON object per logged step
+    meta_<step:06d>.json           model_config, user_config, step, loop state, ...
 
 Every file is written to a temporary name, fsynced and renamed. The meta file is written last,
-after every rank has renamed its shard, so a step "exists" exactly when its meta file does: a
-save killed half-way leaves the previous step as the latest loadable one.
-
-Loading never runs code from a file: every .pt file is read with torch.load(weights_only=True)
-(tensors, numbers, strings, lists, dicts, tuples only), so the RNG states are stored as such
-(numpy's as plain ints and a tensor). The meta file records the sha256 of every other file of
-its step; loading checks it, so flipped or missing bytes are a clear error naming the file and
-the last step that still verifies, never a silent wrong load. Checkpoints written before
-checksums existed load without verification.
+after every rank has renamed its shard, so a step "exists" exactly when its meta file does.
+Loading never runs code from a file: every .pt file is read with torch.load(weights_only=True),
+so the RNG states are stored as plain values. The meta file records the sha256 of every other
+file of its step; loading checks it, so flipped or missing bytes are a clear error naming the
+file and the last step that still verifies. Checkpoints from before checksums load unverified.
 """
 import glob
 import hashlib
@@ -28,11 +24,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from nanochat.common import (UserError, add_common_flags, compute_init, get_base_dir, print0,
-                             read_jsonl)
-from nanochat.gpt import GPT, VE_GATE_CHANNELS, GPTConfig
-from nanochat.quant import add_weights_flag, prepare_for_inference
-from nanochat.tokenizer import get_tokenizer
+from nanochat.common import UserError, get_base_dir, print0
+from nanochat.gpt import VE_GATE_CHANNELS
 
 SOURCES = ("base", "mid", "sft", "rl")
 COMPILE_PREFIX = "_orig_mod."
@@ -394,50 +387,6 @@ def outdated_architecture(state):
     return None
 
 
-def build_model(ckpt_dir, step, device, phase="eval", dtype=None, weights=None):
-    """(model, tokenizer, meta) from a saved step: the model is built on the meta device,
-    materialized on `device`, loaded (fp32 master weights) and put in train or eval mode.
-    dtype: the weights' dtype after loading, for inference (None = fp32, as stored). A model that
-    only runs forward needs no fp32 master copy, and with weights in the compute dtype no matmul
-    casts a weight per call (autocast would, every decode step). weights (eval phase only): an
-    inference weight format, fp32|bf16|int8 (nanochat/quant.py), instead of dtype. The model's
-    n_params is its parameter count as trained (an int8 model keeps most weights in buffers)."""
-    if phase not in ("train", "eval"):
-        raise ValueError(f"phase must be 'train' or 'eval', not {phase!r}")
-    device = torch.device(device)
-    model_state, _, meta = load_checkpoint(ckpt_dir, step, device, require=("model_config",))
-    meta_path = _meta_path(ckpt_dir, step)
-    try:
-        config = GPTConfig(**meta["model_config"])
-        with torch.device("meta"):
-            model = GPT(config)
-    except Exception as e:  # unknown keys, wrong types, impossible shapes
-        raise _corrupt(ckpt_dir, step, meta_path, f"its model_config does not describe a model: {e}") from None
-    model.to_empty(device=device)
-    model.n_params = sum(p.numel() for p in model.parameters())
-    model.init_weights()  # fills buffers that are not in the state dict (e.g. rotary tables)
-    try:
-        model.load_state_dict(model_state, strict=True)
-    except RuntimeError as e:
-        first = [ln.strip() for ln in str(e).splitlines() if ln.strip()][1:2] or [str(e)[:200]]
-        raise _corrupt(ckpt_dir, step, _model_path(ckpt_dir, step),
-                       f"its weights do not fit the model_config in {os.path.basename(meta_path)}: {first[0]}") from None
-    if phase == "train":
-        model.train()
-        if dtype is not None:
-            model.to(dtype)
-    elif weights is not None:
-        prepare_for_inference(model, weights, device.type)  # freeze, then the weight format
-    else:
-        model.freeze(dtype)  # eval mode, no autograd bookkeeping, CPU inference layout
-    tokenizer = get_tokenizer()
-    if tokenizer.get_vocab_size() > config.vocab_size:
-        raise UserError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model in {ckpt_dir} "
-                        f"was trained with vocab_size {config.vocab_size}: wrong tokenizer in "
-                        f"$NANOCHAT_BASE_DIR/tokenizer?")
-    return model, tokenizer, meta
-
-
 def _describe_existing() -> str:
     root = checkpoints_root()
     found = []
@@ -472,104 +421,6 @@ def resolve_checkpoint(source, model_tag=None, step=None):
     return ckpt_dir, model_tag, step
 
 
-def load_model(source, device, phase="eval", model_tag=None, step=None, dtype=None, weights=None):
-    """Load a base/mid/sft/rl model: (model, tokenizer, meta). Defaults: the largest model tag
-    and its latest complete step; fp32 weights unless `dtype` or `weights` (see build_model)."""
-    ckpt_dir, _, step = resolve_checkpoint(source, model_tag, step)
-    return build_model(ckpt_dir, step, device, phase, dtype, weights)
-
-
-# ---------------------------------------------------------------------------
-# The model of `chat`, `serve` and `export hf`: -i SOURCE, or the first of sft, mid, base
-
-DEFAULT_CHAT_SOURCES = ("sft", "mid", "base")
-
-
-def add_model_flags(parser):
-    parser.add_argument("-i", "--source", default=None, choices=list(SOURCES),
-                        help="which checkpoints to load (default: the first of sft, mid, base that exists)")
-    add_weights_flag(parser)
-    add_common_flags(parser)
-
-
-def pick_source(source):
-    """-i SOURCE as given, else the first of sft, mid, base that has a checkpoint."""
-    if source:
-        return source
-    for s in DEFAULT_CHAT_SOURCES:
-        if list_model_tags(os.path.join(checkpoints_root(), s)):
-            return s
-    raise UserError(f"no sft, mid or base checkpoint under {checkpoints_root()} "
-                    f"(train one with `nanochat train base`, or name one with -i)")
-
-
-def load_chat_model(args):
-    """(model, tokenizer, meta, source) for the flags of add_model_flags, on --device-type, with the
-    weights in --weights."""
-    source = pick_source(args.source)
-    _, _, _, _, device = compute_init(args.device_type)
-    model, tokenizer, meta = load_model(source, device, phase="eval", model_tag=args.model_tag, step=args.step,
-                                        weights=args.weights)
-    return model, tokenizer, meta, source
-
-
-# ---------------------------------------------------------------------------
-# metrics.jsonl
-
-def metrics_path(ckpt_dir) -> str:
-    return os.path.join(ckpt_dir, "metrics.jsonl")
-
-
-def _drop_torn_tail(path) -> None:
-    """A run killed while appending leaves a last line without its newline: cut it off, so the
-    next record is not glued to it (and lost with it)."""
-    with open(path, "rb+") as f:
-        end = f.seek(0, os.SEEK_END)
-        pos = end
-        while pos > 0:
-            step = min(pos, 1 << 16)
-            f.seek(pos - step)
-            block = f.read(step)
-            if pos == end and block.endswith(b"\n"):
-                return  # intact
-            nl = block.rfind(b"\n")
-            if nl >= 0:
-                f.truncate(pos - step + nl + 1)
-                return
-            pos -= step
-        f.truncate(0)
-
-
-def append_metrics(ckpt_dir, record: dict) -> None:
-    """Append one JSON line (rank 0 only: the caller checks). Flushed at once so a crash loses
-    at most the line being written."""
-    os.makedirs(ckpt_dir, exist_ok=True)
-    path = metrics_path(ckpt_dir)
-    if os.path.exists(path):
-        _drop_torn_tail(path)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-
-
-def read_metrics(ckpt_dir) -> list[dict]:
-    """The records of metrics.jsonl; a torn or garbled line (a killed run's last) is skipped."""
-    path = metrics_path(ckpt_dir)
-    return read_jsonl(path) if os.path.exists(path) else []
-
-
-def trim_metrics(ckpt_dir, last_step: int) -> None:
-    """On resume from `last_step`: drop the lines of steps after it (logged by the interrupted
-    run after its last checkpoint), which the resumed run will log again, and any torn line."""
-    path = metrics_path(ckpt_dir)
-    if not os.path.exists(path):
-        return
-    kept = [r for r in read_metrics(ckpt_dir)
-            if isinstance(r.get("step"), int) and not isinstance(r["step"], bool) and r["step"] <= last_step]
-    text = "".join(json.dumps(r) + "\n" for r in kept)
-    _atomic_save(text.encode("utf-8"), path, lambda data, f: f.write(data))
-
-
 def remove_temp_files(ckpt_dir) -> None:
     """Delete the `<name>.tmp.<pid>` files that saves killed half-way left behind (no file of a
     complete step ever has such a name). Only while no save is running, i.e. before a run."""
@@ -595,17 +446,3 @@ def clear_tag(ckpt_dir):
     for n in old:
         os.remove(os.path.join(ckpt_dir, n))
     remove_temp_files(ckpt_dir)
-
-
-def begin_run(ckpt_dir, resume_step, master=True):
-    """The last thing a training stage does before its loop, once the resumed state has loaded
-    and been checked (so that a refused resume changes nothing on disk): a resumed run cuts
-    metrics.jsonl back to its step, a fresh one clears the tag. Only the master touches files."""
-    if resume_step is None:
-        if master:
-            clear_tag(ckpt_dir)
-        return
-    if master:
-        trim_metrics(ckpt_dir, resume_step)
-        remove_temp_files(ckpt_dir)  # torn files of the killed run's last, unfinished save
-    print0(f"resumed from {ckpt_dir} step {resume_step}")

@@ -357,10 +357,10 @@ def compute_init(device_type: str | None = None, seed: int = 42):
 
 
 def compute_cleanup():
-    """End of a (torchrun) process. On a normal exit every rank first waits for the others: a rank
-    that tore down its process group while another was still writing its results was seen to
-    abort at exit (gloo, eval chat, once in several runs). Called from a `finally` while an
-    exception is on its way out, there is no barrier: the other ranks may never arrive."""
+    """End of a (torchrun) process. On a normal exit every rank first waits for the others (a rank
+    that tears down its process group while another still writes its results can abort it).
+    Called from a `finally` while an exception is on its way out, there is no barrier: the other
+    ranks may never arrive."""
     gc_restore()  # a training loop's gc_step froze the collector: on again, also after an error
     if dist.is_available() and dist.is_initialized():
         if sys.exc_info()[1] is None and dist.get_world_size() > 1:
@@ -454,8 +454,3 @@ def init_wandb(run: str, project: str, config: dict, master: bool = True):
         print0("wandb is not installed (pip install wandb); logging only to metrics.jsonl")
         return DummyWandb()
     return wandb.init(project=project, name=run, config=config)
-
-
-def fatal(msg: str, code: int = 1):
-    print(f"error: {msg}", file=sys.stderr, flush=True)
-    raise SystemExit(code)

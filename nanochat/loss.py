@@ -18,7 +18,7 @@ CHUNK_ROWS_CPU = 1024   # on CPU smaller chunks are faster (docs/benchmarks.md)
 
 def softcap(logits):
     """SOFTCAP * tanh(logits / SOFTCAP) of fp32 logits. On CPU without grads it is computed in
-    place as 2 cap sigmoid(2u / cap) - cap: torch's CPU tanh is ~3x slower than sigmoid."""
+    place as 2 cap sigmoid(2u / cap) - cap: torch's CPU tanh is slower than its sigmoid."""
     if logits.device.type == "cpu" and not torch.is_grad_enabled():
         return logits.mul_(2.0 / SOFTCAP).sigmoid_().mul_(2.0 * SOFTCAP).sub_(SOFTCAP)
     return SOFTCAP * torch.tanh(logits / SOFTCAP)

@@ -217,7 +217,7 @@ class MuonAdamW(torch.optim.Optimizer):
             compile = first is not None and first.is_cuda
         self._muon_fn, self._adamw_fn = muon_update, adamw_update
         # On the CPU, torch's fused AdamW kernel does the same arithmetic in one pass over the
-        # tensors (~4x faster than the eager ops above at 1 thread; same results to rounding).
+        # tensors (faster than the eager ops above; same results to rounding: docs/benchmarks.md).
         self._fused_cpu = not compile and first is not None and first.device.type == "cpu"
         if compile:
             self._muon_fn = torch.compile(muon_update, dynamic=False, fullgraph=True)

@@ -20,7 +20,7 @@ import time
 import psutil
 import torch
 
-from nanochat.checkpoint import read_metrics
+from nanochat.metrics import read_metrics
 from nanochat.common import atomic_write_text, compute_dtype_choice, get_base_dir, get_dist_info
 
 # The order sections appear in report.md; unknown sections go after these, by time written.
@@ -30,6 +30,8 @@ SECTION_ORDER = [
     "Chat RL", "Chat evaluation rl", "Scaling laws", "Miniseries",
 ]
 SUMMARY_ROWS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE"]
+# where a cell of the summary table comes from (default: the stage's chat evaluation)
+SUMMARY_SECTIONS = {("CORE", "base"): "Base model evaluation"}
 STAGES = ["base", "mid", "sft", "rl"]
 
 # Rough on-demand cloud prices in USD per GPU-hour, for the cost estimate in the header.
@@ -168,11 +170,8 @@ class Report:
         for metric in SUMMARY_ROWS:
             cells = []
             for stage in STAGES:
-                value = None
-                if metric == "CORE" and stage == "base":
-                    value = by_name.get("Base model evaluation", {}).get("CORE")
-                else:
-                    value = by_name.get(f"Chat evaluation {stage}", {}).get(metric)
+                section = SUMMARY_SECTIONS.get((metric, stage), f"Chat evaluation {stage}")
+                value = by_name.get(section, {}).get(metric)
                 cells.append("-" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value)))
             rows.append(f"| {metric} | " + " | ".join(cells) + " |")
         head = "| Metric | " + " | ".join(s.upper() for s in STAGES) + " |\n|---|" + "---|" * len(STAGES)

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 import torch
 
 from nanochat import checkpoint as ck
+from nanochat import metrics
 from nanochat.common import UserError, init_wandb, print0
+from nanochat.metrics import read_metrics, trim_metrics
 from nanochat.report import get_report
 from nanochat.training import StepLog, is_due
 
@@ -59,7 +61,7 @@ def evaluated_before(ckpt_dir, resume_step) -> bool:
     """Did the interrupted run finish the evaluations at the step it is resumed from? (Their
     record is in metrics.jsonl.) A checkpoint is saved before its step's evaluations, so a run
     stopped while they ran resumes at that step with them still to do."""
-    return resume_step is not None and any(r.get("step") == resume_step for r in ck.read_metrics(ckpt_dir))
+    return resume_step is not None and any(r.get("step") == resume_step for r in read_metrics(ckpt_dir))
 
 
 def check_horizon(resume_step, num_iterations):
@@ -82,6 +84,20 @@ def resolve_source(args, stage):
     same tag)."""
     src_dir, model_tag, src_step = ck.resolve_checkpoint(args.source, args.model_tag, args.step)
     return src_dir, src_step, model_tag, ck.checkpoint_dir(stage, model_tag)
+
+
+def begin_run(ckpt_dir, resume_step, master=True):
+    """The last thing a training stage does before its loop, once the resumed state has loaded
+    and been checked (so that a refused resume changes nothing on disk): a resumed run cuts
+    metrics.jsonl back to its step, a fresh one clears the tag. Only the master touches files."""
+    if resume_step is None:
+        if master:
+            ck.clear_tag(ckpt_dir)
+        return
+    if master:
+        trim_metrics(ckpt_dir, resume_step)
+        ck.remove_temp_files(ckpt_dir)  # torn files of the killed run's last, unfinished save
+    print0(f"resumed from {ckpt_dir} step {resume_step}")
 
 
 # ---------------------------------------------------------------------------
@@ -144,7 +160,7 @@ class Run:
             self.pending = saved.get("record")
             del model_state, shard
         self.done_at_start = evaluated_before(self.dir, self.resume_step)  # before begin_run trims the metrics
-        ck.begin_run(self.dir, self.resume_step, self.master)
+        begin_run(self.dir, self.resume_step, self.master)
         self.wandb = init_wandb(self.args.run, project, {**meta["user_config"], **meta["derived"]}, self.master)
 
     def save_due(self, step):
@@ -175,7 +191,7 @@ class Run:
         if results:
             record = {**(record or {"step": step}), **results}
         if record is not None and self.master:
-            ck.append_metrics(self.dir, record)
+            metrics.append_metrics(self.dir, record)
             self.wandb.log(record, step=record["step"])
         if (saved or fresh) and self.master and results:  # a checkpoint step: its evaluations go into its meta
             ck.annotate_meta(self.dir, step, **results)

@@ -10,7 +10,7 @@ import os
 import numpy as np
 
 from nanochat import scaling
-from nanochat.checkpoint import read_metrics
+from nanochat.metrics import read_metrics
 from nanochat.common import UserError, atomic_write_text
 from nanochat.report import get_report, png_markdown, report_exists
 

@@ -32,7 +32,7 @@ class Job:
         self.events = asyncio.Queue()
         self.cancelled = threading.Event()  # set when the client went away: the row is freed
         self.submitted = time.time()
-        self.arrived = time.monotonic()  # for the latency metrics (nanochat/metrics.py)
+        self.arrived = time.monotonic()  # for the latency metrics (nanochat/serve_metrics.py)
         self.first_token_at = self.last_token_at = None
         self.n_tokens = 0
 

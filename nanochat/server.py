@@ -35,7 +35,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
-from nanochat.metrics import CONTENT_TYPE_LATEST, Metrics
+from nanochat.serve_metrics import CONTENT_TYPE_LATEST, Metrics
 from nanochat.scheduler import DEFAULT_MAX_QUEUE, Job, Scheduler
 
 

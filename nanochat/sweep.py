@@ -31,6 +31,7 @@ from filelock import FileLock, Timeout
 from nanochat import checkpoint as ck
 from nanochat.common import UserError, get_base_dir
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.metrics import read_metrics
 from nanochat.scaling import EXTRA_COLUMNS, read_csv, write_csv
 
 # set by torchrun; a child must not inherit them (it would join the sweep's process group)
@@ -209,7 +210,7 @@ def run_results(ckpt_dir):
     meta = ck.load_meta(ckpt_dir, steps[-1], require=("model_config", "derived"))
     if steps[-1] != meta["derived"]["num_iterations"]:
         return None
-    return meta, ck.read_metrics(ckpt_dir)
+    return meta, read_metrics(ckpt_dir)
 
 
 def param_counts(model_config):

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from helpers import make_model
-from nanochat.checkpoint import checkpoint_dir, load_model, save_checkpoint
+from nanochat.checkpoint import checkpoint_dir, save_checkpoint
+from nanochat.models import load_model
 from nanochat.engine import Engine
 
 

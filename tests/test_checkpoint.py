@@ -11,6 +11,9 @@ import pytest
 import torch
 
 from nanochat import checkpoint as ck
+from nanochat import metrics
+from nanochat import models
+from nanochat import run
 from nanochat.common import UserError
 
 
@@ -139,13 +142,13 @@ def test_find_largest_model(tmp_path):
 def test_metrics_append_and_trim(tmp_path):
     d = str(tmp_path)
     for s in range(1, 6):
-        ck.append_metrics(d, {"step": s, "loss": 1.0 / s})
-    with open(ck.metrics_path(d), "a") as f:
+        metrics.append_metrics(d, {"step": s, "loss": 1.0 / s})
+    with open(metrics.metrics_path(d), "a") as f:
         f.write('{"step": 6, "lo')  # torn line of a killed run
-    assert [r["step"] for r in ck.read_metrics(d)] == [1, 2, 3, 4, 5]
-    ck.trim_metrics(d, 3)
-    assert [r["step"] for r in ck.read_metrics(d)] == [1, 2, 3]
-    with open(ck.metrics_path(d)) as f:
+    assert [r["step"] for r in metrics.read_metrics(d)] == [1, 2, 3, 4, 5]
+    metrics.trim_metrics(d, 3)
+    assert [r["step"] for r in metrics.read_metrics(d)] == [1, 2, 3]
+    with open(metrics.metrics_path(d)) as f:
         assert all(json.loads(line) for line in f)
 
 
@@ -154,26 +157,26 @@ def test_begin_run_trims_on_resume_and_clears_a_fresh_run(tmp_path):
     for s in (1, 2):
         ck.save_checkpoint(d, s, _tiny_state(s), None, {"step": s})
     for s in range(1, 5):
-        ck.append_metrics(d, {"step": s})
-    ck.begin_run(d, 2, master=False)  # other ranks never touch the files
-    assert [r["step"] for r in ck.read_metrics(d)] == [1, 2, 3, 4]
-    ck.begin_run(d, 2)  # resumed at step 2: steps 3 and 4 will be logged again
-    assert [r["step"] for r in ck.read_metrics(d)] == [1, 2] and ck.complete_steps(d) == [1, 2]
-    ck.begin_run(d, None, master=False)
+        metrics.append_metrics(d, {"step": s})
+    run.begin_run(d, 2, master=False)  # other ranks never touch the files
+    assert [r["step"] for r in metrics.read_metrics(d)] == [1, 2, 3, 4]
+    run.begin_run(d, 2)  # resumed at step 2: steps 3 and 4 will be logged again
+    assert [r["step"] for r in metrics.read_metrics(d)] == [1, 2] and ck.complete_steps(d) == [1, 2]
+    run.begin_run(d, None, master=False)
     assert ck.complete_steps(d) == [1, 2]
-    ck.begin_run(d, None)  # fresh run under the same tag: the earlier run's files go
-    assert ck.complete_steps(d) == [] and ck.read_metrics(d) == [] and os.listdir(d) == []
+    run.begin_run(d, None)  # fresh run under the same tag: the earlier run's files go
+    assert ck.complete_steps(d) == [] and metrics.read_metrics(d) == [] and os.listdir(d) == []
 
 
 def test_load_model_errors_list_what_exists(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     with pytest.raises(UserError, match="nanochat train sft"):
-        ck.load_model("sft", "cpu")
+        models.load_model("sft", "cpu")
     with pytest.raises(UserError, match="must be one of"):
-        ck.load_model("nope", "cpu")
+        models.load_model("nope", "cpu")
     ck.save_checkpoint(ck.checkpoint_dir("base", "d3"), 7, _tiny_state(0), None, {})
     with pytest.raises(UserError, match=r"base/d3 \(steps 7\)"):
-        ck.load_model("mid", "cpu")
+        models.load_model("mid", "cpu")
     with pytest.raises(UserError, match="complete steps: 7"):
         ck.resolve_checkpoint("base", "d3", 8)
     assert ck.resolve_checkpoint("base")[1:] == ("d3", 7)
@@ -309,19 +312,19 @@ def test_meta_missing_keys_and_config_disagreeing_with_the_weights(tmp_path, mon
     ck.save_checkpoint(d, 1, model.state_dict(), None, {"model_config": cfg})
     ck.save_checkpoint(d, 2, model.state_dict(), None, {"model_config": {**cfg, "n_embd": 128}})
     with pytest.raises(UserError, match=r"model_000002.pt.*do not fit the model_config.*last good step is 1"):
-        ck.load_model("sft", "cpu")
+        models.load_model("sft", "cpu")
     ck.save_checkpoint(d, 3, model.state_dict(), None, {"model_config": {**cfg, "no_such_field": 1}})
     with pytest.raises(UserError, match=r"meta_000003.json.*does not describe a model"):
-        ck.load_model("sft", "cpu", step=3)
+        models.load_model("sft", "cpu", step=3)
     ck.save_checkpoint(d, 4, model.state_dict(), None, {"step": 4})
     with pytest.raises(UserError, match=r"meta_000004.json.*missing model_config"):
-        ck.load_model("sft", "cpu", step=4)
+        models.load_model("sft", "cpu", step=4)
     with pytest.raises(UserError, match=r"missing loop"):
         ck.load_checkpoint(d, 4, require=("loop",))
-    assert ck.load_model("sft", "cpu", step=1)[2]["step"] == 1
-    frozen, _, _ = ck.load_model("sft", "cpu", step=1)            # eval phase: eval mode, no grads
+    assert models.load_model("sft", "cpu", step=1)[2]["step"] == 1
+    frozen, _, _ = models.load_model("sft", "cpu", step=1)            # eval phase: eval mode, no grads
     assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
-    trainable, _, _ = ck.load_model("sft", "cpu", phase="train", step=1)
+    trainable, _, _ = models.load_model("sft", "cpu", phase="train", step=1)
     assert trainable.training and all(p.requires_grad for p in trainable.parameters())
     # on CPU a frozen model's Linear weights are stored transposed, q/k/v stacked
     # (nanochat.inference_layout), a trainable one's as usual; both hold the saved values
@@ -331,7 +334,7 @@ def test_meta_missing_keys_and_config_disagreeing_with_the_weights(tmp_path, mon
     assert all(b.attn.qkv_weight is not None for b in frozen.blocks)
     assert all(plain[n].is_contiguous() for n in linears) and not hasattr(trainable.blocks[0].attn, "qkv_weight")
     assert all(torch.equal(weights[n], plain[n]) for n in weights)
-    half, _, _ = ck.load_model("sft", "cpu", step=1, dtype=torch.bfloat16)  # the cast comes first
+    half, _, _ = models.load_model("sft", "cpu", step=1, dtype=torch.bfloat16)  # the cast comes first
     assert all(p.dtype == torch.bfloat16 for p in half.parameters())
     assert all(dict(half.named_parameters())[n].stride(0) == 1 for n in linears if min(weights[n].shape) > 1)
     assert half.blocks[0].attn.packed_qkv().dtype == torch.bfloat16
@@ -344,18 +347,18 @@ def test_torn_or_garbled_metrics_lines_are_dropped(tmp_path):
     from nanochat import report
     d = str(tmp_path)
     for s in (1, 2):
-        ck.append_metrics(d, {"step": s, "loss": 1.0})
-    with open(ck.metrics_path(d), "ab") as f:
+        metrics.append_metrics(d, {"step": s, "loss": 1.0})
+    with open(metrics.metrics_path(d), "ab") as f:
         f.write(b'{"step": 3, "lo\xff\xfe')  # torn, and not UTF-8
-    assert [r["step"] for r in ck.read_metrics(d)] == [1, 2]
-    assert report.read_metrics is ck.read_metrics  # the report card's curves use the same reader
-    ck.append_metrics(d, {"step": 3, "loss": 0.5})
-    assert [r["step"] for r in ck.read_metrics(d)] == [1, 2, 3]
-    with open(ck.metrics_path(d), "ab") as f:
+    assert [r["step"] for r in metrics.read_metrics(d)] == [1, 2]
+    assert report.read_metrics is metrics.read_metrics  # the report card's curves use the same reader
+    metrics.append_metrics(d, {"step": 3, "loss": 0.5})
+    assert [r["step"] for r in metrics.read_metrics(d)] == [1, 2, 3]
+    with open(metrics.metrics_path(d), "ab") as f:
         f.write(b'7\n[1, 2]\n{"step": "x"}\n\x00\x00\x00')  # valid JSON that is not a record, then NULs
-    assert [r.get("step") for r in ck.read_metrics(d)] == [1, 2, 3, "x"]
-    ck.trim_metrics(d, 2)
-    assert open(ck.metrics_path(d), "rb").read() == b'{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 1.0}\n'
+    assert [r.get("step") for r in metrics.read_metrics(d)] == [1, 2, 3, "x"]
+    metrics.trim_metrics(d, 2)
+    assert open(metrics.metrics_path(d), "rb").read() == b'{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 1.0}\n'
 
 
 def test_resume_removes_temp_files_of_killed_saves(tmp_path):
@@ -364,7 +367,7 @@ def test_resume_removes_temp_files_of_killed_saves(tmp_path):
     for name in ("model_000002.pt.tmp.4242", "optim_000002_rank0.pt.tmp.77", "metrics.jsonl.tmp.9"):
         open(os.path.join(d, name), "wb").write(b"torn")
     open(os.path.join(d, "notes.tmp.txt"), "w").write("mine")  # not a temp name of ours: kept
-    ck.begin_run(d, 1, master=False)
+    run.begin_run(d, 1, master=False)
     assert len(os.listdir(d)) == 7  # 3 files of step 1, 3 temp files, notes
-    ck.begin_run(d, 1)
+    run.begin_run(d, 1)
     assert sorted(os.listdir(d)) == ["meta_000001.json", "model_000001.pt", "notes.tmp.txt", "optim_000001_rank0.pt"]

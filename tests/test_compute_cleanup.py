@@ -12,18 +12,28 @@ WORKER = textwrap.dedent('''
     out, mode = sys.argv[1], sys.argv[2]
     _, rank, _, _, _ = compute_init("cpu")
     mark = lambda name: open(os.path.join(out, f"{name}_rank{rank}"), "w").close()
+    seen = lambda name: os.path.exists(os.path.join(out, name))
+
+    def wait_for(name, timeout=60):
+        deadline = time.time() + timeout
+        while not seen(name) and time.time() < deadline:
+            time.sleep(0.01)
+
     if mode == "ok":
         if rank == 0:
-            time.sleep(1.0)  # still "writing results": rank 1 must not get past its cleanup meanwhile
-            if os.path.exists(os.path.join(out, "left_rank1")):
-                mark("saw_rank1_leave_early")
+            wait_for("cleaning_rank1")  # rank 1 is in its cleanup while rank 0 still "writes results"
+            mark("finished")
+        else:
+            mark("cleaning")
         compute_cleanup()
+        if rank == 1 and not seen("finished_rank0"):
+            mark("left_before_rank0_finished")
         mark("left")
     else:  # rank 1 fails; its cleanup must not wait for rank 0, which never arrives
         try:
             if rank == 1:
                 raise RuntimeError("boom")
-            time.sleep(3.0)
+            wait_for("left_rank1")
             mark("rank0_done")
         finally:
             if rank == 1:
@@ -46,7 +56,7 @@ def test_normal_exit_waits_for_every_rank(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     names = set(os.listdir(tmp_path))
     assert {"left_rank0", "left_rank1"} <= names
-    assert "saw_rank1_leave_early_rank0" not in names
+    assert "finished_rank0" in names and "left_before_rank0_finished_rank1" not in names
 
 
 def test_cleanup_during_an_exception_does_not_wait(tmp_path):

@@ -142,7 +142,7 @@ def test_report_card(run):
 
 
 EXPECTED_REPLY = """
-from nanochat.checkpoint import load_model
+from nanochat.models import load_model
 from nanochat.engine import Engine
 model, tokenizer, _ = load_model("sft", "cpu")
 prompt = tokenizer.render_for_completion({"messages": [{"role": "user", "content": "What is 12*13?"}]})

@@ -357,7 +357,8 @@ def test_compiled_decode_equals_eager(model, tokenizer, prompts):
     dec.add([Sequence(prompts[2], max_tokens=8, temperature=0), Sequence(prompts[3], max_tokens=8, temperature=0)])
     lengths = dec.cache.lengths.clone()
     with torch.inference_mode():
-        want = dec._forward(dec.inputs[:2], dec.cache.narrow(0, 2), max(dec.lens[:2]) + 1, positions=-1)
+        want = dec._forward(dec.inputs[:2], dec.cache.narrow(0, 2), max(dec.lens[:2]) + 1,
+                            positions=tuple(t[:2] for t in dec.step_positions))
         dec.cache.lengths.copy_(lengths)  # undo the eager step (it rewrites the same positions)
         got = dec._compiled_step(2)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -21,6 +21,7 @@ import transformers  # noqa: F401  (ImportError here = failure: CI installs it w
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nanochat import checkpoint as ck
+from nanochat import models
 from nanochat.cli import main as cli_main
 from nanochat.engine import reference_generate
 from nanochat.gpt import GPT, GPTConfig
@@ -326,7 +327,7 @@ def test_trained_base_checkpoint(base_checkpoint, tmp_path):
     from nanochat.tokenizer import get_tokenizer
     out = str(tmp_path / "base")
     assert cli_main(["export", "hf", "-i", "base", "--model-tag", base_checkpoint.tag, "--out", out]) == 0
-    model, tok, _ = ck.load_model("base", "cpu", model_tag=base_checkpoint.tag)
+    model, tok, _ = models.load_model("base", "cpu", model_tag=base_checkpoint.tag)
     hf_model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, local_files_only=True).eval()
     hf_tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
     assert hf_tok.eos_token_id == tok.get_bos_token_id() == hf_model.config.eos_token_id

@@ -11,6 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat import checkpoint as ck
+from nanochat import metrics
+from nanochat import models
 from nanochat import fp8
 from nanochat.common import UserError
 from nanochat.gpt import GPT, GPTConfig
@@ -309,9 +311,9 @@ def test_stage_trains_with_fp8_and_saves_ordinary_weights(tokenizer, monkeypatch
     assert "fp8: on, tensorwise: 12 linear layers (blocks.*.attn.c_q x2," in out and "'fp8': True" in out
     assert "kept in the compute dtype: blocks.*.attn.ve_gate, lm_head, smear_gate" in out
     assert tb.main(TINY + ["--num-iterations", "3", "--eval-every", "-1", "--fp8", "--model-tag", "fp8"]) == 0
-    rows = ck.read_metrics(ck.checkpoint_dir("base", "fp8"))
+    rows = metrics.read_metrics(ck.checkpoint_dir("base", "fp8"))
     assert len(rows) == 3 and all(r["loss"] == r["loss"] for r in rows) and "val_bpb" in rows[-1]
-    model, _, meta = ck.load_model("base", "cpu", model_tag="fp8")
+    model, _, meta = models.load_model("base", "cpu", model_tag="fp8")
     assert meta["derived"]["fp8"] is True and meta["user_config"]["fp8"] is True
     assert not any(isinstance(m, fp8.FP8Linear) for m in model.modules())  # a plain model loads it
     saved = ck.load_checkpoint(ck.checkpoint_dir("base", "fp8"), 3)[0]

@@ -714,6 +714,7 @@ def test_kv_cache_with_smear_rows_of_different_lengths_padded_prefill_and_fork()
 
 def test_old_checkpoints_fail_with_the_reason(tmp_path):
     from nanochat import checkpoint as ck
+    from nanochat import models
     from nanochat.common import UserError
     import dataclasses
     model = make_model(randomize=False)
@@ -724,7 +725,7 @@ def test_old_checkpoints_fail_with_the_reason(tmp_path):
     old["blocks.1.attn.ve_gate.weight"] = torch.zeros(2, 32)
     ck.save_checkpoint(str(tmp_path / "old"), 1, old, None, meta)
     with pytest.raises(UserError, match="older nanochat architecture.*smear_gate.weight, smear_lambda, backout_lambda"):
-        ck.build_model(str(tmp_path / "old"), 1, "cpu")
+        models.build_model(str(tmp_path / "old"), 1, "cpu")
     with pytest.raises(UserError, match="older nanochat architecture"):
         ck.load_checkpoint(str(tmp_path / "old"), 1)  # the resume path of train base reads it so
     gate_only = dict(state)

@@ -92,9 +92,9 @@ def model_numerics():
 
 
 def numeric_records(d):
-    from nanochat import checkpoint as ck
+    from nanochat import metrics
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS and isinstance(v, (int, float))}
-            for r in ck.read_metrics(d)]
+            for r in metrics.read_metrics(d)]
 
 
 def final_weights(d):

@@ -97,10 +97,11 @@ def test_seed_gives_the_same_reply_alone_and_in_a_busy_batch(server):
                                            temperature=1.8, seed=seed)
         return r.choices[0].message.content
     alone = ask(1234)
+    started = server.stats()["total_requests"]
     others = [threading.Thread(target=ask, args=(None, f"noise {i}")) for i in range(3)]
     for t in others:
         t.start()
-    time.sleep(0.02)  # the others are decoding when the seeded one joins
+    _wait_for(lambda: server.stats()["total_requests"] >= started + 3, 20)  # the others are in when the seeded one joins
     busy = ask(1234)
     for t in others:
         t.join()
@@ -428,7 +429,7 @@ def test_a_failing_row_ends_only_its_own_request(tokenizer):
                    for i in range(3)]
         for t in threads:
             t.start()
-        time.sleep(0.1)  # the three are decoding when the bad one joins
+        _wait_for(lambda: live.stats()["total_requests"] >= 3, 20)  # the three are in when the bad one joins
         stream("bad", long_messages)
         for t in threads:
             t.join(timeout=60)

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from nanochat import checkpoint as ck
+from nanochat import metrics as mx
+from nanochat import models
 from nanochat.common import UserError
 from nanochat.stages import train_base as tb
 
@@ -16,21 +18,21 @@ TINY = ["--depth", "2", "--max-seq-len", "64", "--device-batch-size", "4", "--to
 
 
 def metrics(tag):
-    return ck.read_metrics(ck.checkpoint_dir("base", tag))
+    return mx.read_metrics(ck.checkpoint_dir("base", tag))
 
 
 def run_killed_after(flags, step, monkeypatch):
     """tb.main(flags), killed right after it logs `step` (as a SIGKILL would: no cleanup)."""
-    real_append = ck.append_metrics
+    real_append = mx.append_metrics
 
     def dies(d, record):
         real_append(d, record)
         if record["step"] == step:
             raise KeyboardInterrupt(f"simulated kill after step {step}")
-    monkeypatch.setattr(ck, "append_metrics", dies)
+    monkeypatch.setattr(mx, "append_metrics", dies)
     with pytest.raises(KeyboardInterrupt):
         tb.main(flags)
-    monkeypatch.setattr(ck, "append_metrics", real_append)
+    monkeypatch.setattr(mx, "append_metrics", real_append)
 
 
 # ---------------------------------------------------------------------------
@@ -371,7 +373,7 @@ def test_resume_rejects_other_architecture(tokenizer):
 
 
 def test_base_checkpoint_loads_and_learned(base_checkpoint):
-    model, tokenizer, meta = ck.load_model("base", "cpu", model_tag=base_checkpoint.tag)
+    model, tokenizer, meta = models.load_model("base", "cpu", model_tag=base_checkpoint.tag)
     assert meta["step"] == base_checkpoint.step == 8
     assert not model.training
     saved = ck.load_checkpoint(base_checkpoint.dir, base_checkpoint.step)[0]
@@ -383,7 +385,7 @@ def test_base_checkpoint_loads_and_learned(base_checkpoint):
     ids = torch.tensor([tokenizer.encode("The cat sat on the", prepend="<|bos|>")])
     assert torch.isfinite(model(ids)).all()
     # a later stage may train it further
-    model2, _, _ = ck.load_model("base", "cpu", phase="train")
+    model2, _, _ = models.load_model("base", "cpu", phase="train")
     assert model2.training
 
 
@@ -409,7 +411,7 @@ def test_inference_loads_weights_in_the_compute_dtype(base_checkpoint, monkeypat
     the KV-cache path gives the no-cache logits (within bf16 rounding) and the Engine decodes."""
     from nanochat.engine import Engine
     monkeypatch.setenv("NANOCHAT_DTYPE", "bfloat16")
-    model, tokenizer, _ = ck.load_model("base", "cpu", model_tag=base_checkpoint.tag, dtype=torch.bfloat16)
+    model, tokenizer, _ = models.load_model("base", "cpu", model_tag=base_checkpoint.tag, dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     ids = tokenizer.encode("The cat sat on the", prepend="<|bos|>")
     with torch.no_grad():
@@ -422,5 +424,5 @@ def test_inference_loads_weights_in_the_compute_dtype(base_checkpoint, monkeypat
     torch.testing.assert_close(cached[0], logits[0, -1], atol=0.1, rtol=0)
     results, _ = Engine(model, tokenizer).generate_batch(ids, max_tokens=6, temperature=0)
     assert results[0][:len(ids)] == ids  # decoding in bf16 ran through the cache
-    fp32, _, _ = ck.load_model("base", "cpu", model_tag=base_checkpoint.tag)  # the default stays fp32 (export, training)
+    fp32, _, _ = models.load_model("base", "cpu", model_tag=base_checkpoint.tag)  # the default stays fp32 (export, training)
     assert {p.dtype for p in fp32.parameters()} == {torch.float32}

@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from nanochat import checkpoint as ck
+from nanochat import metrics
 
 FLAGS = ["train", "base", "--depth", "2", "--max-seq-len", "64", "--device-batch-size", "4",
          "--total-batch-size", "512", "--num-iterations", "6", "--eval-every", "3", "--eval-tokens", "1024",
@@ -33,8 +34,8 @@ def test_two_processes_match_one_with_accumulation(tokenizer):
     assert "2 procs x 1 accum" in out2
     out1 = run([sys.executable, "-m", "nanochat"] + FLAGS + ["--model-tag", "dist1"])
     assert "1 procs x 2 accum" in out1
-    m1 = ck.read_metrics(ck.checkpoint_dir("base", "dist1"))
-    m2 = ck.read_metrics(ck.checkpoint_dir("base", "dist2"))
+    m1 = metrics.read_metrics(ck.checkpoint_dir("base", "dist1"))
+    m2 = metrics.read_metrics(ck.checkpoint_dir("base", "dist2"))
     assert [r["step"] for r in m1] == [r["step"] for r in m2] == list(range(7))
     losses1 = [r["loss"] for r in m1[1:]]
     losses2 = [r["loss"] for r in m2[1:]]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from nanochat import checkpoint as ck
+from nanochat import metrics
 from nanochat.chat_data import DEFAULT_MIXTURES, ConversationLoader, Mixture, default_mixture, parse_mixture
 from nanochat.common import UserError
 
@@ -116,7 +117,7 @@ TINY = ["--device-type", "cpu", "--max-seq-len", "64", "--device-batch-size", "4
 
 
 def metrics_by_step(d):
-    return {r["step"]: r for r in ck.read_metrics(d)}
+    return {r["step"]: r for r in metrics.read_metrics(d)}
 
 
 @pytest.mark.slow
@@ -201,7 +202,7 @@ def test_train_mid_two_processes_and_resume(base_checkpoint):
     states = [[v for st in sh["optimizer"]["state"].values() for v in st.values() if torch.is_tensor(v)] for sh in shards]
     assert len(states[0]) == len(states[1])
     assert any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(*states))
-    first = ck.read_metrics(d)
+    first = metrics.read_metrics(d)
     assert [r["step"] for r in first] == [1, 2, 3]  # one record per step: rank 0 alone writes
     first = {r["step"]: r for r in first}
     assert all(first[s]["trained_tokens"] == 512 for s in (1, 2, 3))  # both ranks' targets, all-reduced
@@ -212,7 +213,7 @@ def test_train_mid_two_processes_and_resume(base_checkpoint):
 
     out = torchrun("mid", *args, "--resume-from-step", "1")
     assert "resumed from" in out
-    second = ck.read_metrics(d)
+    second = metrics.read_metrics(d)
     assert [r["step"] for r in second] == [1, 2, 3]
     second = {r["step"]: r for r in second}
     for s in (2, 3):

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from nanochat import checkpoint as ck
+from nanochat import metrics
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.stages.train_rl import pg_loss, rl_advantages, rl_batch
 
@@ -96,7 +97,7 @@ def test_train_rl_end_to_end_and_exact_resume(base_checkpoint, monkeypatch, caps
     d = ck.checkpoint_dir("rl", tag)
     # 1) the real GSM8K reward (a tiny model scores 0: nothing to learn, but it all runs)
     assert train_rl.main(TINY + ["--model-tag", tag, "--num-iterations", "1", "--eval-every", "1"]) == 0
-    rec = {r["step"]: r for r in ck.read_metrics(d)}
+    rec = {r["step"]: r for r in metrics.read_metrics(d)}
     assert {"reward", "loss", "seq_len", "sampled_tokens"} <= set(rec[1]) and "pass@1" in rec[0] and "pass@2" in rec[1]
     assert ck.load_meta(d, 1)["source"]["stage"] == "sft"
     # 2) a reward the tiny model can earn (even-length answers), so that the steps change the weights;
@@ -104,14 +105,14 @@ def test_train_rl_end_to_end_and_exact_resume(base_checkpoint, monkeypatch, caps
     monkeypatch.setattr(GSM8K, "reward", lambda self, conv, response: float(len(response) % 2 == 0))
     assert train_rl.main(TINY + ["--model-tag", tag]) == 0
     assert ck.complete_steps(d) == [2, 4]
-    first = {r["step"]: r for r in ck.read_metrics(d)}
+    first = {r["step"]: r for r in metrics.read_metrics(d)}
     assert any(0 < first[s]["reward"] < 1 for s in (1, 2, 3, 4))
     assert any(first[s]["loss"] != 0 for s in (1, 2, 3, 4))
     w2 = torch.load(os.path.join(d, "model_000002.pt"))
     w4 = torch.load(os.path.join(d, "model_000004.pt"))
     assert any(not torch.equal(w2[k], w4[k]) for k in w2)
     assert train_rl.main(TINY + ["--model-tag", tag, "--resume-from-step", "2"]) == 0
-    second = {r["step"]: r for r in ck.read_metrics(d)}
+    second = {r["step"]: r for r in metrics.read_metrics(d)}
     assert sorted(second) == sorted(first)
     for s in (3, 4):
         for k in ("reward", "loss", "seq_len", "sampled_tokens"):
@@ -174,7 +175,7 @@ def test_train_rl_two_processes_and_resume(base_checkpoint):
     args = TINY + ["--model-tag", tag, "--num-samples", "2", "--max-new-tokens", "48"]
     out1 = run_rl(*args, procs=1)
     assert "1 process(es)" in out1
-    one = {r["step"]: r for r in ck.read_metrics(d)}
+    one = {r["step"]: r for r in metrics.read_metrics(d)}
 
     out = run_rl(*args)
     assert "2 process(es)" in out and "processes 2" in out
@@ -184,7 +185,7 @@ def test_train_rl_two_processes_and_resume(base_checkpoint):
         for r in (0, 1):
             assert ck.load_checkpoint(d, s, load_optimizer=True, rank=r)[1]["optimizer"]["state"]
         assert not os.path.exists(os.path.join(d, f"optim_{s:06d}_rank2.pt"))
-    first = ck.read_metrics(d)
+    first = metrics.read_metrics(d)
     assert [r["step"] for r in first] == [1, 2, 3, 4]  # one record per step: rank 0 alone writes
     first = {r["step"]: r for r in first}
     assert "pass@1" in first[4] and "pass@2" in first[4]
@@ -209,7 +210,7 @@ def test_train_rl_two_processes_and_resume(base_checkpoint):
 
     out = run_rl(*args, "--resume-from-step", "2")
     assert "resumed from" in out
-    second = ck.read_metrics(d)
+    second = metrics.read_metrics(d)
     assert [r["step"] for r in second] == [1, 2, 3, 4]
     second = {r["step"]: r for r in second}
     for s in (3, 4):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from nanochat import checkpoint as ck
+from nanochat import metrics
 from nanochat.chat_data import ConversationLoader, Mixture
 from nanochat.chat_train import token_normalized_loss
 from nanochat.common import UserError
@@ -164,7 +165,7 @@ def test_train_sft_end_to_end_exact_resume_and_eval_chat(base_checkpoint, capsys
     assert "from mid/" in out and "ChatCORE" in out
     d = ck.checkpoint_dir("sft", tag)
     assert ck.complete_steps(d) == [2, 4]
-    first = {r["step"]: r for r in ck.read_metrics(d)}
+    first = {r["step"]: r for r in metrics.read_metrics(d)}
     assert "val_loss" in first[0] and "chatcore" in first[2] and "acc_ARC-Easy" in first[4]
     assert all(0 < first[s]["trained_tokens"] < 512 for s in (1, 2, 3, 4))  # user turns and padding masked
     meta = ck.load_meta(d, 4)
@@ -174,7 +175,7 @@ def test_train_sft_end_to_end_exact_resume_and_eval_chat(base_checkpoint, capsys
     weights = torch.load(os.path.join(d, "model_000004.pt"))
     assert train_sft.main(args + ["--resume"]) == 0  # already at the end: nothing to do
     assert train_sft.main(args + ["--resume-from-step", "2"]) == 0
-    second = {r["step"]: r for r in ck.read_metrics(d)}
+    second = {r["step"]: r for r in metrics.read_metrics(d)}
     assert sorted(second) == sorted(first)
     for s in (3, 4):
         assert second[s]["loss"] == first[s]["loss"]
@@ -218,10 +219,10 @@ def test_train_sft_two_processes_and_resume(base_checkpoint):
     assert "x 2 procs" in out
     d = ck.checkpoint_dir("sft", tag)
     assert ck.complete_steps(d) == [1, 2, 3] and ck.load_meta(d, 3)["world_size"] == 2
-    first = {r["step"]: r for r in ck.read_metrics(d)}
+    first = {r["step"]: r for r in metrics.read_metrics(d)}
     w3 = torch.load(os.path.join(d, "model_000003.pt"))
     _torchrun(*args, "--resume-from-step", "1")
-    second = {r["step"]: r for r in ck.read_metrics(d)}
+    second = {r["step"]: r for r in metrics.read_metrics(d)}
     for s in (2, 3):
         assert second[s]["loss"] == first[s]["loss"]
     resumed = torch.load(os.path.join(d, "model_000003.pt"))

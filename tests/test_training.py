@@ -1,4 +1,4 @@
-"""nanochat/training.py: the --depth rules, the schedules, the LR helper, when periodic jobs are
+"""nanochat/hparams.py and training.py: the --depth rules, the schedules, the LR helper, when periodic jobs are
 due, the step log, LR inheritance and resume resolution. Pure functions, no training."""
 import types
 
@@ -7,59 +7,60 @@ import torch
 
 from nanochat import checkpoint as ck
 from nanochat import run
+from nanochat import hparams as sc
 from nanochat import training as tr
 from nanochat.common import UserError
 
 
 def test_model_dims_round_up_to_head_dim():
-    assert tr.model_dims(20, 64, 128) == (1280, 10)
-    assert tr.model_dims(2, 64, 128) == (128, 1)
-    assert tr.model_dims(3, 64, 128) == (256, 2)   # 192 rounds up to 256
-    assert tr.model_dims(26, 64, 128) == (1664, 13)
+    assert sc.model_dims(20, 64, 128) == (1280, 10)
+    assert sc.model_dims(2, 64, 128) == (128, 1)
+    assert sc.model_dims(3, 64, 128) == (256, 2)   # 192 rounds up to 256
+    assert sc.model_dims(26, 64, 128) == (1664, 13)
 
 
 def test_schedules():
     n = 100
-    lrs = [tr.lr_multiplier(i, n, 0.1, 0.4, 0.0) for i in range(n + 1)]
+    lrs = [sc.lr_multiplier(i, n, 0.1, 0.4, 0.0) for i in range(n + 1)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == 1.0 and lrs[60] == 1.0
     assert lrs[80] == pytest.approx(0.5) and lrs[100] == 0.0
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # never rises after warmup
-    assert tr.lr_multiplier(100, 100, 0.0, 0.4, 0.1) == pytest.approx(0.1)
+    assert sc.lr_multiplier(100, 100, 0.0, 0.4, 0.1) == pytest.approx(0.1)
     # mid's Muon momentum (the default): 0.85 -> 0.95 over 300 steps, then flat
-    assert tr.muon_momentum(0) == pytest.approx(0.85) and tr.muon_momentum(150) == pytest.approx(0.90)
-    assert tr.muon_momentum(300) == pytest.approx(0.95) and tr.muon_momentum(5000) == pytest.approx(0.95)
+    assert sc.muon_momentum(0) == pytest.approx(0.85) and sc.muon_momentum(150) == pytest.approx(0.90)
+    assert sc.muon_momentum(300) == pytest.approx(0.95) and sc.muon_momentum(5000) == pytest.approx(0.95)
 
 
 def test_base_lr_schedule_warmup_in_steps():
     """train base: 40 warmup steps, flat, the last 65% linear down to 0.05 (n = 1000 steps: the
     warmdown is steps 350..1000)."""
     def lrm(i):
-        return tr.lr_multiplier(i, 1000, 0.0, 0.65, 0.05, warmup_steps=40)
+        return sc.lr_multiplier(i, 1000, 0.0, 0.65, 0.05, warmup_steps=40)
     assert lrm(0) == pytest.approx(1 / 40) and lrm(19) == pytest.approx(0.5) and lrm(39) == 1.0
     assert lrm(40) == 1.0 and lrm(350) == 1.0
     assert lrm(675) == pytest.approx(0.5 + 0.5 * 0.05)  # halfway through the warmdown
     assert lrm(1000) == pytest.approx(0.05)
-    assert tr.lr_multiplier(0, 1000, 0.0, 0.65, 0.05, warmup_steps=0) == 1.0  # no warmup
+    assert sc.lr_multiplier(0, 1000, 0.0, 0.65, 0.05, warmup_steps=0) == 1.0  # no warmup
     # the steps win over the ratio when both are given
-    assert tr.lr_multiplier(5, 1000, 0.5, 0.0, 0.0, warmup_steps=10) == pytest.approx(0.6)
+    assert sc.lr_multiplier(5, 1000, 0.5, 0.0, 0.0, warmup_steps=10) == pytest.approx(0.6)
 
 
 def test_base_muon_momentum():
     """0.85 -> 0.97 linearly over steps 0..400, 0.97 until the warmdown starts (n = 2000, ratio 0.5:
     step 1000), then linearly to 0.90 at the end."""
     def m(i):
-        return tr.base_muon_momentum(i, 2000, 0.5)
+        return sc.base_muon_momentum(i, 2000, 0.5)
     assert m(0) == pytest.approx(0.85) and m(100) == pytest.approx(0.88) and m(200) == pytest.approx(0.91)
     assert m(400) == pytest.approx(0.97) and m(999) == pytest.approx(0.97) and m(1000) == pytest.approx(0.97)
     assert m(1500) == pytest.approx(0.935) and m(2000) == pytest.approx(0.90)
     # a short run whose warmdown starts inside the 400-step warmup: the warmup wins there
-    assert tr.base_muon_momentum(100, 300, 0.65) == pytest.approx(0.88)
-    assert tr.base_muon_momentum(50, 500, 0.0) == pytest.approx(0.865)  # no warmdown: flat after 400
-    assert tr.base_muon_momentum(450, 500, 0.0) == pytest.approx(0.97)
+    assert sc.base_muon_momentum(100, 300, 0.65) == pytest.approx(0.88)
+    assert sc.base_muon_momentum(50, 500, 0.0) == pytest.approx(0.865)  # no warmdown: flat after 400
+    assert sc.base_muon_momentum(450, 500, 0.0) == pytest.approx(0.97)
 
 
 def test_weight_decay_cosine_to_zero():
-    wd = [tr.weight_decay_at(i, 0.2, 100) for i in range(101)]
+    wd = [sc.weight_decay_at(i, 0.2, 100) for i in range(101)]
     assert wd[0] == pytest.approx(0.2) and wd[50] == pytest.approx(0.1) and wd[100] == pytest.approx(0.0, abs=1e-12)
     assert wd[25] == pytest.approx(0.2 * 0.5 * (1 + 2 ** -0.5))  # cos(pi/4) = 1/sqrt(2)
     assert all(a > b for a, b in zip(wd, wd[1:]))
@@ -67,26 +68,26 @@ def test_weight_decay_cosine_to_zero():
 
 def test_derived_batch_size_is_power_law_and_divisible():
     ref = 1.3e9  # the d12 reference horizon
-    assert tr.derive_total_batch_size(ref, ref, 32 * 2048 * 8) == 2 ** 19  # the reference itself
+    assert sc.derive_total_batch_size(ref, ref, 32 * 2048 * 8) == 2 ** 19  # the reference itself
     # 4.4x the tokens: 2^19 x 4.4^0.383 = 2^19 x 1.764 -> log2 = 19.82 -> 2^20
-    assert tr.derive_total_batch_size(4.4 * ref, ref, 2048) == 2 ** 20
+    assert sc.derive_total_batch_size(4.4 * ref, ref, 2048) == 2 ** 20
     # 2.4x: 2^19 x 1.399 -> log2 = 19.48 -> stays 2^19
-    assert tr.derive_total_batch_size(2.4 * ref, ref, 2048) == 2 ** 19
-    small = tr.derive_total_batch_size(ref / 100, ref, 4 * 512)
+    assert sc.derive_total_batch_size(2.4 * ref, ref, 2048) == 2 ** 19
+    small = sc.derive_total_batch_size(ref / 100, ref, 4 * 512)
     assert small == 2 ** 19 // 2 ** 3 and small % (4 * 512) == 0   # 100^-0.383 = 2^-2.54 -> 2^16
-    assert tr.derive_total_batch_size(10, ref, 4 * 512) == 4 * 512  # at least one micro-batch
-    assert tr.derive_total_batch_size(ref, ref, 3 * 1000) % 3000 == 0
+    assert sc.derive_total_batch_size(10, ref, 4 * 512) == 4 * 512  # at least one micro-batch
+    assert sc.derive_total_batch_size(ref, ref, 3 * 1000) % 3000 == 0
 
 
 def test_batch_lr_scale_and_weight_decay_rule():
-    assert tr.batch_lr_scale(2 ** 19) == 1.0 and tr.batch_lr_scale(2 ** 20) == pytest.approx(2 ** 0.5)
-    assert tr.batch_lr_scale(512) == pytest.approx(1 / 32)  # 2^9 / 2^19 = 2^-10
+    assert sc.batch_lr_scale(2 ** 19) == 1.0 and sc.batch_lr_scale(2 ** 20) == pytest.approx(2 ** 0.5)
+    assert sc.batch_lr_scale(512) == pytest.approx(1 / 32)  # 2^9 / 2^19 = 2^-10
     # lambda = 0.28 x sqrt(B / 2^19) x (D_ref / D)
-    assert tr.scaled_weight_decay(0.28, 2 ** 19, 1e9, 1e9) == pytest.approx(0.28)
-    assert tr.scaled_weight_decay(0.28, 2 ** 20, 4e9, 1e9) == pytest.approx(0.28 * 2 ** 0.5 / 4)
-    assert tr.scaled_weight_decay(0.28, 2 ** 17, 1e8, 1e9) == pytest.approx(0.28 * 0.5 * 10)
+    assert sc.scaled_weight_decay(0.28, 2 ** 19, 1e9, 1e9) == pytest.approx(0.28)
+    assert sc.scaled_weight_decay(0.28, 2 ** 20, 4e9, 1e9) == pytest.approx(0.28 * 2 ** 0.5 / 4)
+    assert sc.scaled_weight_decay(0.28, 2 ** 17, 1e8, 1e9) == pytest.approx(0.28 * 0.5 * 10)
     counts = dict(wte=5, value_embeds=7, lm_head=11, transformer_matrices=13, scalars=2, total=38)
-    assert tr.scaling_params(counts) == 24  # matrices + lm_head only
+    assert sc.scaling_params(counts) == 24  # matrices + lm_head only
 
 
 def test_set_lrs_scales_initial_lrs_and_sets_muon_momentum():
@@ -94,12 +95,12 @@ def test_set_lrs_scales_initial_lrs_and_sets_muon_momentum():
     opt = types.SimpleNamespace(param_groups=[
         dict(kind="adamw", params=[p], initial_lr=0.2, lr=0.2, betas=(0.8, 0.95)),
         dict(kind="muon", params=[q], initial_lr=0.02, lr=0.02, momentum=0.95)])
-    tr.set_lrs(opt, 0.5, momentum=0.9)
+    sc.set_lrs(opt, 0.5, momentum=0.9)
     assert [g["lr"] for g in opt.param_groups] == [pytest.approx(0.1), pytest.approx(0.01)]
     assert opt.param_groups[1]["momentum"] == 0.9 and "momentum" not in opt.param_groups[0]
-    tr.set_lrs(opt, 0.25)  # no momentum given: Muon's stays
+    sc.set_lrs(opt, 0.25)  # no momentum given: Muon's stays
     assert opt.param_groups[1]["lr"] == pytest.approx(0.005) and opt.param_groups[1]["momentum"] == 0.9
-    tr.set_lrs(opt, 1.0, weight_decay=0.07)  # the weight decay schedule: Muon groups only
+    sc.set_lrs(opt, 1.0, weight_decay=0.07)  # the weight decay schedule: Muon groups only
     assert opt.param_groups[1]["weight_decay"] == 0.07 and "weight_decay" not in opt.param_groups[0]
 
 
@@ -139,10 +140,10 @@ def test_step_log_ema_record_and_state():
 def test_inherited_lrs():
     args = types.SimpleNamespace(embedding_lr=None, unembedding_lr=0.01, matrix_lr=None, scalar_lr=None)
     base_meta = {"user_config": {"embedding_lr": 0.3, "unembedding_lr": 0.004, "matrix_lr": 0.03, "scalar_lr": 0.5}}
-    assert tr.inherited_lrs(base_meta, args) == dict(embedding_lr=0.3, unembedding_lr=0.01, matrix_lr=0.03, scalar_lr=0.5)
+    assert sc.inherited_lrs(base_meta, args) == dict(embedding_lr=0.3, unembedding_lr=0.01, matrix_lr=0.03, scalar_lr=0.5)
     mid_meta = {"lrs": dict(embedding_lr=0.1, unembedding_lr=0.002, matrix_lr=0.01, scalar_lr=0.25), "user_config": {}}
-    assert tr.inherited_lrs(mid_meta, args)["embedding_lr"] == 0.1  # a chat stage's own lrs win
-    assert tr.inherited_lrs({}, args) == dict(tr.LR_DEFAULTS, unembedding_lr=0.01)
+    assert sc.inherited_lrs(mid_meta, args)["embedding_lr"] == 0.1  # a chat stage's own lrs win
+    assert sc.inherited_lrs({}, args) == dict(sc.LR_DEFAULTS, unembedding_lr=0.01)
 
 
 def test_resolve_resume(tmp_path):

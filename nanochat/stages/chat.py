@@ -10,7 +10,8 @@ import argparse
 import codecs
 import sys
 
-from nanochat.checkpoint import add_model_flags, load_chat_model
+from nanochat.flags import add_model_flags
+from nanochat.models import load_chat_model
 from nanochat.common import UserError
 from nanochat.engine import Engine
 from nanochat.quant import describe_weights

@@ -12,14 +12,15 @@ import argparse
 import os
 import time
 
-from nanochat.checkpoint import build_model, resolve_checkpoint
+from nanochat.checkpoint import resolve_checkpoint
+from nanochat.models import build_model
 from nanochat.common import (UserError, add_common_flags, autocast_ctx, compute_cleanup, compute_init, get_base_dir,
                              print0)
 from nanochat.core_eval import core_summary, evaluate_core, write_core_csv
 from nanochat.dataloader import PretrainLoader
 from nanochat.engine import greedy_samples
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.quant import add_weights_flag, describe_weights
+from nanochat.quant import add_weights_flag, describe_weights, weights_choice
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
 
@@ -82,7 +83,8 @@ def main(argv=None):
 
     is_dist, rank, local_rank, world_size, device = compute_init(args.device_type)
     ckpt_dir, model_tag, step = resolve_checkpoint(args.source, args.model_tag, args.step)
-    model, tokenizer, meta = build_model(ckpt_dir, step, device, phase="eval", weights=args.weights)
+    model, tokenizer, meta = build_model(ckpt_dir, step, device, phase="eval",
+                                         weights=weights_choice(args.weights, device.type)[0])
     print0(f"Evaluating {args.source}/{model_tag} step {step} on {device} ({', '.join(evals)}), "
            f"{describe_weights(args.weights, device.type)}")
 

@@ -21,11 +21,12 @@ import sys
 import time
 
 from nanochat.chat_eval import CHATCORE_TASKS, RANDOM_BASELINES, TASK_NAMES, chatcore, evaluate_task, load_task, pick_problems
-from nanochat.checkpoint import build_model, resolve_checkpoint
+from nanochat.checkpoint import resolve_checkpoint
+from nanochat.models import build_model
 from nanochat.common import (UserError, add_common_flags, atomic_write_text, compute_cleanup, compute_init, get_base_dir,
                              print0)
 from nanochat.engine import Engine
-from nanochat.quant import add_weights_flag, describe_weights
+from nanochat.quant import add_weights_flag, describe_weights, weights_choice
 from nanochat.report import get_report
 
 
@@ -83,7 +84,8 @@ def main(argv=None):
 
     is_dist, rank, local_rank, world_size, device = compute_init(args.device_type)
     ckpt_dir, model_tag, step = resolve_checkpoint(args.source, args.model_tag, args.step)
-    model, tokenizer, meta = build_model(ckpt_dir, step, device, phase="eval", weights=args.weights)
+    model, tokenizer, meta = build_model(ckpt_dir, step, device, phase="eval",
+                                         weights=weights_choice(args.weights, device.type)[0])
     engine = Engine(model, tokenizer)
     print0(f"Evaluating {args.source}/{model_tag} step {step} on {device}, {describe_weights(args.weights, device.type)}: "
            f"{', '.join(names)}")

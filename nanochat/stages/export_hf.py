@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
-from nanochat.checkpoint import load_model, pick_source, resolve_checkpoint
+from nanochat.checkpoint import resolve_checkpoint
+from nanochat.models import load_model, pick_source
 from nanochat.common import UserError, add_common_flags, atomic_write_text, print0
 from nanochat.gpt import QK_SCALE, ROPE_BASE, SMEAR_CHANNELS, VE_GATE_CHANNELS, VE_GATE_RANGE
 from nanochat.loss import SOFTCAP
@@ -139,7 +140,9 @@ def special_ids(tokenizer, source):
     return bos, bos, bos, bos
 
 
-def model_card(source, model_tag, step, meta, config, num_params, dtype, chat):
+def model_card(origin, meta, config, num_params, dtype, chat):
+    """The README.md of the folder. origin: (source, model tag, step) of the checkpoint."""
+    source, model_tag, step = origin
     user = meta.get("user_config") or {}
     lines = [
         "---",
@@ -194,8 +197,10 @@ def check_out_dir(out, force):
         raise UserError(f"--out {out} is not empty; pass --force to overwrite the files of an export there")
 
 
-def export(model, tokenizer, meta, source, model_tag, step, out, dtype="float32"):
-    """Write the Hugging Face folder `out` (created if needed). Returns the list of files written."""
+def export(model, tokenizer, meta, origin, out, dtype="float32"):
+    """Write the Hugging Face folder `out` (created if needed) for the checkpoint at origin =
+    (source, model tag, step). Returns the list of files written."""
+    source = origin[0]
     os.makedirs(out, exist_ok=True)
     config = dataclasses.asdict(model.config)  # short_window already resolved by GPTConfig
     bos, eos, stop, pad = special_ids(tokenizer, source)
@@ -251,7 +256,7 @@ def export(model, tokenizer, meta, source, model_tag, step, out, dtype="float32"
 
     num_params = sum(p.numel() for p in model.parameters())
     atomic_write_text(os.path.join(out, "README.md"),
-                      model_card(source, model_tag, step, meta, config, num_params, dtype, chat))
+                      model_card(origin, meta, config, num_params, dtype, chat))
     written.append("README.md")
     return written
 
@@ -273,7 +278,7 @@ def main(argv=None):
     _, model_tag, step = resolve_checkpoint(source, args.model_tag, args.step)
     print0(f"loading {source}/{model_tag} step {step}")
     model, tokenizer, meta = load_model(source, "cpu", phase="eval", model_tag=model_tag, step=step)
-    written = export(model, tokenizer, meta, source, model_tag, step, args.out, args.dtype)
+    written = export(model, tokenizer, meta, (source, model_tag, step), args.out, args.dtype)
     print0(f"wrote {', '.join(written)} to {args.out}")
     print0(f"load it with: AutoModelForCausalLM.from_pretrained({args.out!r}, trust_remote_code=True)")
     return 0

@@ -11,7 +11,8 @@ import sys
 import torch
 import uvicorn
 
-from nanochat.checkpoint import add_model_flags, load_chat_model
+from nanochat.flags import add_model_flags
+from nanochat.models import load_chat_model
 from nanochat.common import UserError, print0
 from nanochat.quant import describe_weights
 from nanochat.scheduler import DEFAULT_MAX_QUEUE
@@ -28,6 +29,14 @@ def is_loopback(host):
         return False
 
 
+def token_delay():
+    """NANOCHAT_TOKEN_DELAY: seconds to sleep after every decode step (tests and streaming demos only)."""
+    try:
+        return max(0.0, float(os.environ.get("NANOCHAT_TOKEN_DELAY") or 0.0))
+    except ValueError:
+        raise UserError(f"NANOCHAT_TOKEN_DELAY must be a number of seconds, not {os.environ['NANOCHAT_TOKEN_DELAY']!r}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="nanochat serve", description="Web chat UI and OpenAI-compatible API.")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 = every interface)")
@@ -38,8 +47,6 @@ def main(argv=None):
                         help=f"requests that may wait for a row beyond the free ones (default {DEFAULT_MAX_QUEUE}); "
                              f"more are answered 503 with Retry-After")
     parser.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: nanochat-<source>)")
-    parser.add_argument("--token-delay", type=float, default=0.0,
-                        help="seconds to sleep after every decode step (for tests and demos of streaming)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU only: torch threads for the model (default: one fewer than the cores, so the "
                              "HTTP side keeps a core to itself; measured in docs/benchmarks.md)")
@@ -71,7 +78,7 @@ def main(argv=None):
     if model.get_device().type == "cpu":
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) - 1))
     name = args.model_name or f"nanochat-{source}"
-    app = create_app(model, tokenizer, max_batch=args.max_batch, model_name=name, token_delay=args.token_delay,
+    app = create_app(model, tokenizer, max_batch=args.max_batch, model_name=name, token_delay=token_delay(),
                      compile=args.compile, max_queue=args.max_queue, api_key=api_key)
 
     threads = f", {torch.get_num_threads()} CPU threads" if model.get_device().type == "cpu" else ""

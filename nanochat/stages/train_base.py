@@ -36,10 +36,10 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.run import ResumeState, Run, check_horizon, saved_architecture
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
-from nanochat.training import (REF_DEPTH, StepLog, add_compile_flag, add_schedule_flags, base_muon_momentum,
-                               batch_lr_scale, check_loop_args, check_schedule_args, clear_grads,
-                               derive_total_batch_size, is_due, largest_fitting, lr_multiplier, model_dims,
-                               scaled_weight_decay, scaling_params, set_lrs, weight_decay_at)
+from nanochat.flags import add_compile_flag, add_schedule_flags, check_loop_args, check_schedule_args
+from nanochat.hparams import (REF_DEPTH, base_muon_momentum, batch_lr_scale, derive_total_batch_size, lr_multiplier,
+                              model_dims, scaled_weight_decay, scaling_params, set_lrs, weight_decay_at)
+from nanochat.training import StepLog, clear_grads, is_due, largest_fitting
 
 # The yardstick of the on-paper time: one H100 SXM's dense bf16 tensor-core peak (the data sheet's
 # 1,979 TFLOP/s is with 2:4 sparsity), 8 of them (one node), at --assumed-mfu. MFU is counted

@@ -18,7 +18,8 @@ The training loop, shared with `train sft`, is nanochat/chat_train.py.
 import argparse
 
 from nanochat.chat_train import ChatStage, add_chat_train_flags, train
-from nanochat.training import add_lr_flags, add_schedule_flags, add_training_flags, muon_momentum
+from nanochat.flags import add_lr_flags, add_schedule_flags, add_training_flags
+from nanochat.hparams import muon_momentum
 
 # packed like pretraining, every token a target; val bpb; Muon momentum 0.85 -> 0.95 over 300 steps
 MID = ChatStage("mid", "Midtraining", mode="pack", val_bpb=True, momentum=muon_momentum)

@@ -21,12 +21,15 @@ import random
 import torch
 
 from nanochat import checkpoint as ck
-from nanochat.chat_eval import pick_problems
-from nanochat.common import UserError, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init, gc_step, print0
+from nanochat import models
+from nanochat.chat_eval import generative_outcomes, pick_problems
+from nanochat.common import (UserError, autocast_ctx, autodetect_device_type, compute_cleanup, compute_init,
+                             gc_step, print0)
 from nanochat.engine import Engine
 from nanochat.run import ResumeState, Run, check_horizon, resolve_source
-from nanochat.training import (StepLog, add_lr_flags, add_training_flags, announce_start, check_common_args,
-                               clear_grads, format_time, global_max, global_sum, inherited_lrs, is_due, set_lrs)
+from nanochat.flags import add_lr_flags, add_training_flags, check_common_args
+from nanochat.hparams import inherited_lrs, set_lrs
+from nanochat.training import StepLog, announce_start, clear_grads, format_time, global_max, global_sum, is_due
 from tasks.gsm8k import GSM8K
 
 
@@ -105,52 +108,28 @@ def pick_question(task, order, g, tokenizer, max_seq_len, need):
     raise UserError(f"no GSM8K question leaves {need} tokens to answer in --max-seq-len {max_seq_len}")
 
 
-def sample_group(engine, tokenizer, prompt, num_samples, max_tokens, temperature, top_k, seed):
-    """num_samples completions of one prompt: (sequences, masks, completions, stopped), the
-    sequences being prompt + completion (+ the stop token when the model sampled one), masks 1
-    exactly on the sampled tokens (0 on the prompt and on forced tool-output tokens)."""
-    seqs = [list(prompt) for _ in range(num_samples)]
-    masks = [[0] * len(prompt) for _ in range(num_samples)]
-    completions = [[] for _ in range(num_samples)]
-    stopped = [False] * num_samples
-    stop = tokenizer.stop_ids()
-    for col, mcol in engine.generate(prompt, num_samples=num_samples, max_tokens=max_tokens,
-                                     temperature=temperature, top_k=top_k, seed=seed):
-        for i, (tok, m) in enumerate(zip(col, mcol)):
-            if stopped[i]:
-                continue
-            if tok in stop and m == 0:  # padding after a row that ran out of tokens
-                stopped[i] = True
-                continue
-            seqs[i].append(tok)
-            masks[i].append(m)
-            if tok in stop:
-                stopped[i] = True  # the stop token was sampled: it is trained on like any other
-            else:
-                completions[i].append(tok)
-        if all(stopped):
-            break
-    return seqs, masks, completions, stopped
+def sample_group(engine, prompt, num_samples, max_tokens, args, seed):
+    """num_samples completions of one prompt (Engine.generate_batch): (sequences, masks,
+    completions), the sequences being prompt + completion (+ the stop token when the model
+    sampled one: it is trained on like any other), masks 1 exactly on the sampled tokens (0 on
+    the prompt and on forced tool-output tokens), completions without the stop token."""
+    seqs, masks = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_tokens,
+                                        temperature=args.temperature, top_k=top_k_arg(args), seed=seed, keep_stop=True)
+    stop = engine.tokenizer.stop_ids()
+    completions = [s[len(prompt):-1] if len(s) > len(prompt) and s[-1] in stop and m[-1] else s[len(prompt):]
+                   for s, m in zip(seqs, masks)]
+    return seqs, masks, completions
 
 
-@torch.no_grad()
-def evaluate_pass_at_k(engine, tokenizer, task, problems, k, max_new_tokens, max_seq_len, temperature, top_k, seed,
-                       device, batch_size=32):
-    """(pass@1, pass@k) over task[problems] (this rank's share; counts summed over ranks).
-    pass@1 = mean fraction of right samples, pass@k = fraction of problems with a right sample."""
-    convs = [task[i] for i in problems]
-    prompts = [tokenizer.render_for_completion(c) for c in convs]
-    max_tokens = max(1, min(max_new_tokens, max_seq_len - max([len(p) for p in prompts] or [0])))
-    flat = [p for p in prompts for _ in range(k)]
-    results, _ = engine.generate_many(flat, max_tokens=max_tokens, temperature=temperature, top_k=top_k or None,
-                                      seed=seed, batch_size=batch_size)
-    right_frac, any_right = 0.0, 0.0
-    for j, (conv, p) in enumerate(zip(convs, prompts)):
-        ok = [bool(task.evaluate(conv, tokenizer.decode(r[len(p):]))) for r in results[j * k:(j + 1) * k]]
-        right_frac += sum(ok) / k
-        any_right += float(any(ok))
-    n = global_sum(len(convs), device)
-    return global_sum(right_frac, device) / max(1, n), global_sum(any_right, device) / max(1, n)
+def pass_at_k(engine, task, problems, args, max_seq_len, device):
+    """(pass@1, pass@k) of eval chat's generative runner over task[problems] (this rank's share;
+    counts summed over ranks): pass@1 = mean fraction of right samples, pass@k = fraction of
+    problems with a right sample."""
+    outcomes = generative_outcomes(engine, task, problems, args.eval_samples, args.max_new_tokens, args.temperature,
+                                   top_k_arg(args), seed=args.seed, chunk=max(1, len(problems)), max_len=max_seq_len)
+    n = global_sum(len(outcomes), device)
+    right = global_sum(sum(sum(o) / len(o) for o in outcomes), device)
+    return right / max(1, n), global_sum(sum(any(o) for o in outcomes), device) / max(1, n)
 
 
 def main(argv=None):
@@ -175,7 +154,7 @@ def train(args, rank, world_size, device):
     src_dir, src_step, model_tag, out_dir = resolve_source(args, "rl")
     run = Run(out_dir, args, world_size, rank)
     load_dir, load_step = (out_dir, run.resume_step) if run.resume_step is not None else (src_dir, src_step)
-    model, tokenizer, load_meta = ck.build_model(load_dir, load_step, device, phase="train")
+    model, tokenizer, load_meta = models.build_model(load_dir, load_step, device, phase="train")
     model_config = load_meta["model_config"]
     max_seq_len = args.max_seq_len if args.max_seq_len > 0 else model_config["sequence_len"]
     train_task = GSM8K("main", "train")
@@ -209,8 +188,7 @@ def rollouts(args, engine, task, order, step, run):
         g = step * args.examples_per_step + run.rank * per_rank + j  # global example number
         conv, prompt = pick_question(task, order, g, tokenizer, max_seq_len, min(args.max_new_tokens, 32))
         max_tokens = min(args.max_new_tokens, max_seq_len - len(prompt))
-        seqs, mks, comps, _ = sample_group(engine, tokenizer, prompt, args.num_samples, max_tokens,
-                                           args.temperature, top_k_arg(args), seed=args.seed * 1_000_003 + g)
+        seqs, mks, comps = sample_group(engine, prompt, args.num_samples, max_tokens, args, seed=args.seed * 1_000_003 + g)
         sequences += seqs
         masks += mks
         rewards.append([task.reward(conv, tokenizer.decode(c)) for c in comps])
@@ -238,9 +216,7 @@ def loop(args, run, model, tokenizer, train_task, meta):
             return {}
         model.eval()
         with autocast_ctx(device):
-            last_pass = evaluate_pass_at_k(engine, tokenizer, val_task, eval_problems, args.eval_samples,
-                                           args.max_new_tokens, max_seq_len, args.temperature, top_k_arg(args),
-                                           args.seed, device)
+            last_pass = pass_at_k(engine, val_task, eval_problems, args, max_seq_len, device)
         model.train()
         print0(f"step {step:05d}/{n:05d} | GSM8K test pass@1 {last_pass[0]:.4f} | pass@{args.eval_samples} {last_pass[1]:.4f}")
         return {"pass@1": last_pass[0], f"pass@{args.eval_samples}": last_pass[1]}

@@ -18,7 +18,7 @@ The training loop, shared with `train mid`, is nanochat/chat_train.py.
 import argparse
 
 from nanochat.chat_train import ChatStage, add_chat_train_flags, train
-from nanochat.training import add_lr_flags, add_schedule_flags, add_training_flags
+from nanochat.flags import add_lr_flags, add_schedule_flags, add_training_flags
 
 # whole conversations padded into rows, the assistant's tokens only; the optimizer's own momentum
 SFT = ChatStage("sft", "Chat SFT", mode="pad", val_bpb=False)
