@@ -7,18 +7,29 @@ Folder: $NANOCHAT_BASE_DIR/checkpoints/<base|mid|sft|rl>/<model_tag>/
     meta_<step:06d>.json           model_config, user_config, step, loop state, ...
 
 Every file is written to a temporary name, fsynced and renamed. The meta file is written last,
-after every rank has renamed its shard, so a step "exists" exactly when its meta file does.
-Loading never runs code from a file: every .pt file is read with torch.load(weights_only=True),
-so the RNG states are stored as plain values. The meta file records the sha256 of every other
-file of its step; loading checks it, so flipped or missing bytes are a clear error naming the
-file and the last step that still verifies. Checkpoints from before checksums load unverified.
+after every rank has renamed its shard, so a step "exists" exactly when its meta file does: a
+save killed half-way leaves the previous step as the latest loadable one.
+
+Loading never runs code from a file: every .pt file is read with torch.load(weights_only=True)
+(tensors, numbers, strings, lists, dicts, tuples only), so the RNG states are stored as such
+(numpy's as plain ints and a tensor). The meta file records the sha256 of every other file of
+its step and its size; loading checks both, so flipped or missing bytes are a clear error naming
+the file and the last step that still verifies, never a silent wrong load. A step without
+checksums loads only when asked to (allow_unverified, --allow-unverified,
+NANOCHAT_ALLOW_UNVERIFIED=1). Only regular files are read, never more bytes than recorded.
+
+Every meta records the checkpoint format (FORMAT_VERSION) and is checked against a schema
+(check_meta: types, sane ranges, bounded nesting) before anything uses it: a bad meta is a
+one-line UserError naming it, never a traceback or an absurd allocation.
 """
 import glob
 import hashlib
 import json
+import math
 import os
 import random
 import re
+import stat
 
 import numpy as np
 import torch
@@ -29,6 +40,14 @@ from nanochat.gpt import VE_GATE_CHANNELS
 
 SOURCES = ("base", "mid", "sft", "rl")
 COMPILE_PREFIX = "_orig_mod."
+
+# The checkpoint format: the layout of a step's files and of its meta. Bumped when an older
+# nanochat would misread a new checkpoint, or this one an older checkpoint (docs/training.md).
+# 1: "format" and "sizes" recorded, checksums required. A meta without "format" is format 0
+# (written before formats were recorded): the same layout without sizes, read as such.
+FORMAT_VERSION = 1
+MAX_META_BYTES = 16 << 20  # a meta is a few KB; more is not a meta
+MAX_META_DEPTH = 32        # nesting of its JSON (ours is at most 4 deep)
 
 
 # ---------------------------------------------------------------------------
@@ -80,8 +99,39 @@ def sha256_file(path) -> str:
     return h.hexdigest()
 
 
+def open_regular(path):
+    """(binary file object, size) of `path`, which must be a regular file (a symlink to one is
+    fine): opened without blocking, so a FIFO cannot hang the open, and checked before any byte
+    is read, so a device such as /dev/zero is never read forever. ValueError otherwise."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode) or \
+                stat.S_ISBLK(st.st_mode) else "a directory" if stat.S_ISDIR(st.st_mode) else "a socket or special file"
+            raise ValueError(f"not a regular file but {kind}")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb"), st.st_size
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _sha256_of(f, size):
+    """sha256 of the next `size` bytes of f (never more)."""
+    h = hashlib.sha256()
+    left = size
+    while left > 0:
+        block = f.read(min(1 << 20, left))
+        if not block:
+            break
+        h.update(block)
+        left -= len(block)
+    return h.hexdigest()
+
+
 def _atomic_save(obj, path, writer):
-    """Write `obj` to `path` via a temporary name; returns the sha256 of what was written
+    """Write `obj` to `path` via a temporary name; returns (sha256, size) of what was written
     (read back from the file, after the fsync)."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
@@ -89,13 +139,13 @@ def _atomic_save(obj, path, writer):
             writer(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        digest = sha256_file(tmp)
+        digest, size = sha256_file(tmp), os.path.getsize(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     _fsync_dir(os.path.dirname(path))
-    return digest
+    return digest, size
 
 
 def _torch_writer(obj, f):
@@ -168,7 +218,7 @@ def save_checkpoint(ckpt_dir, step, model_state, optim_state, meta, rank=0, extr
         _fsync_dir(ckpt_dir)
     if distributed:
         dist.barrier()  # nobody replaces a shard of this step before it is un-published
-    sums = {}
+    sums = {}  # file name -> (sha256, size)
     if rank == 0 and model_state is not None:
         path = _model_path(ckpt_dir, step)
         sums[os.path.basename(path)] = _atomic_save(clean_state_dict(model_state), path, _torch_writer)
@@ -182,11 +232,13 @@ def save_checkpoint(ckpt_dir, step, model_state, optim_state, meta, rank=0, extr
         sums = {k: v for part in gathered for k, v in part.items()}
     if rank == 0:
         meta = dict(meta)
+        meta["format"] = FORMAT_VERSION
         meta["step"] = step
         meta.setdefault("world_size", dist.get_world_size() if distributed else 1)
         # float sums depend on the number of threads: a resume uses the same count (exact resume)
         meta.setdefault("threads", torch.get_num_threads())
-        meta["sha256"] = dict(sorted(sums.items()))
+        meta["sha256"] = {name: digest for name, (digest, _) in sorted(sums.items())}
+        meta["sizes"] = {name: size for name, (_, size) in sorted(sums.items())}
         _atomic_save(meta, _meta_path(ckpt_dir, step), _json_writer)
     if distributed:
         dist.barrier()
@@ -244,8 +296,7 @@ def find_largest_model(stage_dir) -> str:
         depth = int(m.group(1)) if m else None
         if depth is None:
             try:
-                with open(_meta_path(d, last)) as f:
-                    depth = json.load(f).get("model_config", {}).get("n_layer")
+                depth = check_meta(_read_meta(_meta_path(d, last))).get("model_config", {}).get("n_layer")
             except (OSError, ValueError):
                 depth = None
         return (depth if depth is not None else -1, os.path.getmtime(_meta_path(d, last)))
@@ -256,36 +307,137 @@ def find_largest_model(stage_dir) -> str:
 # Load
 
 def _read_meta(path) -> dict:
-    """The meta file's dict; ValueError (with the reason) when it is not one."""
-    with open(path, "rb") as f:
-        meta = json.loads(f.read().decode("utf-8"))
+    """The meta file's dict; ValueError (with the reason) when it is not one: not a regular
+    file, over MAX_META_BYTES, not UTF-8 JSON, nested deeper than the parser (or MAX_META_DEPTH)."""
+    f, size = open_regular(path)
+    with f:
+        if size > MAX_META_BYTES:
+            raise ValueError(f"{size:,} bytes, more than a meta file holds ({MAX_META_BYTES:,})")
+        raw = f.read(MAX_META_BYTES + 1)
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise ValueError("its JSON is nested too deeply") from None
     if not isinstance(meta, dict):
         raise ValueError(f"a JSON {type(meta).__name__}, not an object")
     return meta
 
 
-def _verified(ckpt_dir, step, names) -> bool:
-    """True when step's meta reads and each of `names` (file names of that step) matches the
-    checksum its meta recorded (or the meta records none: a checkpoint from before checksums)."""
+# The meta schema: what each key must hold when present (absent keys are for `require` to ask).
+# Ranges are generous bounds that no real run comes near, so that a damaged or crafted meta
+# cannot make a loader allocate terabytes (a 10**12 sequence_len would size the rotary table).
+MODEL_CONFIG_LIMITS = {"sequence_len": (1, 1 << 17), "vocab_size": (1, 1 << 22), "n_layer": (1, 1024),
+                       "n_head": (1, 1024), "n_kv_head": (1, 1024), "n_embd": (1, 1 << 16),
+                       "short_window": (0, 1 << 17)}
+LOOP_KEYS = ("smooth_loss", "total_time")  # training.StepLog.state(), given back to StepLog(**loop)
+_FILE_NAME = re.compile(r"(model_\d{6}|optim_\d{6}_rank\d{1,6})\.pt")
+
+
+def _show(v):
+    text = json.dumps(v) if not isinstance(v, float) or math.isfinite(v) else repr(v)
+    return text if len(text) <= 40 else text[:30] + f"... ({len(text):,} characters)"
+
+
+def _depth(obj):
+    """Nesting depth of plain JSON data, without recursion."""
+    deepest, todo = 0, [(obj, 1)]
+    while todo:
+        x, d = todo.pop()
+        if isinstance(x, (dict, list)):
+            deepest = max(deepest, d)
+            if d > MAX_META_DEPTH:
+                return d
+            todo += [(v, d + 1) for v in (x.values() if isinstance(x, dict) else x)]
+    return deepest
+
+
+def check_meta(meta) -> dict:
+    """meta, if it fits the schema; else ValueError naming the first key that does not (e.g.
+    "model_config.sequence_len must be an integer in [1, 131072], not 1000000000000")."""
+    def integer(v, lo, hi):
+        return type(v) is int and lo <= v <= hi  # bool is no integer here
+
+    def number(v):
+        return type(v) in (int, float) and math.isfinite(v)
+
+    def need(ok, where, what, v):
+        if not ok:
+            raise ValueError(f"{where} must be {what}, not {_show(v)}")
+
+    def mapping(key):
+        v = meta.get(key)
+        need(v is None or isinstance(v, dict), key, "an object", v)
+        return v or {}
+
+    if not isinstance(meta, dict):
+        raise ValueError(f"a JSON {type(meta).__name__}, not an object")
+    depth = _depth(meta)
+    if depth > MAX_META_DEPTH:
+        raise ValueError(f"its JSON is nested more than {MAX_META_DEPTH} deep")
+    for key, lo, hi in (("format", 0, 1 << 20), ("step", 0, 10 ** 12), ("world_size", 1, 1 << 20),
+                        ("threads", 1, 1 << 16)):
+        if key in meta:
+            need(integer(meta[key], lo, hi), key, f"an integer in [{lo}, {hi}]", meta[key])
+    for key in ("sha256", "sizes"):
+        for name, v in mapping(key).items():
+            need(_FILE_NAME.fullmatch(name), f"{key} key", "a checkpoint file name (model_NNNNNN.pt, "
+                 "optim_NNNNNN_rankR.pt)", name)
+            if key == "sha256":
+                need(isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v), f"sha256.{name}",
+                     "64 hexadecimal digits", v)
+            else:
+                need(integer(v, 0, 1 << 50), f"sizes.{name}", "a byte count", v)
+    config = mapping("model_config")
+    for key, (lo, hi) in MODEL_CONFIG_LIMITS.items():
+        if key in config:
+            need(integer(config[key], lo, hi), f"model_config.{key}", f"an integer in [{lo}, {hi}]", config[key])
+    if "window_pattern" in config:
+        v = config["window_pattern"]
+        need(isinstance(v, str) and 0 < len(v) <= 1024, "model_config.window_pattern", "a string of S and L", v)
+    loop = mapping("loop")
+    for key, v in loop.items():
+        need(key in LOOP_KEYS, "loop key", " or ".join(LOOP_KEYS), key)
+        need(number(v) and (key != "total_time" or v >= 0), f"loop.{key}", "a finite number", v)
+    for key, v in mapping("lrs").items():
+        need(number(v) and v >= 0, f"lrs.{key}", "a finite number >= 0", v)
+    for key in ("user_config", "derived", "source", "record"):
+        mapping(key)
+    if "step" in mapping("record"):
+        need(integer(meta["record"]["step"], 0, 10 ** 12), "record.step", "an integer", meta["record"]["step"])
+    return meta
+
+
+def _allowed_unverified(allow_unverified):
+    return bool(allow_unverified) or os.environ.get("NANOCHAT_ALLOW_UNVERIFIED") == "1"
+
+
+def _file_verifies(ckpt_dir, name, meta) -> bool:
+    """Whether file `name` of a step is a regular file of the recorded size and sha256."""
+    want, size = (meta.get("sha256") or {}).get(name), (meta.get("sizes") or {}).get(name)
+    if want is None:
+        return False
     try:
-        sums = _read_meta(_meta_path(ckpt_dir, step)).get("sha256") or {}
-        return all(name not in sums or (os.path.exists(os.path.join(ckpt_dir, name))
-                                        and sha256_file(os.path.join(ckpt_dir, name)) == sums[name])
-                   for name in names)
+        f, actual = open_regular(os.path.join(ckpt_dir, name))
     except (OSError, ValueError):
         return False
+    with f:
+        return (size is None or actual == size) and _sha256_of(f, actual) == want
 
 
 def last_good_step(ckpt_dir, before=None):
-    """The newest complete step (before `before`) whose files all verify, or None."""
+    """The newest complete step (before `before`) whose meta fits the schema and whose files all
+    verify, or None."""
     for s in reversed(complete_steps(ckpt_dir)):
         if before is not None and s >= before:
             continue
         try:
-            names = list((_read_meta(_meta_path(ckpt_dir, s)).get("sha256") or {}))
+            meta = check_meta(_read_meta(_meta_path(ckpt_dir, s)))
         except (OSError, ValueError):
             continue
-        if _verified(ckpt_dir, s, names + [os.path.basename(_model_path(ckpt_dir, s))]):
+        if meta.get("format", 0) > FORMAT_VERSION:
+            continue
+        names = set(meta.get("sha256") or {}) | {os.path.basename(_model_path(ckpt_dir, s))}
+        if all(_file_verifies(ckpt_dir, name, meta) for name in names):
             return s
     return None
 
@@ -297,34 +449,68 @@ def _corrupt(ckpt_dir, step, path, why):
     return UserError(f"{path} is unusable ({why}); {hint}")
 
 
-def load_meta(ckpt_dir, step, require=()) -> dict:
-    """The meta dict of a step; UserError (naming the file and the last good step) when the
-    file is not a JSON object or lacks one of the `require`d keys."""
+_NOTED_OLD = set()
+
+
+def load_meta(ckpt_dir, step, require=(), allow_unverified=False) -> dict:
+    """The meta dict of a step, checked: a regular file of JSON that fits the schema
+    (check_meta), of a format this version reads, with the `require`d keys, and with checksums
+    unless allow_unverified (or NANOCHAT_ALLOW_UNVERIFIED=1). UserError naming the file (and
+    the last good step) otherwise."""
     path = _meta_path(ckpt_dir, step)
     try:
-        meta = _read_meta(path)
+        meta = check_meta(_read_meta(path))
     except (OSError, ValueError) as e:
         raise _corrupt(ckpt_dir, step, path, f"not a valid meta file: {e}") from None
+    fmt = meta.get("format", 0)
+    if fmt > FORMAT_VERSION:
+        raise UserError(f"{path} is checkpoint format {fmt}, newer than this nanochat reads (format "
+                        f"{FORMAT_VERSION}): it was saved by a newer version; upgrade nanochat to load it")
+    if fmt < FORMAT_VERSION and path not in _NOTED_OLD:
+        _NOTED_OLD.add(path)
+        print0(f"note: {path} is checkpoint format {fmt} (saved by an older nanochat, before formats were "
+               f"recorded); reading it as such: its file sizes are not recorded, only their checksums")
     missing = [k for k in require if k not in meta]
     if missing:
         raise _corrupt(ckpt_dir, step, path, f"missing {', '.join(missing)}")
+    if not meta.get("sha256") and not _allowed_unverified(allow_unverified):
+        raise UserError(f"{path} records no checksums, so the files of step {step} cannot be verified "
+                        f"(changed or damaged bytes would load silently); every nanochat checkpoint has "
+                        f"them. To load it anyway: --allow-unverified (or NANOCHAT_ALLOW_UNVERIFIED=1)")
     return meta
 
 
-def _load_pt(ckpt_dir, step, path, meta, device):
-    """torch.load(weights_only=True) of one file of a step, checked against the meta's sha256."""
-    want = (meta.get("sha256") or {}).get(os.path.basename(path))
-    if want is not None and sha256_file(path) != want:
-        raise _corrupt(ckpt_dir, step, path, f"its sha256 differs from the one {os.path.basename(_meta_path(ckpt_dir, step))} "
-                                             f"recorded when it was saved: the file was changed or damaged")
+def _load_pt(ckpt_dir, step, path, meta, device, allow_unverified=False):
+    """torch.load(weights_only=True) of one file of a step: a regular file, of the size and the
+    sha256 the meta recorded (no checksum: only when allow_unverified), read once, never past
+    its recorded size."""
+    name = os.path.basename(path)
+    meta_name = os.path.basename(_meta_path(ckpt_dir, step))
+    want, size = (meta.get("sha256") or {}).get(name), (meta.get("sizes") or {}).get(name)
+    if want is None and not _allowed_unverified(allow_unverified):
+        raise UserError(f"{meta_name} records no checksum for {path}, so it cannot be verified; to load "
+                        f"it anyway: --allow-unverified (or NANOCHAT_ALLOW_UNVERIFIED=1)")
     try:
-        # numpy's RNG state of checkpoints from before the JSON-able format holds ndarrays: allow
-        # exactly the numpy types that rebuild one (no callable that could run other code)
-        with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
-            return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # truncated, zero bytes, random bytes, not a torch file, or a crafted pickle
-        raise _corrupt(ckpt_dir, step, path, f"cannot be read as a checkpoint: {type(e).__name__}: "
-                                             f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        f, actual = open_regular(path)
+    except (OSError, ValueError) as e:
+        raise _corrupt(ckpt_dir, step, path, f"cannot be opened as a checkpoint file: {e}") from None
+    with f:
+        if size is not None and actual != size:
+            raise _corrupt(ckpt_dir, step, path, f"it holds {actual:,} bytes, {meta_name} recorded {size:,}: "
+                                                 f"the file was changed or damaged")
+        if want is not None:
+            if _sha256_of(f, actual) != want:
+                raise _corrupt(ckpt_dir, step, path, f"its sha256 differs from the one {meta_name} recorded "
+                                                     f"when it was saved: the file was changed or damaged")
+            f.seek(0)
+        try:
+            # numpy's RNG state of checkpoints from before the JSON-able format holds ndarrays: allow
+            # exactly the numpy types that rebuild one (no callable that could run other code)
+            with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
+                return torch.load(f, map_location=device, weights_only=True)
+        except Exception as e:  # truncated, zero bytes, random bytes, not a torch file, or a crafted pickle
+            raise _corrupt(ckpt_dir, step, path, f"cannot be read as a checkpoint: {type(e).__name__}: "
+                                                 f"{str(e).splitlines()[0] if str(e) else ''}") from None
 
 
 def _numpy_array_globals():
@@ -339,7 +525,7 @@ def _numpy_array_globals():
 _NUMPY_ARRAY_GLOBALS = _numpy_array_globals()
 
 
-def load_checkpoint(ckpt_dir, step, device="cpu", load_optimizer=False, rank=0, require=()):
+def load_checkpoint(ckpt_dir, step, device="cpu", load_optimizer=False, rank=0, require=(), allow_unverified=False):
     """Return (model_state, shard, meta). `shard` is None unless load_optimizer; it is a dict
     with "optimizer" (this rank's optimizer state), "rng" and "extra" as saved. Every file is
     verified against the meta's checksums and read without running code; anything unusable
@@ -347,9 +533,9 @@ def load_checkpoint(ckpt_dir, step, device="cpu", load_optimizer=False, rank=0, 
     if step not in complete_steps(ckpt_dir):
         raise UserError(f"no complete checkpoint for step {step} in {ckpt_dir} "
                         f"(complete steps: {complete_steps(ckpt_dir) or 'none'})")
-    meta = load_meta(ckpt_dir, step, require)
+    meta = load_meta(ckpt_dir, step, require, allow_unverified)
     path = _model_path(ckpt_dir, step)
-    model_state = _load_pt(ckpt_dir, step, path, meta, device)
+    model_state = _load_pt(ckpt_dir, step, path, meta, device, allow_unverified)
     if not isinstance(model_state, dict):
         raise _corrupt(ckpt_dir, step, path, "not a state dict")
     model_state = {k.replace(COMPILE_PREFIX, ""): v for k, v in model_state.items()}
@@ -364,7 +550,7 @@ def load_checkpoint(ckpt_dir, step, device="cpu", load_optimizer=False, rank=0, 
         if not os.path.exists(path):
             raise UserError(f"{path} is missing: the checkpoint was saved with {meta.get('world_size', '?')} "
                             f"process(es); resume with the same number")
-        shard = _load_pt(ckpt_dir, step, path, meta, device)
+        shard = _load_pt(ckpt_dir, step, path, meta, device, allow_unverified)
         if not isinstance(shard, dict) or not {"optimizer", "rng", "extra"} <= set(shard):
             raise _corrupt(ckpt_dir, step, path, "not an optimizer shard")
     return model_state, shard, meta

@@ -114,4 +114,6 @@ def add_model_flags(parser):
     parser.add_argument("-i", "--source", default=None, choices=list(SOURCES),
                         help="which checkpoints to load (default: the first of sft, mid, base that exists)")
     add_weights_flag(parser)
+    parser.add_argument("--allow-unverified", action="store_true",
+                        help="load a checkpoint whose meta records no checksums (its bytes cannot be verified)")
     add_common_flags(parser)

@@ -13,7 +13,7 @@ from nanochat.quant import prepare_for_inference, weights_choice
 from nanochat.tokenizer import get_tokenizer
 
 
-def build_model(ckpt_dir, step, device, phase="eval", dtype=None, weights=None):
+def build_model(ckpt_dir, step, device, phase="eval", dtype=None, weights=None, allow_unverified=False):
     """(model, tokenizer, meta) from a saved step: the model is built on the meta device,
     materialized on `device`, loaded (fp32 master weights) and put in train or eval mode.
     dtype: the weights' dtype after loading, for inference (None = fp32, as stored). A model that
@@ -24,7 +24,8 @@ def build_model(ckpt_dir, step, device, phase="eval", dtype=None, weights=None):
     if phase not in ("train", "eval"):
         raise ValueError(f"phase must be 'train' or 'eval', not {phase!r}")
     device = torch.device(device)
-    model_state, _, meta = load_checkpoint(ckpt_dir, step, device, require=("model_config",))
+    model_state, _, meta = load_checkpoint(ckpt_dir, step, device, require=("model_config",),
+                                           allow_unverified=allow_unverified)
     meta_path = _meta_path(ckpt_dir, step)
     try:
         config = GPTConfig(**meta["model_config"])
@@ -32,6 +33,13 @@ def build_model(ckpt_dir, step, device, phase="eval", dtype=None, weights=None):
             model = GPT(config)
     except Exception as e:  # unknown keys, wrong types, impossible shapes
         raise _corrupt(ckpt_dir, step, meta_path, f"its model_config does not describe a model: {e}") from None
+    # shapes first, on the meta device: a model_config far bigger than the weights saved is
+    # refused before any memory is allocated for it
+    for k, v in model.state_dict().items():
+        if k in model_state and tuple(model_state[k].shape) != tuple(v.shape):
+            raise _corrupt(ckpt_dir, step, _model_path(ckpt_dir, step),
+                           f"its weights do not fit the model_config in {os.path.basename(meta_path)}: {k} is "
+                           f"{tuple(model_state[k].shape)} in the file, {tuple(v.shape)} in the model_config")
     model.to_empty(device=device)
     model.n_params = sum(p.numel() for p in model.parameters())
     model.init_weights()  # fills buffers that are not in the state dict (e.g. rotary tables)
@@ -57,11 +65,12 @@ def build_model(ckpt_dir, step, device, phase="eval", dtype=None, weights=None):
     return model, tokenizer, meta
 
 
-def load_model(source, device, phase="eval", model_tag=None, step=None, dtype=None, weights=None):
+def load_model(source, device, phase="eval", model_tag=None, step=None, dtype=None, weights=None,
+               allow_unverified=False):
     """Load a base/mid/sft/rl model: (model, tokenizer, meta). Defaults: the largest model tag
     and its latest complete step; fp32 weights unless `dtype` or `weights` (see build_model)."""
     ckpt_dir, _, step = resolve_checkpoint(source, model_tag, step)
-    return build_model(ckpt_dir, step, device, phase, dtype, weights)
+    return build_model(ckpt_dir, step, device, phase, dtype, weights, allow_unverified)
 
 
 # ---------------------------------------------------------------------------
@@ -87,5 +96,6 @@ def load_chat_model(args):
     source = pick_source(args.source)
     _, _, _, _, device = compute_init(args.device_type)
     model, tokenizer, meta = load_model(source, device, phase="eval", model_tag=args.model_tag, step=args.step,
-                                        weights=weights_choice(args.weights, device.type)[0])
+                                        weights=weights_choice(args.weights, device.type)[0],
+                                        allow_unverified=args.allow_unverified)
     return model, tokenizer, meta, source

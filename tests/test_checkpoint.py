@@ -198,14 +198,18 @@ class _RunsCode:
 def _two_steps(d):
     for s in (1, 2):
         ck.save_checkpoint(d, s, _tiny_state(s), {"state": {0: {"m": torch.full((3,), float(s))}}},
-                           {"model_config": {"n_layer": 1}, "loop": {"s": s}}, extra={"loader": [s]})
+                           {"model_config": {"n_layer": 1}, "loop": {"total_time": float(s)}}, extra={"loader": [s]})
 
 
 def _drop_checksums(d, step):
     """Make a step look like one written before checksums existed."""
+    _edit_meta(d, step, lambda meta: [meta.pop(k) for k in ("sha256", "sizes", "format")])
+
+
+def _edit_meta(d, step, change):
     path = os.path.join(d, f"meta_{step:06d}.json")
     meta = json.load(open(path))
-    del meta["sha256"]
+    change(meta)
     json.dump(meta, open(path, "w"))
 
 
@@ -220,7 +224,7 @@ def test_a_crafted_pt_file_never_runs_code(tmp_path, which):
     name = "optim_000002_rank0.pt" if which == "optim" else "model_000002.pt"
     torch.save({"optimizer": _RunsCode(str(marker)), "rng": {}, "extra": None}, os.path.join(d, name))
     with pytest.raises(UserError, match=name) as e:
-        ck.load_checkpoint(d, 2, load_optimizer=True)
+        ck.load_checkpoint(d, 2, load_optimizer=True, allow_unverified=True)
     assert not marker.exists()
     assert "last good step is 1" in str(e.value)
 
@@ -238,17 +242,30 @@ def test_rng_state_is_plain_data(tmp_path):
     assert torch.equal(want[0], got[0]) and want[1:] == got[1:]
 
 
-def test_old_checkpoint_without_checksums_still_loads(tmp_path):
-    """A step written before checksums (numpy RNG state as a tuple with an ndarray, no sha256 in
-    the meta) loads as before, without verification."""
+def test_a_checkpoint_without_checksums_loads_only_when_asked(tmp_path, monkeypatch):
+    """Deleting `sha256` from a meta no longer switches verification off: such a step is refused
+    with a message saying how to load it anyway (--allow-unverified, NANOCHAT_ALLOW_UNVERIFIED=1),
+    and then loads (numpy RNG state as a tuple with an ndarray, as the oldest checkpoints had)."""
     d = str(tmp_path)
     ck.save_checkpoint(d, 1, _tiny_state(0), {"o": 1}, {"model_config": {}})
     old_rng = {"torch_cpu": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     torch.save({"optimizer": {"o": 1}, "rng": old_rng, "extra": None}, os.path.join(d, "optim_000001_rank0.pt"))
     _drop_checksums(d, 1)
-    _, shard, meta = ck.load_checkpoint(d, 1, load_optimizer=True)
+    monkeypatch.delenv("NANOCHAT_ALLOW_UNVERIFIED", raising=False)
+    with pytest.raises(UserError, match=r"meta_000001.json records no checksums.*--allow-unverified"):
+        ck.load_checkpoint(d, 1, load_optimizer=True)
+    _, shard, meta = ck.load_checkpoint(d, 1, load_optimizer=True, allow_unverified=True)
     assert "sha256" not in meta and shard["optimizer"] == {"o": 1}
     ck.set_rng_state(shard["rng"])
+    monkeypatch.setenv("NANOCHAT_ALLOW_UNVERIFIED", "1")
+    ck.load_checkpoint(d, 1, load_optimizer=True)
+    # a checksum missing for one file only: that file is refused the same way
+    monkeypatch.delenv("NANOCHAT_ALLOW_UNVERIFIED")
+    ck.save_checkpoint(d, 2, _tiny_state(0), {"o": 1}, {})
+    _edit_meta(d, 2, lambda meta: meta["sha256"].pop("optim_000002_rank0.pt"))
+    ck.load_checkpoint(d, 2)
+    with pytest.raises(UserError, match=r"no checksum for .*optim_000002_rank0.pt"):
+        ck.load_checkpoint(d, 2, load_optimizer=True)
 
 
 @pytest.mark.parametrize("which", ["model_000002.pt", "optim_000002_rank0.pt"])
@@ -292,7 +309,7 @@ def test_damaged_files_are_one_line_user_errors(tmp_path, damage, which, checksu
     data = open(path, "rb").read()
     open(path, "wb").write(DAMAGE[damage](data))
     with pytest.raises(UserError) as e:
-        ck.load_checkpoint(d, 2, load_optimizer=True)
+        ck.load_checkpoint(d, 2, load_optimizer=True, allow_unverified=not checksums)
     assert which in str(e.value) and "last good step is 1" in str(e.value) and "\n" not in str(e.value)
 
 
@@ -371,3 +388,132 @@ def test_resume_removes_temp_files_of_killed_saves(tmp_path):
     assert len(os.listdir(d)) == 7  # 3 files of step 1, 3 temp files, notes
     run.begin_run(d, 1)
     assert sorted(os.listdir(d)) == ["meta_000001.json", "model_000001.pt", "notes.tmp.txt", "optim_000001_rank0.pt"]
+
+
+
+# ---------------------------------------------------------------------------
+# The meta's schema, its format version, and files that are not what they claim
+
+BAD_METAS = {
+    "sha256 a string": (lambda m: m.update(sha256="deadbeef"), r"sha256 must be an object"),
+    "sha256 value not hex": (lambda m: m["sha256"].update({"model_000002.pt": "xyz"}), r"sha256.model_000002.pt"),
+    "sha256 names another path": (lambda m: m["sha256"].update({"../../etc/passwd": "0" * 64}), r"sha256 key"),
+    "sizes a list": (lambda m: m.update(sizes=[1, 2]), r"sizes must be an object"),
+    "sequence_len 10**12": (lambda m: m["model_config"].update(sequence_len=10 ** 12),
+                            r"model_config.sequence_len must be an integer in \[1, 131072\], not 1000000000000"),
+    "n_layer a string": (lambda m: m["model_config"].update(n_layer="2"), r"model_config.n_layer"),
+    "n_embd true": (lambda m: m["model_config"].update(n_embd=True), r"model_config.n_embd"),
+    "model_config a list": (lambda m: m.update(model_config=[1]), r"model_config must be an object"),
+    "loop value a string": (lambda m: m["loop"].update(total_time="1h"), r"loop.total_time must be a finite number"),
+    "loop value NaN": (lambda m: m["loop"].update(smooth_loss=float("nan")), r"loop.smooth_loss"),
+    "loop unknown key": (lambda m: m["loop"].update(bogus=1), r"loop key must be"),
+    "loop a number": (lambda m: m.update(loop=3), r"loop must be an object"),
+    "world_size a string": (lambda m: m.update(world_size="2"), r"world_size must be an integer"),
+    "step negative": (lambda m: m.update(step=-1), r"step must be an integer"),
+    "format a string": (lambda m: m.update(format="1"), r"format must be an integer"),
+    "lrs negative": (lambda m: m.update(lrs={"matrix_lr": -1}), r"lrs.matrix_lr"),
+    "record a string": (lambda m: m.update(record="step 2"), r"record must be an object"),
+    "nested deeply": (lambda m: m.update(user_config=json.loads("[" * 40 + "]" * 40)), r"nested more than 32 deep"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_METAS))
+def test_a_meta_off_its_schema_is_a_one_line_error(tmp_path, case):
+    """Wrong types and absurd values in a meta: a UserError naming the file and the key, where
+    `chat` and `train --resume` used to fail with AttributeError, ValueError or an 8 TB
+    allocation; the last good step is named."""
+    change, match = BAD_METAS[case]
+    d = str(tmp_path / "ck")
+    _two_steps(d)
+    _edit_meta(d, 2, change)
+    with pytest.raises(UserError, match=match) as e:
+        ck.load_checkpoint(d, 2, load_optimizer=True)
+    assert "meta_000002.json" in str(e.value) and "last good step is 1" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_meta_of_nested_brackets_is_a_one_line_error(tmp_path):
+    d = str(tmp_path / "ck")
+    _two_steps(d)
+    open(os.path.join(d, "meta_000002.json"), "w").write('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(UserError, match=r"meta_000002.json.*nested too deeply.*last good step is 1"):
+        ck.load_checkpoint(d, 2)
+    assert ck.find_largest_model(str(tmp_path)) == "ck"  # the search for a model skips it too
+
+
+def test_chat_and_resume_see_the_schema_errors(tmp_path, monkeypatch, tokenizer):
+    """Through what `chat` and `train ... --resume` call (checkpoint.load_model,
+    run.resolve_resume): the same one-line errors, and a sequence_len of 10**12 is refused
+    before anything is allocated."""
+    import argparse
+    import dataclasses
+    import shutil
+    from helpers import make_model
+    from nanochat.tokenizer import tokenizer_dir
+    from nanochat.run import resolve_resume
+    shutil.copytree(tokenizer_dir(), str(tmp_path / "tokenizer"))
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    model = make_model(tokenizer.get_vocab_size(), sequence_len=32)
+    d = ck.checkpoint_dir("base", "d2")
+    meta = {"model_config": dataclasses.asdict(model.config), "loop": {"smooth_loss": 1.0, "total_time": 2.0}}
+    ck.save_checkpoint(d, 1, model.state_dict(), None, meta)
+    args = argparse.Namespace(resume=True, resume_from_step=None)
+    for change, match in (BAD_METAS["sha256 a string"], BAD_METAS["sequence_len 10**12"],
+                          BAD_METAS["loop value a string"]):
+        ck.save_checkpoint(d, 2, model.state_dict(), None, meta)
+        _edit_meta(d, 2, change)
+        with pytest.raises(UserError, match=match):
+            ck.load_model("base", "cpu")
+        with pytest.raises(UserError, match=match):
+            resolve_resume(d, args, 1)
+    assert ck.load_model("base", "cpu", step=1)[2]["format"] == ck.FORMAT_VERSION
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("which", ["model_000002.pt", "optim_000002_rank0.pt", "meta_000002.json"])
+@pytest.mark.parametrize("kind", ["/dev/zero", "fifo", "directory"])
+def test_files_that_are_not_regular_files_are_refused_at_once(tmp_path, which, kind):
+    """A symlink to /dev/zero used to be hashed forever, a FIFO blocked the open: both are refused
+    (opened without blocking, checked before a byte is read)."""
+    d = str(tmp_path / "ck")
+    _two_steps(d)
+    path = os.path.join(d, which)
+    os.remove(path)
+    if kind == "/dev/zero":
+        os.symlink("/dev/zero", path)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        os.mkdir(path)
+    with pytest.raises(UserError, match=r"not a regular file") as e:
+        ck.load_checkpoint(d, 2, load_optimizer=True)
+    assert which in str(e.value) and "last good step is 1" in str(e.value)
+
+
+def test_a_file_longer_or_shorter_than_recorded_is_refused(tmp_path):
+    """The meta records each file's size: bytes appended (which would also be hashed and read)
+    are refused before they are read."""
+    d = str(tmp_path / "ck")
+    _two_steps(d)
+    meta = ck.load_meta(d, 2)
+    assert meta["sizes"] == {n: os.path.getsize(os.path.join(d, n)) for n in meta["sha256"]}
+    with open(os.path.join(d, "model_000002.pt"), "ab") as f:
+        f.write(b"\0" * 1000)
+    with pytest.raises(UserError, match=r"model_000002.pt.*holds [\d,]+ bytes, meta_000002.json recorded"):
+        ck.load_checkpoint(d, 2)
+
+
+def test_format_version_is_recorded_and_checked(tmp_path, capsys):
+    """Every meta records FORMAT_VERSION. A newer format is refused (upgrade nanochat); a meta
+    without one (saved before formats were recorded) loads, with a note saying so."""
+    d = str(tmp_path / "ck")
+    _two_steps(d)
+    assert ck.load_meta(d, 2)["format"] == ck.FORMAT_VERSION
+    _edit_meta(d, 2, lambda m: m.update(format=ck.FORMAT_VERSION + 1))
+    with pytest.raises(UserError, match=rf"checkpoint format {ck.FORMAT_VERSION + 1}, newer than this nanochat "
+                                        rf"reads \(format {ck.FORMAT_VERSION}\).*upgrade"):
+        ck.load_checkpoint(d, 2)
+    assert ck.last_good_step(d) == 1
+    _edit_meta(d, 2, lambda m: [m.pop("format"), m.pop("sizes")])
+    capsys.readouterr()
+    ck.load_checkpoint(d, 2, load_optimizer=True)
+    assert "checkpoint format 0" in capsys.readouterr().out
