@@ -233,14 +233,12 @@ class GPT(nn.Module):
         return self.resid_lambdas.device
 
     def weights_dtype(self):
-        """The dtype of the weights as loaded (freeze), which a forward outside autocast computes
-        in; the scalars are always in it, int8 models included (nanochat/quant.py)."""
+        """The weights' dtype as loaded: the scalars always have it, int8 models included (quant.py)."""
         return self.resid_lambdas.dtype
 
     def freeze(self, dtype=None):
-        """For inference only: eval mode, no gradients, the weights in `dtype` (None = as they
-        are: no matmul then casts a weight per call) and, on CPU, the inference layout
-        (nanochat/inference_layout.py). checkpoint.build_model's eval phase calls it. Returns self."""
+        """For inference only (models.build_model's eval phase): eval mode, no gradients, the weights
+        in `dtype` (None = as they are) and, on CPU, the inference layout (inference_layout.py)."""
         self.eval().requires_grad_(False)
         if dtype is not None:
             self.to(dtype)
@@ -249,13 +247,11 @@ class GPT(nn.Module):
         return self
 
     def new_kv_cache(self, batch_size, max_len, dtype=None):
-        """A KVCache sized for this model that also keeps each position's token, for the smear
-        (KVCache, keep_tokens). dtype: default the dtype the forward computes in: the weights' own
-        when they are not fp32, else the compute dtype of the device, which autocast may use."""
-        device = self.get_device()
-        c = self.config
+        """A KVCache sized for this model that also keeps each position's token, for the smear. dtype:
+        default what the forward computes in: the weights' own unless fp32, else the device's compute dtype."""
+        device, c, own = self.get_device(), self.config, self.weights_dtype()
         if dtype is None:
-            dtype = self.weights_dtype() if self.weights_dtype() != torch.float32 else get_compute_dtype(device.type)
+            dtype = own if own != torch.float32 else get_compute_dtype(device.type)
         return KVCache(batch_size, c.n_layer, c.n_kv_head, c.n_embd // c.n_head, max_len, device, dtype,
                        keep_tokens=True)
 
@@ -364,8 +360,6 @@ class GPT(nn.Module):
                          self.loss_chunk_rows)
         return losses.view(B, T) if reduction == "none" else losses
 
-    # ---- accounting
-
     def num_params_by_category(self):
         """Parameter counts: embedding tables, lm_head, the blocks (transformer_matrices, value-embedding
         gates included) and the model-level scalars (resid/x0 lambdas, smear, backout)."""
@@ -396,8 +390,6 @@ class GPT(nn.Module):
         attn = sum(12 * head_dim * c.n_head * (c.sequence_len if w is None else min(w, c.sequence_len))
                    for w in self.windows)
         return 6 * self.num_matmul_params() + attn
-
-    # ---- optimizer
 
     def setup_optimizer(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, scalar_lr=0.5,
                         weight_decay=0.0, compile=None):
