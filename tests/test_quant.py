@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import make_model
 
-from nanochat.checkpoint import load_model
+from nanochat.models import load_model
 from nanochat.dataset import iter_texts
 from nanochat.engine import Engine, reference_generate
 from nanochat.gpt import GPT, GPTConfig
