@@ -22,8 +22,9 @@ import random
 import numpy as np
 import torch
 
-from nanochat.common import UserError, downloads_off, get_data_dir, get_dist_info
+from nanochat.common import UserError, get_data_dir, get_dist_info
 from nanochat.dataloader import BestFitPacker
+from nanochat.download import downloads_off
 from tasks.arc import ARC
 from tasks.customjson import CustomJSON
 from tasks.gsm8k import GSM8K

@@ -20,34 +20,25 @@ NANOCHAT_ALLOW_UNVERIFIED=1). Only regular files are read, never more bytes than
 
 Every meta records the checkpoint format (FORMAT_VERSION) and is checked against a schema
 (check_meta: types, sane ranges, bounded nesting) before anything uses it: a bad meta is a
-one-line UserError naming it, never a traceback or an absurd allocation.
+one-line UserError naming it, never a traceback or an absurd allocation (nanochat/checkpoint_meta.py;
+the atomic writes and bounded reads: nanochat/files.py).
 """
 import glob
-import hashlib
-import json
-import math
 import os
 import random
 import re
-import stat
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from nanochat.checkpoint_meta import FORMAT_VERSION, check_meta, read_meta
 from nanochat.common import UserError, get_base_dir, print0
+from nanochat.files import atomic_save, fsync_dir, json_writer, open_regular, sha256_of, torch_writer
 from nanochat.gpt import VE_GATE_CHANNELS
 
 SOURCES = ("base", "mid", "sft", "rl")
 COMPILE_PREFIX = "_orig_mod."
-
-# The checkpoint format: the layout of a step's files and of its meta. Bumped when an older
-# nanochat would misread a new checkpoint, or this one an older checkpoint (docs/training.md).
-# 1: "format" and "sizes" recorded, checksums required. A meta without "format" is format 0
-# (written before formats were recorded): the same layout without sizes, read as such.
-FORMAT_VERSION = 1
-MAX_META_BYTES = 16 << 20  # a meta is a few KB; more is not a meta
-MAX_META_DEPTH = 32        # nesting of its JSON (ours is at most 4 deep)
 
 
 # ---------------------------------------------------------------------------
@@ -72,88 +63,6 @@ def _meta_path(d, step):
 
 def _optim_path(d, step, rank):
     return os.path.join(d, f"optim_{step:06d}_rank{rank}.pt")
-
-
-# ---------------------------------------------------------------------------
-# Atomic writes
-
-def _fsync_dir(d):
-    # the rename itself is only durable once the directory entry is on disk
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def open_regular(path):
-    """(binary file object, size) of `path`, which must be a regular file (a symlink to one is
-    fine): opened without blocking, so a FIFO cannot hang the open, and checked before any byte
-    is read, so a device such as /dev/zero is never read forever. ValueError otherwise."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode) or \
-                stat.S_ISBLK(st.st_mode) else "a directory" if stat.S_ISDIR(st.st_mode) else "a socket or special file"
-            raise ValueError(f"not a regular file but {kind}")
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb"), st.st_size
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def _sha256_of(f, size):
-    """sha256 of the next `size` bytes of f (never more)."""
-    h = hashlib.sha256()
-    left = size
-    while left > 0:
-        block = f.read(min(1 << 20, left))
-        if not block:
-            break
-        h.update(block)
-        left -= len(block)
-    return h.hexdigest()
-
-
-def _atomic_save(obj, path, writer):
-    """Write `obj` to `path` via a temporary name; returns (sha256, size) of what was written
-    (read back from the file, after the fsync)."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            writer(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        digest, size = sha256_file(tmp), os.path.getsize(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    _fsync_dir(os.path.dirname(path))
-    return digest, size
-
-
-def _torch_writer(obj, f):
-    torch.save(obj, f)
-
-
-def _json_writer(obj, f):
-    f.write(json.dumps(obj, indent=2).encode("utf-8"))
 
 
 # ---------------------------------------------------------------------------
@@ -215,16 +124,16 @@ def save_checkpoint(ckpt_dir, step, model_state, optim_state, meta, rank=0, extr
         # re-saving a step (e.g. after a resume): un-publish it first, so that a crash while its
         # files are being replaced can never pair an old meta with new weights
         os.remove(_meta_path(ckpt_dir, step))
-        _fsync_dir(ckpt_dir)
+        fsync_dir(ckpt_dir)
     if distributed:
         dist.barrier()  # nobody replaces a shard of this step before it is un-published
     sums = {}  # file name -> (sha256, size)
     if rank == 0 and model_state is not None:
         path = _model_path(ckpt_dir, step)
-        sums[os.path.basename(path)] = _atomic_save(clean_state_dict(model_state), path, _torch_writer)
+        sums[os.path.basename(path)] = atomic_save(clean_state_dict(model_state), path, torch_writer)
     shard = {"optimizer": optim_state, "rng": get_rng_state(), "extra": extra}
     path = _optim_path(ckpt_dir, step, rank)
-    sums[os.path.basename(path)] = _atomic_save(shard, path, _torch_writer)
+    sums[os.path.basename(path)] = atomic_save(shard, path, torch_writer)
     if distributed:
         # every shard is on disk before the step is published; rank 0 learns their checksums
         gathered = [None] * dist.get_world_size()
@@ -239,7 +148,7 @@ def save_checkpoint(ckpt_dir, step, model_state, optim_state, meta, rank=0, extr
         meta.setdefault("threads", torch.get_num_threads())
         meta["sha256"] = {name: digest for name, (digest, _) in sorted(sums.items())}
         meta["sizes"] = {name: size for name, (_, size) in sorted(sums.items())}
-        _atomic_save(meta, _meta_path(ckpt_dir, step), _json_writer)
+        atomic_save(meta, _meta_path(ckpt_dir, step), json_writer)
     if distributed:
         dist.barrier()
 
@@ -249,9 +158,9 @@ def annotate_meta(ckpt_dir, step, **fields):
     rewritten atomically (rank 0 only: the caller checks). The checksums it holds are of the
     step's other files, which do not change."""
     path = _meta_path(ckpt_dir, step)
-    meta = _read_meta(path)
+    meta = read_meta(path)
     meta.update(fields)
-    _atomic_save(meta, path, _json_writer)
+    atomic_save(meta, path, json_writer)
 
 
 # ---------------------------------------------------------------------------
@@ -296,7 +205,7 @@ def find_largest_model(stage_dir) -> str:
         depth = int(m.group(1)) if m else None
         if depth is None:
             try:
-                depth = check_meta(_read_meta(_meta_path(d, last))).get("model_config", {}).get("n_layer")
+                depth = check_meta(read_meta(_meta_path(d, last))).get("model_config", {}).get("n_layer")
             except (OSError, ValueError):
                 depth = None
         return (depth if depth is not None else -1, os.path.getmtime(_meta_path(d, last)))
@@ -305,107 +214,6 @@ def find_largest_model(stage_dir) -> str:
 
 # ---------------------------------------------------------------------------
 # Load
-
-def _read_meta(path) -> dict:
-    """The meta file's dict; ValueError (with the reason) when it is not one: not a regular
-    file, over MAX_META_BYTES, not UTF-8 JSON, nested deeper than the parser (or MAX_META_DEPTH)."""
-    f, size = open_regular(path)
-    with f:
-        if size > MAX_META_BYTES:
-            raise ValueError(f"{size:,} bytes, more than a meta file holds ({MAX_META_BYTES:,})")
-        raw = f.read(MAX_META_BYTES + 1)
-    try:
-        meta = json.loads(raw.decode("utf-8"))
-    except RecursionError:
-        raise ValueError("its JSON is nested too deeply") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"a JSON {type(meta).__name__}, not an object")
-    return meta
-
-
-# The meta schema: what each key must hold when present (absent keys are for `require` to ask).
-# Ranges are generous bounds that no real run comes near, so that a damaged or crafted meta
-# cannot make a loader allocate terabytes (a 10**12 sequence_len would size the rotary table).
-MODEL_CONFIG_LIMITS = {"sequence_len": (1, 1 << 17), "vocab_size": (1, 1 << 22), "n_layer": (1, 1024),
-                       "n_head": (1, 1024), "n_kv_head": (1, 1024), "n_embd": (1, 1 << 16),
-                       "short_window": (0, 1 << 17)}
-LOOP_KEYS = ("smooth_loss", "total_time")  # training.StepLog.state(), given back to StepLog(**loop)
-_FILE_NAME = re.compile(r"(model_\d{6}|optim_\d{6}_rank\d{1,6})\.pt")
-
-
-def _show(v):
-    text = json.dumps(v) if not isinstance(v, float) or math.isfinite(v) else repr(v)
-    return text if len(text) <= 40 else text[:30] + f"... ({len(text):,} characters)"
-
-
-def _depth(obj):
-    """Nesting depth of plain JSON data, without recursion."""
-    deepest, todo = 0, [(obj, 1)]
-    while todo:
-        x, d = todo.pop()
-        if isinstance(x, (dict, list)):
-            deepest = max(deepest, d)
-            if d > MAX_META_DEPTH:
-                return d
-            todo += [(v, d + 1) for v in (x.values() if isinstance(x, dict) else x)]
-    return deepest
-
-
-def check_meta(meta) -> dict:
-    """meta, if it fits the schema; else ValueError naming the first key that does not (e.g.
-    "model_config.sequence_len must be an integer in [1, 131072], not 1000000000000")."""
-    def integer(v, lo, hi):
-        return type(v) is int and lo <= v <= hi  # bool is no integer here
-
-    def number(v):
-        return type(v) in (int, float) and math.isfinite(v)
-
-    def need(ok, where, what, v):
-        if not ok:
-            raise ValueError(f"{where} must be {what}, not {_show(v)}")
-
-    def mapping(key):
-        v = meta.get(key)
-        need(v is None or isinstance(v, dict), key, "an object", v)
-        return v or {}
-
-    if not isinstance(meta, dict):
-        raise ValueError(f"a JSON {type(meta).__name__}, not an object")
-    depth = _depth(meta)
-    if depth > MAX_META_DEPTH:
-        raise ValueError(f"its JSON is nested more than {MAX_META_DEPTH} deep")
-    for key, lo, hi in (("format", 0, 1 << 20), ("step", 0, 10 ** 12), ("world_size", 1, 1 << 20),
-                        ("threads", 1, 1 << 16)):
-        if key in meta:
-            need(integer(meta[key], lo, hi), key, f"an integer in [{lo}, {hi}]", meta[key])
-    for key in ("sha256", "sizes"):
-        for name, v in mapping(key).items():
-            need(_FILE_NAME.fullmatch(name), f"{key} key", "a checkpoint file name (model_NNNNNN.pt, "
-                 "optim_NNNNNN_rankR.pt)", name)
-            if key == "sha256":
-                need(isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v), f"sha256.{name}",
-                     "64 hexadecimal digits", v)
-            else:
-                need(integer(v, 0, 1 << 50), f"sizes.{name}", "a byte count", v)
-    config = mapping("model_config")
-    for key, (lo, hi) in MODEL_CONFIG_LIMITS.items():
-        if key in config:
-            need(integer(config[key], lo, hi), f"model_config.{key}", f"an integer in [{lo}, {hi}]", config[key])
-    if "window_pattern" in config:
-        v = config["window_pattern"]
-        need(isinstance(v, str) and 0 < len(v) <= 1024, "model_config.window_pattern", "a string of S and L", v)
-    loop = mapping("loop")
-    for key, v in loop.items():
-        need(key in LOOP_KEYS, "loop key", " or ".join(LOOP_KEYS), key)
-        need(number(v) and (key != "total_time" or v >= 0), f"loop.{key}", "a finite number", v)
-    for key, v in mapping("lrs").items():
-        need(number(v) and v >= 0, f"lrs.{key}", "a finite number >= 0", v)
-    for key in ("user_config", "derived", "source", "record"):
-        mapping(key)
-    if "step" in mapping("record"):
-        need(integer(meta["record"]["step"], 0, 10 ** 12), "record.step", "an integer", meta["record"]["step"])
-    return meta
-
 
 def _allowed_unverified(allow_unverified):
     return bool(allow_unverified) or os.environ.get("NANOCHAT_ALLOW_UNVERIFIED") == "1"
@@ -421,7 +229,7 @@ def _file_verifies(ckpt_dir, name, meta) -> bool:
     except (OSError, ValueError):
         return False
     with f:
-        return (size is None or actual == size) and _sha256_of(f, actual) == want
+        return (size is None or actual == size) and sha256_of(f, actual) == want
 
 
 def last_good_step(ckpt_dir, before=None):
@@ -431,7 +239,7 @@ def last_good_step(ckpt_dir, before=None):
         if before is not None and s >= before:
             continue
         try:
-            meta = check_meta(_read_meta(_meta_path(ckpt_dir, s)))
+            meta = check_meta(read_meta(_meta_path(ckpt_dir, s)))
         except (OSError, ValueError):
             continue
         if meta.get("format", 0) > FORMAT_VERSION:
@@ -459,7 +267,7 @@ def load_meta(ckpt_dir, step, require=(), allow_unverified=False) -> dict:
     the last good step) otherwise."""
     path = _meta_path(ckpt_dir, step)
     try:
-        meta = check_meta(_read_meta(path))
+        meta = check_meta(read_meta(path))
     except (OSError, ValueError) as e:
         raise _corrupt(ckpt_dir, step, path, f"not a valid meta file: {e}") from None
     fmt = meta.get("format", 0)
@@ -499,7 +307,7 @@ def _load_pt(ckpt_dir, step, path, meta, device, allow_unverified=False):
             raise _corrupt(ckpt_dir, step, path, f"it holds {actual:,} bytes, {meta_name} recorded {size:,}: "
                                                  f"the file was changed or damaged")
         if want is not None:
-            if _sha256_of(f, actual) != want:
+            if sha256_of(f, actual) != want:
                 raise _corrupt(ckpt_dir, step, path, f"its sha256 differs from the one {meta_name} recorded "
                                                      f"when it was saved: the file was changed or damaged")
             f.seek(0)

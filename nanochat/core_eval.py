@@ -36,8 +36,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
-from nanochat.common import DownloadError, UserError, atomic_write_text, download_file, downloads_off, get_data_dir, print0
+from nanochat.common import UserError, atomic_write_text, get_data_dir, print0
 from nanochat.dataset import check_writable
+from nanochat.download import DownloadError, download_file, downloads_off
 
 FEWSHOT_SEED = 1234     # few-shot examples of item i come from random.Random(FEWSHOT_SEED + i)
 SUBSAMPLE_SEED = 1337   # every task file is shuffled with it; --max-per-task keeps the first N

@@ -10,7 +10,8 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanochat.common import UserError, download_file, get_data_dir
+from nanochat.common import UserError, get_data_dir
+from nanochat.download import download_file
 
 # ---------------------------------------------------------------------------
 # The public hub datasets (Hugging Face, karpathy/*). Shards 0..MAX-1 are training data, shard MAX
@@ -158,6 +159,6 @@ def write_shard(path: str, texts: list[str], row_group_size: int = ROW_GROUP_SIZ
 # Downloading one shard from the hub (the `nanochat data download` stage drives this)
 
 def download_shard(url: str, path: str, timeout: float = 30.0, retries: int = 5, backoff: float = 2.0) -> None:
-    """common.download_file, accepting only a readable parquet shard with a `text` column."""
+    """download.download_file, accepting only a readable parquet shard with a `text` column."""
     download_file(url, path, timeout=timeout, retries=retries, backoff=backoff, validate=is_valid_shard,
                   what="a valid parquet shard with a 'text' column")

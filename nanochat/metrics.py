@@ -4,8 +4,8 @@ the lines after its step (nanochat/run.py decides when)."""
 import json
 import os
 
-from nanochat.checkpoint import _atomic_save
 from nanochat.common import read_jsonl
+from nanochat.files import atomic_save
 
 
 def metrics_path(ckpt_dir) -> str:
@@ -59,4 +59,4 @@ def trim_metrics(ckpt_dir, last_step: int) -> None:
     kept = [r for r in read_metrics(ckpt_dir)
             if isinstance(r.get("step"), int) and not isinstance(r["step"], bool) and r["step"] <= last_step]
     text = "".join(json.dumps(r) + "\n" for r in kept)
-    _atomic_save(text.encode("utf-8"), path, lambda data, f: f.write(data))
+    atomic_save(text.encode("utf-8"), path, lambda data, f: f.write(data))

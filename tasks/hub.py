@@ -13,7 +13,8 @@ import shutil
 
 import pyarrow.parquet as pq
 
-from nanochat.common import DownloadError, NotFound, UserError, download_file, downloads_off, get_data_dir, print0
+from nanochat.common import UserError, get_data_dir, print0
+from nanochat.download import DownloadError, NotFound, download_file, downloads_off
 
 DEFAULT_HF_URL = "https://huggingface.co"
 TIMEOUT_S = 60          # per connection attempt / socket read
@@ -91,7 +92,7 @@ def check_parquet(path):
 
 def fetch_file(url, path, retries=None, backoff=None, timeout=None, missing_ok=False, folder="",
                validate=check_parquet) -> bool:
-    """common.download_file with the hub's defaults and user-facing errors. `retries` counts all
+    """download.download_file with the hub's defaults and user-facing errors. `retries` counts all
     attempts. Returns False on 404 when `missing_ok` (the end of a split's file list)."""
     retries = RETRIES if retries is None else retries
     try:

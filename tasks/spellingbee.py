@@ -14,7 +14,8 @@ import random
 import re
 import zlib
 
-from nanochat.common import UserError, downloads_off, get_data_dir
+from nanochat.common import UserError, get_data_dir
+from nanochat.download import downloads_off
 from tasks.common import Task, content_text
 from tasks.hub import fetch_file
 

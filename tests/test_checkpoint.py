@@ -15,6 +15,7 @@ from nanochat import metrics
 from nanochat import models
 from nanochat import run
 from nanochat.common import UserError
+from nanochat.checkpoint_meta import FORMAT_VERSION
 
 
 def _tiny_state(seed):
@@ -64,13 +65,13 @@ def test_find_last_step_ignores_incomplete(tmp_path):
 def test_crash_between_files_keeps_previous_step(tmp_path, monkeypatch):
     d = str(tmp_path)
     ck.save_checkpoint(d, 1, _tiny_state(1), {"o": 1}, {"tag": "one"})
-    real = ck._atomic_save
+    real = ck.atomic_save
 
     def crash_on_meta(obj, path, writer):
         if os.path.basename(path).startswith("meta_"):
             raise RuntimeError("simulated crash before the meta file")
         return real(obj, path, writer)
-    monkeypatch.setattr(ck, "_atomic_save", crash_on_meta)
+    monkeypatch.setattr(ck, "atomic_save", crash_on_meta)
     with pytest.raises(RuntimeError):
         ck.save_checkpoint(d, 2, _tiny_state(2), {"o": 2}, {"tag": "two"})
     assert ck.find_last_step(d) == 1
@@ -82,13 +83,13 @@ def test_resave_same_step_unpublishes_first(tmp_path, monkeypatch):
     d = str(tmp_path)
     ck.save_checkpoint(d, 1, _tiny_state(1), None, {})
     ck.save_checkpoint(d, 2, _tiny_state(2), None, {})
-    real = ck._atomic_save
+    real = ck.atomic_save
 
     def crash_on_meta(obj, path, writer):
         if os.path.basename(path).startswith("meta_"):
             raise RuntimeError("simulated crash")
         return real(obj, path, writer)
-    monkeypatch.setattr(ck, "_atomic_save", crash_on_meta)
+    monkeypatch.setattr(ck, "atomic_save", crash_on_meta)
     with pytest.raises(RuntimeError):
         ck.save_checkpoint(d, 2, _tiny_state(7), None, {})
     # step 2's weights were replaced, so step 2 must no longer count as complete
@@ -105,7 +106,7 @@ def test_killed_process_mid_save_leaves_previous_loadable(tmp_path, kill_at):
         from nanochat import checkpoint as ck
         d = {d!r}
         ck.save_checkpoint(d, 1, {{"w": torch.full((256, 256), 1.0)}}, {{"o": 1}}, {{"n": 1}})
-        real = ck._atomic_save
+        real = ck.atomic_save
         def dying(obj, path, writer):
             name = os.path.basename(path)
             if {kill_at!r} == "model" and name.startswith("model_"):
@@ -116,7 +117,7 @@ def test_killed_process_mid_save_leaves_previous_loadable(tmp_path, kill_at):
             if {kill_at!r} == "meta" and name.startswith("meta_"):
                 os.kill(os.getpid(), signal.SIGKILL)
             return real(obj, path, writer)
-        ck._atomic_save = dying
+        ck.atomic_save = dying
         ck.save_checkpoint(d, 2, {{"w": torch.full((256, 256), 2.0)}}, {{"o": 2}}, {{"n": 2}})
     """)
     p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
@@ -465,7 +466,7 @@ def test_chat_and_resume_see_the_schema_errors(tmp_path, monkeypatch, tokenizer)
             models.load_model("base", "cpu")
         with pytest.raises(UserError, match=match):
             resolve_resume(d, args, 1)
-    assert models.load_model("base", "cpu", step=1)[2]["format"] == ck.FORMAT_VERSION
+    assert models.load_model("base", "cpu", step=1)[2]["format"] == FORMAT_VERSION
 
 
 @pytest.mark.timeout(60)
@@ -507,10 +508,10 @@ def test_format_version_is_recorded_and_checked(tmp_path, capsys):
     without one (saved before formats were recorded) loads, with a note saying so."""
     d = str(tmp_path / "ck")
     _two_steps(d)
-    assert ck.load_meta(d, 2)["format"] == ck.FORMAT_VERSION
-    _edit_meta(d, 2, lambda m: m.update(format=ck.FORMAT_VERSION + 1))
-    with pytest.raises(UserError, match=rf"checkpoint format {ck.FORMAT_VERSION + 1}, newer than this nanochat "
-                                        rf"reads \(format {ck.FORMAT_VERSION}\).*upgrade"):
+    assert ck.load_meta(d, 2)["format"] == FORMAT_VERSION
+    _edit_meta(d, 2, lambda m: m.update(format=FORMAT_VERSION + 1))
+    with pytest.raises(UserError, match=rf"checkpoint format {FORMAT_VERSION + 1}, newer than this nanochat "
+                                        rf"reads \(format {FORMAT_VERSION}\).*upgrade"):
         ck.load_checkpoint(d, 2)
     assert ck.last_good_step(d) == 1
     _edit_meta(d, 2, lambda m: [m.pop("format"), m.pop("sizes")])

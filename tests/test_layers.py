@@ -6,7 +6,8 @@ import os
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PRIMITIVES = {"nanochat.common", "nanochat.calculator", "nanochat.execution", "nanochat.sandbox_child"}  # import no other module of ours
+# import no other module of ours
+PRIMITIVES = {"nanochat.common", "nanochat.calculator", "nanochat.execution", "nanochat.files", "nanochat.sandbox_child"}
 ENTRY = {"nanochat.cli", "nanochat.__main__"}
 
 

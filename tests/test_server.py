@@ -11,7 +11,8 @@ import pytest
 import requests
 
 from helpers import LiveServer, Scripted, Wrapped, make_model
-from nanochat.server import MAX_MESSAGES, TextStream, create_app, key_matches
+from nanochat.serve_request import MAX_MESSAGES
+from nanochat.server import TextStream, create_app, key_matches
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,11 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from tqdm import tqdm
 
-from nanochat.common import DownloadError, UserError, downloads_off
+from nanochat.common import UserError
 from nanochat.core_eval import ensure_eval_bundle
 from nanochat.dataset import (DEFAULT_DATASET, HUB_DATASETS, check_writable, download_shard, is_valid_shard,
                               pretrain_dir, shard_name)
+from nanochat.download import DownloadError, downloads_off
 
 
 def main(argv=None):

@@ -7,8 +7,9 @@ import os
 import tiktoken
 import tiktoken.load
 
-from nanochat.common import downloads_off, get_data_dir, print0
+from nanochat.common import get_data_dir, print0
 from nanochat.dataset import iter_texts
+from nanochat.download import downloads_off
 from nanochat.report import get_report
 from nanochat.tokenizer import get_tokenizer
 
