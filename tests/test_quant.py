@@ -164,8 +164,9 @@ def test_eval_base_and_chat_take_the_weight_format(base_checkpoint, tokenizer):
         assert f"weights {weights} (activations fp32" in out  # the startup line
         bpb[weights] = float(re.search(r"val bpb: ([0-9.]+)", out).group(1))
     assert bpb["int8"] == pytest.approx(bpb["fp32"], rel=0.01)
-    reply = nanochat("chat", "-i", "base", "-p", "Hello", "-t", "0", "--max-tokens", "8", "--weights", "int8",
-                     "--device-type", "cpu")
+    # the fixture's tag: other tests add base models to the same folder, and -i picks the largest
+    reply = nanochat("chat", "-i", "base", "--model-tag", base_checkpoint.tag, "-p", "Hello", "-t", "0",
+                     "--max-tokens", "8", "--weights", "int8", "--device-type", "cpu")
     model, tok, _ = load_model("base", "cpu", model_tag=base_checkpoint.tag, weights="int8")
     prompt = tok.render_for_completion({"messages": [{"role": "user", "content": "Hello"}]})
     rows, _ = Engine(model, tok).generate_batch(prompt, max_tokens=8, temperature=0)
