@@ -2,7 +2,7 @@
 
     nanochat scaling run                                   # upstream's grid: 4 budgets x 6 depths (GPUs)
     nanochat scaling run --nproc-per-node 8                # each run under torchrun on 8 GPUs
-    nanochat scaling run --preset cpu                      # ~15 minutes on 2 CPU cores, optima inside the grid
+    nanochat scaling run --preset cpu                      # ~10 minutes on 2 CPU cores, optima inside the grid
     nanochat scaling run --budgets 1e18,3e18 --depths 8,10,12 -- --device-batch-size 16   # flags after -- go to train base
 
 Every run trains --target-flops of its budget at its depth (the ratio off), evaluates val bpb on
@@ -38,7 +38,7 @@ def main(argv=None):
     p.add_argument("--budgets", default=None, help=f"training FLOPs budgets (default {UPSTREAM_BUDGETS})")
     p.add_argument("--depths", default=None, help=f"model depths at every budget (default {UPSTREAM_DEPTHS})")
     p.add_argument("--preset", choices=("cpu",), default=None,
-                   help="cpu: 3 budgets x depths 1-4 of tiny models, ~15 minutes on 2 idle cores (docs/scaling.md)")
+                   help="cpu: 3 budgets x depths 1-4 of tiny models, ~10 minutes on 2 idle cores (docs/scaling.md)")
     p.add_argument("--params", choices=tuple(scaling.PARAM_CONVENTIONS), default="scaling",
                    help="which parameters N counts in the fit (default scaling: transformer matrices + lm_head)")
     sweep.add_sweep_flags(p, "grid")
