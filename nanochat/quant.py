@@ -9,11 +9,14 @@ Activations, the small gates, the per-layer scalars and the KV cache stay in the
 An embedding dequantizes only the rows it looks up. The matrices use torch's int8 weight-only
 kernel (`aten._weight_int8pack_mm`); `reference_int8_linear` is the definition tests hold it to.
 """
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.common import UserError, compute_dtype_choice
+from nanochat.inference_layout import weight_ptrs
 
 WEIGHT_FORMATS = ("fp32", "bf16", "int8")
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -84,14 +87,18 @@ def int8_linear(x, q, scale, ones):
 class Int8Linear(nn.Module):
     """A bias-free nn.Linear stored as int8 with one fp32 scale per output channel."""
 
-    def __init__(self, linear, dtype=torch.float32):
+    def __init__(self, linear, dtype=torch.float32, quantized=None):
+        """quantized: (q, scale, ones) already made (views of a stacked q/k/v), else made from linear."""
         super().__init__()
         self.dtype = dtype  # of the activations it multiplies
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        q, scale = quantize_rows(linear.weight)
+        if quantized is None:
+            q, scale = quantize_rows(linear.weight)
+            quantized = q, scale, torch.ones(q.size(0), dtype=torch.bfloat16, device=q.device)
+        q, scale, ones = quantized
         self.register_buffer("qweight", q)
         self.register_buffer("scale", scale)
-        self.register_buffer("ones", torch.ones(q.size(0), dtype=torch.bfloat16, device=q.device), persistent=False)
+        self.register_buffer("ones", ones, persistent=False)
 
     def forward(self, x):
         return int8_linear(x, self.qweight, self.scale, self.ones)
@@ -129,8 +136,18 @@ def quantize_int8(model, dtype):
     model.lm_head = Int8Linear(model.lm_head, dtype)
     for block in model.blocks:
         a = block.attn
-        a.qkv_weight = a.qkv_ptrs = None  # the stacked fp32 q/k/v of the CPU layout: freed; the plain forward runs
-        a.c_q, a.c_k, a.c_v, a.c_proj = (Int8Linear(m, dtype) for m in (a.c_q, a.c_k, a.c_v, a.c_proj))
+        parts = (a.c_q, a.c_k, a.c_v)
+        if a.qkv_weight is None:  # not in the CPU layout (e.g. compiled): three products
+            a.c_q, a.c_k, a.c_v = (Int8Linear(m, dtype) for m in parts)
+        else:  # one int8 product for q, k and v, as the CPU layout stacks them (per-row scales: the same values)
+            q, scale = quantize_rows(a.qkv_weight)
+            ones = torch.ones(q.size(0), dtype=torch.bfloat16, device=q.device)
+            ends = [sum(m.out_features for m in parts[:i + 1]) for i in range(3)]
+            a.c_q, a.c_k, a.c_v = (Int8Linear(m, dtype, (q[s:e], scale[s:e], ones[s:e]))
+                                   for m, s, e in zip(parts, [0] + ends, ends))
+            a.qkv_weight = functools.partial(int8_linear, q=q, scale=scale, ones=ones)
+            a.qkv_ptrs = weight_ptrs(a)
+        a.c_proj = Int8Linear(a.c_proj, dtype)
         block.mlp.c_fc, block.mlp.c_proj = Int8Linear(block.mlp.c_fc, dtype), Int8Linear(block.mlp.c_proj, dtype)
     return model
 

@@ -82,6 +82,29 @@ def test_int8_model_is_smaller_by_the_expected_factor_and_close():
     assert abs(float(q(tokens, targets)) - float(model(tokens, targets))) < 0.05 * float(model(tokens, targets))
 
 
+def test_int8_model_stacks_q_k_v_into_one_product():
+    """On CPU an int8 model multiplies each layer's q, k and v in one kernel call, as the fp32
+    inference layout does, and gets exactly what the three separate int8 products give."""
+    model = make_model(512, seed=4)
+    q = prepare_for_inference(copy.deepcopy(model), "int8", "cpu")
+    a = q.blocks[0].attn
+    assert a.packed_qkv() is not None
+    assert a.c_k.qweight.data_ptr() == a.c_q.qweight.data_ptr() + a.c_q.qweight.numel()  # views of one matrix
+    assert weight_bytes(q) == _expected_int8_bytes(model)  # the views take no extra bytes
+    separate_calls = []
+    for block in q.blocks:
+        for m in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
+            m.register_forward_hook(lambda *_: separate_calls.append(1))
+    tokens = torch.randint(0, 512, (1, 5))
+    stacked = q(tokens)
+    assert separate_calls == []  # one stacked product per layer, not c_q, c_k, c_v
+    for block in q.blocks:  # the plain forward: c_q, c_k and c_v one by one
+        block.attn.qkv_weight = block.attn.qkv_ptrs = None
+    separate = q(tokens)
+    assert len(separate_calls) == 3 * len(q.blocks)
+    assert torch.equal(stacked, separate)
+
+
 def test_weights_choice_default_follows_the_compute_dtype(monkeypatch):
     monkeypatch.setenv("NANOCHAT_DTYPE", "float32")
     assert weights_choice(None, "cpu")[:2] == ("fp32", torch.float32)
