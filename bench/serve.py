@@ -40,20 +40,20 @@ def get_or_train_tokenizer(vocab_size):
     return Tokenizer.train(iter(texts), vocab_size)
 
 
-def serve(args):
-    """The child process: build the model, start uvicorn."""
+def build(args):
+    """(model, tokenizer, device) as the server gets them: a checkpoint (-i) or random weights,
+    in the --weights format (its default resolved for the device, as `nanochat serve` does)."""
     import torch
-    import uvicorn
 
-    from nanochat.common import autodetect_device_type, get_compute_dtype
-    from nanochat.server import create_app
+    from nanochat.common import autodetect_device_type
+    from nanochat.quant import prepare_for_inference, weights_choice
     device = torch.device(args.device_type or autodetect_device_type())
     if device.type == "cpu":  # the same default as `nanochat serve --threads`
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) - 1))
+    weights = weights_choice(args.weights, device.type)[0]
     if args.source:
         from nanochat.models import load_model
-        model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag,
-                                         dtype=get_compute_dtype(device.type))
+        model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag, weights=weights)
     else:
         from nanochat.gpt import GPT, GPTConfig
         tokenizer = get_or_train_tokenizer(args.vocab_size)
@@ -65,7 +65,59 @@ def serve(args):
             model = GPT(cfg)
         model.to_empty(device=device)
         model.init_weights()
-        model.freeze(get_compute_dtype(device.type))  # as `nanochat serve` loads it (checkpoint.build_model)
+        prepare_for_inference(model, weights, device.type)  # as `nanochat serve` loads it (models.build_model)
+    return model, tokenizer, device, weights
+
+
+def prompt_tokens(tokenizer, i):
+    """The tokens the server prefills for request i (the chat template of one user message)."""
+    conv = {"messages": [{"role": "user", "content": request_text(i)}]}
+    return tokenizer.render_for_completion(conv)
+
+
+def request_text(i):
+    return f"Request {i}: tell me a long story about a lighthouse."
+
+
+def engine_only(args):
+    """The child process of --engine-baseline: the same model, weights and threads as the server,
+    and the server's own decoder (a BatchDecoder of --max-batch rows, stop tokens ignored), given
+    rows = the largest client count at once: the batch a server round has at best, without HTTP,
+    the event loop or the scheduler thread. Median of 3 timed rounds after a warm-up. Prints JSON."""
+    import torch
+
+    from nanochat.engine import BatchDecoder
+    from nanochat.sampling import Sequence
+    model, tokenizer, device, weights = build(args)
+    rows = max(int(c) for c in args.clients.split(","))
+    prompts = [prompt_tokens(tokenizer, c * 1000) for c in range(rows)]
+    dec = BatchDecoder(model, tokenizer, batch_size=max(args.max_batch, rows), seed=0)
+    dec.specials["stop"] = set()  # fixed-length replies, as the bench's server
+    rates = []
+    with torch.inference_mode():
+        for rep in range(4):  # the first round warms up
+            t0 = time.perf_counter()
+            seqs = [Sequence(p, args.max_tokens, 1.0, 50, None, owner=i) for i, p in enumerate(prompts)]
+            dec.add(seqs)
+            while dec.seqs:
+                dec.remove_done()
+                if dec.seqs:
+                    dec.step()
+            dt = time.perf_counter() - t0
+            if rep:
+                rates.append(sum(len(q.out) for q in seqs) / dt)
+    print(json.dumps({"rows": rows, "weights": weights, "threads": torch.get_num_threads(),
+                      "engine_tok_per_s_all": [round(r, 1) for r in rates],
+                      "engine_tok_per_s": round(statistics.median(rates), 1)}), flush=True)
+
+
+def serve(args):
+    """The child process: build the model, start uvicorn."""
+    import torch
+    import uvicorn
+
+    from nanochat.server import create_app
+    model, tokenizer, device, weights = build(args)
     app = create_app(model, tokenizer, max_batch=args.max_batch, model_name="bench", compile=args.compile)
     if not args.source or args.ignore_stop:
         app.state.scheduler.decoder.specials["stop"] = set()  # fixed-length replies
@@ -73,14 +125,14 @@ def serve(args):
     print(json.dumps({"ready": True, "params_M": round(params / 1e6, 1), "n_layer": model.config.n_layer,
                       "n_embd": model.config.n_embd, "vocab_size": model.config.vocab_size,
                       "device": torch.cuda.get_device_name() if device.type == "cuda" else device.type,
-                      "threads": torch.get_num_threads()}), flush=True)
+                      "threads": torch.get_num_threads(), "weights": weights}), flush=True)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
 
 
 def one_request(url, i, max_tokens):
     """Stream one request; return (latency_s, ttft_s, completion_tokens)."""
     import requests
-    body = {"messages": [{"role": "user", "content": f"Request {i}: tell me a long story about a lighthouse."}],
+    body = {"messages": [{"role": "user", "content": request_text(i)}],
             "max_tokens": max_tokens, "temperature": 1.0, "top_k": 50, "stream": True,
             "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
@@ -153,19 +205,28 @@ def main(argv=None):
     p.add_argument("--device-type", default="")
     p.add_argument("--compile", action="store_true", help="serve with the compiled decode step (waits until ready)")
     p.add_argument("--ignore-stop", action="store_true", help="with -i: fixed-length replies anyway")
+    p.add_argument("--weights", default=None, choices=("fp32", "bf16", "int8"),
+                   help="the server's weight format (default: `nanochat serve`'s default for the device)")
+    p.add_argument("--repeats", type=int, default=1, help="runs of each client count (the JSON gives their median)")
+    p.add_argument("--engine-baseline", action="store_true",
+                   help="also time the server's decoder alone at the largest client count (same model, weights and "
+                        "threads; median of 3) and report the server's aggregate as a share of it")
     p.add_argument("--out", default=None, help="also write the JSON here")
+    p.add_argument("--engine-only", action="store_true", help=argparse.SUPPRESS)  # the engine-baseline child
     p.add_argument("--serve-only", action="store_true", help=argparse.SUPPRESS)  # the child process
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve_only:
         return serve(args)
+    if args.engine_only:
+        return engine_only(args)
+    own = [a for a in (sys.argv[1:] if argv is None else list(argv)) if a != "--engine-baseline"]
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, os.path.abspath(__file__), "--serve-only", "--port", str(port)] + \
-        (sys.argv[1:] if argv is None else list(argv))
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    cmd = [sys.executable, "-m", "bench.serve", "--serve-only", "--port", str(port)] + own
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     try:
         import requests
@@ -183,7 +244,7 @@ def main(argv=None):
                 time.sleep(0.2)
         load(url, 1, 1, 8)  # warm-up
         runs = []
-        for c in args.clients.split(","):
+        for c in [c for c in args.clients.split(",") for _ in range(args.repeats)]:
             before = requests.get(url + "/stats", timeout=10).json()
             runs.append(load(url, int(c), args.requests_per_client, args.max_tokens))
             after = requests.get(url + "/stats", timeout=10).json()
@@ -198,16 +259,32 @@ def main(argv=None):
     finally:
         child.terminate()
         child.wait(timeout=30)
-    base = runs[0]["aggregate_tok_per_s"]
+    engine = None
+    if args.engine_baseline:  # after the server has exited: the two never share the cores
+        r = subprocess.run([sys.executable, "-m", "bench.serve", "--engine-only"] + own, capture_output=True, text=True,
+                           cwd=REPO)
+        if r.returncode:
+            raise SystemExit(f"the engine baseline failed:\n{r.stderr[-3000:]}")
+        engine = json.loads(r.stdout.strip().splitlines()[-1])
+    medians = {}
+    for r in runs:
+        medians.setdefault(r["clients"], []).append(r["aggregate_tok_per_s"])
+    medians = {c: statistics.median(v) for c, v in medians.items()}
+    base = medians[runs[0]["clients"]]
     out = {
         "bench": "serve", "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
         "cpus": os.cpu_count(), "server": {k: v for k, v in info.items() if k != "ready"},
         "max_batch": args.max_batch, "max_tokens": args.max_tokens,
         "command": "python -m bench.serve " + " ".join(sys.argv[1:] if argv is None else argv),
         "runs": runs,
-        "speedup_vs_first": {str(r["clients"]): round(r["aggregate_tok_per_s"] / base, 2) for r in runs},
+        "aggregate_tok_per_s_median": {str(c): v for c, v in medians.items()},
+        "speedup_vs_first": {str(c): round(v / base, 2) for c, v in medians.items()},
         "server_mean_rows_per_step": stats["mean_rows_per_step"], "server_max_rows_per_step": stats["max_rows_per_step"],
     }
+    if engine:
+        top = max(medians)
+        out["engine"] = engine
+        out["server_vs_engine"] = round(medians[top] / engine["engine_tok_per_s"], 3)  # at the largest client count
     text = json.dumps(out, indent=2)
     print(text)
     if args.out:

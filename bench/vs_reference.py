@@ -21,7 +21,8 @@ median of 20 steps; reported per round, as the median of the rounds, and as the 
 per-round ratios (the paired comparison a noisy machine allows). --repeats 0 skips training and
 measures the checkpoints already in --work. Both use --threads torch threads. `--dtype` sets NANOCHAT_DTYPE for
 ours (default: its own choice for this CPU); the reference runs in its default (fp32 on CPU)
-unless --upstream-dtype says otherwise.
+unless --upstream-dtype says otherwise. Our decode loads the weights as `nanochat chat` does
+(--weights, default: chat's default for this CPU; "weights" in the JSON says which).
 """
 import argparse
 import glob
@@ -45,8 +46,9 @@ torch.set_num_threads(int(sys.argv[1]))
 ours = sys.argv[2] == "ours"
 if ours:
     from nanochat.models import load_model
-    from nanochat.common import get_compute_dtype
-    model, tokenizer, _ = load_model("base", "cpu", model_tag="vsref", dtype=get_compute_dtype("cpu"))  # as chat does
+    from nanochat.quant import weights_choice
+    weights = weights_choice(sys.argv[4] if sys.argv[4] != "default" else None, "cpu")[0]  # as chat resolves --weights
+    model, tokenizer, _ = load_model("base", "cpu", model_tag="vsref", weights=weights)
 else:
     from nanochat.checkpoint_manager import load_model
     model, tokenizer, _ = load_model("base", torch.device("cpu"), "eval", model_tag="vsref")
@@ -76,8 +78,9 @@ torch.set_grad_enabled(False)
 ours = sys.argv[2] == "ours"
 if ours:
     from nanochat.models import load_model
-    from nanochat.common import get_compute_dtype
-    model, _, _ = load_model("base", "cpu", model_tag="vsref", dtype=get_compute_dtype("cpu"))
+    from nanochat.quant import weights_choice
+    weights = weights_choice(sys.argv[3] if sys.argv[3] != "default" else None, "cpu")[0]
+    model, _, _ = load_model("base", "cpu", model_tag="vsref", weights=weights)
 else:
     from nanochat.checkpoint_manager import load_model
     from nanochat.engine import KVCache
@@ -125,10 +128,10 @@ for line in sys.stdin:
 '''
 
 
-def decode_step_rounds(python, cwd, env, threads, who, rounds, rows_list=(1, 8), steps=20):
+def decode_step_rounds(python, cwd, env, threads, who, rounds, weights="default", rows_list=(1, 8), steps=20):
     """{codebase: {"b<rows>": [median step ms of each round]}} from one persistent process per
     codebase (STEP), taking turns in a random order every round: drift hits both alike."""
-    procs = {w: subprocess.Popen([python[w], "-c", STEP, threads, w], cwd=cwd[w], env=env[w], text=True,
+    procs = {w: subprocess.Popen([python[w], "-c", STEP, threads, w, weights], cwd=cwd[w], env=env[w], text=True,
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE) for w in who}
     try:
         for w, proc in procs.items():
@@ -197,6 +200,8 @@ def main(argv=None):
     p.add_argument("--decode-rounds", type=int, default=3, help="decode runs per codebase, interleaved (best counts)")
     p.add_argument("--step-rounds", type=int, default=0, help="rounds of the paired decode-step comparison (0: none)")
     p.add_argument("--dtype", default=None, help="NANOCHAT_DTYPE for ours (default: its own choice)")
+    p.add_argument("--weights", default=None, choices=("fp32", "bf16", "int8"),
+                   help="our inference weight format for the decode measurements (default: chat's default for this CPU)")
     p.add_argument("--upstream-dtype", default=None, help="NANOCHAT_DTYPE for the reference (default: its own)")
     p.add_argument("--only", default="ours,upstream", help="ours, upstream or both")
     p.add_argument("--out", default=None)
@@ -213,6 +218,7 @@ def main(argv=None):
         if not os.path.exists(link):
             os.symlink(s, link)
     threads = str(args.threads)
+    weights = args.weights or "default"
     common = {k: v for k, v in os.environ.items() if not k.startswith(("NANOCHAT_", "PYTHONPATH"))}
     common.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false")
     env = {"ours": dict(common, NANOCHAT_BASE_DIR=base["ours"], NANOCHAT_DATA=os.path.abspath(args.data)),
@@ -250,12 +256,12 @@ def main(argv=None):
     decode = {w: [] for w in who}
     for _ in range(args.decode_rounds):  # interleaved too: memory bandwidth drifts on a shared machine
         for w in who:
-            r = subprocess.run([python[w], "-c", DECODE, threads, w, str(args.new_tokens)], cwd=cwd[w], env=env[w],
+            r = subprocess.run([python[w], "-c", DECODE, threads, w, str(args.new_tokens), weights], cwd=cwd[w], env=env[w],
                                capture_output=True, text=True, timeout=1800)
             if r.returncode != 0:
                 raise SystemExit(f"decode ({w}) failed:\n{r.stderr[-3000:]}")
             decode[w].append(json.loads(r.stdout.strip().splitlines()[-1]))
-    steps_ms = decode_step_rounds(python, cwd, env, threads, who, args.step_rounds) if args.step_rounds else None
+    steps_ms = decode_step_rounds(python, cwd, env, threads, who, args.step_rounds, weights) if args.step_rounds else None
     for w in who:
         for key in (decode[w][0] if decode[w] else []):
             results[w][key] = max(d[key] for d in decode[w])
@@ -268,7 +274,7 @@ def main(argv=None):
             results[w]["step_time_median_s"] = statistics.median(x["step_time_median_s"] for x in runs)
             results[w]["peak_rss_mib"] = max(x["peak_rss_mib"] for x in runs)
     summary = {"machine": machine(),
-               "date": time.strftime("%Y-%m-%d %H:%M"), "threads": args.threads, "steps": args.steps,
+               "date": time.strftime("%Y-%m-%d %H:%M"), "threads": args.threads, "weights": weights, "steps": args.steps,
                "work": work, **results}
     if len(who) == 2:
         o, u = results["ours"], results["upstream"]
