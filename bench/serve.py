@@ -150,6 +150,16 @@ def one_request(url, i, max_tokens):
     return time.perf_counter() - t0, ttft, tokens
 
 
+def process_cpu_s(pid):
+    """CPU seconds (user + system, all threads) of process pid so far, from /proc (None elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def decoded_rows(stats):
     """Rows decoded over all steps so far, from /stats' rows-per-step histogram."""
     return sum(int(rows) * steps for rows, steps in stats["rows_per_step_histogram"].items())
@@ -170,17 +180,18 @@ def load(url, clients, requests_per_client, max_tokens):
             except Exception as e:
                 errors.append(repr(e))
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     lat = [r[0] for r in results]
     ttft = [r[1] for r in results if r[1] is not None]
     tokens = sum(r[2] for r in results)
     return {"clients": clients, "requests": len(results), "errors": len(errors), "wall_s": round(wall, 3),
+            "clients_cpu_s": round(cpu, 3),  # this process's CPU time: the clients compete with the server for cores
             "completion_tokens": tokens, "aggregate_tok_per_s": round(tokens / wall, 1),
             "latency_p50_s": round(percentile(lat, 50), 3), "latency_p90_s": round(percentile(lat, 90), 3),
             "latency_p99_s": round(percentile(lat, 99), 3),
@@ -245,9 +256,11 @@ def main(argv=None):
         load(url, 1, 1, 8)  # warm-up
         runs = []
         for c in [c for c in args.clients.split(",") for _ in range(args.repeats)]:
-            before = requests.get(url + "/stats", timeout=10).json()
+            before, server_cpu = requests.get(url + "/stats", timeout=10).json(), process_cpu_s(child.pid)
             runs.append(load(url, int(c), args.requests_per_client, args.max_tokens))
             after = requests.get(url + "/stats", timeout=10).json()
+            if server_cpu is not None:
+                runs[-1]["server_cpu_s"] = round(process_cpu_s(child.pid) - server_cpu, 3)
             # how the scheduler thread spent the run's wall time (the rest: idle, or waiting for the GIL)
             for k in ("prefill_s", "decode_s"):
                 runs[-1]["scheduler_" + k] = round(after[k] - before[k], 3)

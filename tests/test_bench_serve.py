@@ -20,6 +20,7 @@ def test_serve_bench_reports_weights_medians_and_the_engine_baseline(tokenizer):
     assert res["server"]["weights"] == "int8"
     assert [r["clients"] for r in res["runs"]] == [1, 1, 2, 2]  # each client count --repeats times
     assert all(r["errors"] == 0 and r["completion_tokens"] == 5 * r["clients"] for r in res["runs"])
+    assert all(r["clients_cpu_s"] > 0 and r["server_cpu_s"] > 0 for r in res["runs"])  # who used the cores
     medians = res["aggregate_tok_per_s_median"]
     assert set(medians) == {"1", "2"}
     assert min(r["aggregate_tok_per_s"] for r in res["runs"] if r["clients"] == 2) <= medians["2"]
