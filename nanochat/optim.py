@@ -269,7 +269,7 @@ class MuonAdamW(torch.optim.Optimizer):
             if p.grad is not None:  # a missing gradient counts as zero, so all ranks stay in step
                 grads[i].copy_(p.grad)
         work, g = _reduce_start(grads, world, rank, nccl, owned=True)
-        job = {}
+        job = {}  # what finish_update hands finish_gather (never the functions: no reference cycle, see below)
 
         def finish_update():
             if work is not None:
@@ -298,8 +298,9 @@ class MuonAdamW(torch.optim.Optimizer):
                 job["work"].wait()
             torch._foreach_copy_(params, list(job["full"][:K].unbind(0)))
 
-        job.update(finish_update=finish_update, finish_gather=finish_gather)
-        return job
+        # a new dict: had `job` held the functions that close over it, each step's gradients would
+        # sit in a reference cycle, freed only by the collector, which training turns off (gc_step)
+        return dict(finish_update=finish_update, finish_gather=finish_gather)
 
     def _adamw_start(self, group, p, world, rank, nccl):
         grad = p.grad if p.grad is not None else torch.zeros_like(p)
@@ -341,5 +342,6 @@ class MuonAdamW(torch.optim.Optimizer):
             if job.get("work") is not None:
                 job["work"].wait()
 
-        job.update(finish_update=finish_update, finish_gather=finish_gather)
-        return job
+        # a new dict: had `job` held the functions that close over it, each step's gradients would
+        # sit in a reference cycle, freed only by the collector, which training turns off (gc_step)
+        return dict(finish_update=finish_update, finish_gather=finish_gather)
