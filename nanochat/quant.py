@@ -137,7 +137,7 @@ def quantize_int8(model, dtype):
     for block in model.blocks:
         a = block.attn
         parts = (a.c_q, a.c_k, a.c_v)
-        if a.qkv_weight is None:  # not in the CPU layout (e.g. compiled): three products
+        if getattr(a, "qkv_weight", None) is None:  # not in the CPU layout (off CPU): three products
             a.c_q, a.c_k, a.c_v = (Int8Linear(m, dtype) for m in parts)
         else:  # one int8 product for q, k and v, as the CPU layout stacks them (per-row scales: the same values)
             q, scale = quantize_rows(a.qkv_weight)

@@ -14,8 +14,8 @@ from nanochat.models import load_model
 from nanochat.dataset import iter_texts
 from nanochat.engine import Engine, reference_generate
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.quant import (KERNEL_MAX_ROWS, Int8Embedding, Int8Linear, int8_linear, prepare_for_inference, quantize_rows,
-                            reference_int8_linear, weight_bytes, weights_choice)
+from nanochat.quant import (KERNEL_MAX_ROWS, Int8Embedding, Int8Linear, int8_linear, prepare_for_inference, quantize_int8,
+                            quantize_rows, reference_int8_linear, weight_bytes, weights_choice)
 
 
 def test_quantize_rows_is_within_half_a_step():
@@ -103,6 +103,24 @@ def test_int8_model_stacks_q_k_v_into_one_product():
     separate = q(tokens)
     assert len(separate_calls) == 3 * len(q.blocks)
     assert torch.equal(stacked, separate)
+
+
+def test_int8_of_a_model_without_the_cpu_layout_keeps_three_products():
+    """Off CPU a frozen model has no stacked q/k/v (GPT.freeze lays it out on CPU only): int8
+    then quantizes c_q, c_k and c_v one by one, with the same values as the stacked form."""
+    model = make_model(512, seed=4)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    plain = quantize_int8(copy.deepcopy(model), torch.float32)  # as a CUDA model would get it
+    assert not hasattr(plain.blocks[0].attn, "qkv_weight")
+    stacked = prepare_for_inference(copy.deepcopy(model), "int8", "cpu")
+    for a, b in zip(plain.blocks, stacked.blocks):
+        for name in ("c_q", "c_k", "c_v"):
+            assert torch.equal(getattr(a.attn, name).qweight, getattr(b.attn, name).qweight)
+            assert torch.equal(getattr(a.attn, name).scale, getattr(b.attn, name).scale)
+    tokens = torch.randint(0, 512, (1, 5))
+    assert torch.equal(plain(tokens), stacked(tokens))
 
 
 def test_weights_choice_default_follows_the_compute_dtype(monkeypatch):
